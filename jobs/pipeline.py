@@ -1,0 +1,42 @@
+"""The whole LM-Lexicon pipeline on the embedded default or any recipe.
+
+    python jobs/pipeline.py --config configs/tiny.yaml [section.field=value ...]
+    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/tiny.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # works from a plain checkout too
+
+from lm_lexicon.config import ConfigError, load_config  # noqa: E402
+from lm_lexicon.pipeline import STAGES, run_pipeline  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "-c", default="configs/tiny.yaml", help="YAML recipe")
+    parser.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--force", default="", help="comma-separated stages to recompute even if finished")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    stages = tuple(s for s in args.stages.split(",") if s) if args.stages else None
+    results = run_pipeline(cfg, stages=stages, force=tuple(s for s in args.force.split(",") if s))
+
+    from lm_lexicon.cli import console, print_stats
+
+    if "data" in results:
+        print_stats(results["data"].summary["stats"])
+    console.print(f"pipeline finished in {results['_seconds']:.1f}s; artifacts under {Path(cfg.output_dir).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""`lm-lexicon`: the command line. Each command is a thin wrapper over a library function."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lm_lexicon.config import ConfigError, load_config
+
+app = typer.Typer(help="LM-Lexicon: Split-then-Merge definition modeling on Ray.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Build, summarise and browse the definition-modeling data.", no_args_is_help=True)
+config_app = typer.Typer(help="Show and validate recipes.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+console = Console()
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (default: the built-in tiny defaults).")
+OverridesArg = typer.Argument(None, help="Overrides: section.field=value ...")
+
+
+def _config(path: Optional[Path], overrides: Optional[List[str]]):
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+
+
+def print_reports(reports) -> None:
+    table = Table(title="Loaded sources")
+    for col in ("source", "read", "kept", "rejected", "reasons"):
+        table.add_column(col, justify="right" if col in ("read", "kept", "rejected") else "left")
+    for r in reports:
+        reasons = "; ".join(f"{k}: {v}" + (f" (first at {r.examples[k]})" if k in r.examples else "")
+                            for k, v in r.rejected.most_common())
+        table.add_row(r.source, str(r.read), str(r.kept), str(r.n_rejected), reasons or "-")
+    console.print(table)
+
+
+def print_stats(stats: dict, hist: dict | None = None) -> None:
+    table = Table(title="Corpus by split")
+    cols = ("split", "rows", "terms", "definitions", "with context", "def. words mean", "median", "p95", "max", "sources")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("split", "sources") else "right")
+    for split, s in stats["splits"].items():
+        d = s["definition_words"]
+        sources = ", ".join(f"{k} {v}" for k, v in list(s["sources"].items())[:4])
+        table.add_row(split, f"{s['rows']:,}", f"{s['terms']:,}", f"{s['definitions']:,}", f"{s['with_context']:,}",
+                      f"{d['mean']}", f"{d['median']}", f"{d['p95']}", f"{d['max']}", sources)
+    console.print(table)
+    ov = Table(title="Overlap across splits (a leak-free split has 0 shared terms)")
+    for col in ("splits", "shared terms", "shared definitions"):
+        ov.add_column(col)
+    for pair, o in stats["overlap"].items():
+        ov.add_row(pair, str(o["shared_terms"]), str(o["shared_definitions"]))
+    console.print(ov)
+    if hist:
+        h = Table(title="Definition length (words)")
+        h.add_column("bucket")
+        for split in hist:
+            h.add_column(split, justify="right")
+        labels = [b for b, _ in next(iter(hist.values()))]
+        for i, label in enumerate(labels):
+            h.add_row(label, *[str(hist[s][i][1]) for s in hist])
+        console.print(h)
+
+
+@data_app.command("build")
+def data_build(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
+               out: Optional[Path] = typer.Option(None, help="Output dir (default: <output_dir>/data).")) -> None:
+    """Load the recipe's sources, split and subsample them, and write {split}.jsonl + data.json."""
+    from lm_lexicon.data.corpus import corpus_stats, length_histogram, load_corpus, save_corpus
+
+    cfg = _config(config, overrides)
+    corpus = load_corpus(cfg.data)
+    target = save_corpus(corpus, out or Path(cfg.output_dir) / "data", cfg.model_dump(mode="json"))
+    print_reports(corpus.reports)
+    for split, s in corpus.subsampled.items():
+        console.print(f"{split}: seeded sample of {s['kept']:,} of {s['available']:,} rows (seed {s['seed']})")
+    print_stats(corpus_stats(corpus.splits), length_histogram(corpus.splits))
+    console.print(f"wrote {target}")
+
+
+@data_app.command("build-wordnet")
+def data_build_wordnet(
+        wordnet_dir: Optional[Path] = typer.Option(None, help="WordNet 3.0 dict dir (default: auto-detect)."),
+        out: Optional[Path] = typer.Option(None, help="Output dir (default: the package's resources/)."),
+        seed: int = typer.Option(0, help="Seed of the split assignment.")) -> None:
+    """Rebuild the embedded WordNet definition-modeling corpus from a WordNet dict directory."""
+    from lm_lexicon.data import wordnet
+
+    try:
+        paths = wordnet.write_packaged_corpus(wordnet_dir=wordnet_dir, out_dir=out, seed=seed)
+    except FileNotFoundError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    console.print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+@data_app.command("stats")
+def data_stats(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
+               as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
+    """Summarise the recipe's data: rows read/kept/rejected per source, counts per split, lengths, overlaps."""
+    from lm_lexicon.data.corpus import corpus_stats, length_histogram, load_corpus
+
+    cfg = _config(config, overrides)
+    corpus = load_corpus(cfg.data)
+    stats = corpus_stats(corpus.splits)
+    if as_json:
+        json.dump({"reports": [r.to_dict() for r in corpus.reports], "stats": stats,
+                   "subsampled": corpus.subsampled}, sys.stdout, indent=2)
+        print()
+        return
+    print_reports(corpus.reports)
+    for split, s in corpus.subsampled.items():
+        console.print(f"{split}: seeded sample of {s['kept']:,} of {s['available']:,} rows (seed {s['seed']})")
+    print_stats(stats, length_histogram(corpus.splits))
+
+
+@data_app.command("show")
+def data_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
+              split: str = typer.Option("train", help="train, valid or test."),
+              term: Optional[str] = typer.Option(None, help="Only rows of this term (case-insensitive)."),
+              n: int = typer.Option(10, help="Rows to show."),
+              prompts: bool = typer.Option(False, help="Show the formatted prompt instead of the raw context.")) -> None:
+    """Print a few rows of a split."""
+    from lm_lexicon.data.corpus import load_corpus
+    from lm_lexicon.data.prompts import format_prompt
+
+    if split not in ("train", "valid", "test"):
+        console.print(f"[red]unknown split {split!r}; expected train, valid or test[/red]")
+        raise typer.Exit(2)
+    cfg = _config(config, overrides)
+    rows = load_corpus(cfg.data)[split]
+    if term:
+        rows = [r for r in rows if r.term.lower() == term.lower()]
+    table = Table(title=f"{split}: {len(rows):,} rows" + (f" for {term!r}" if term else ""), show_lines=True)
+    for col in ("term", "prompt" if prompts else "context", "definition", "source"):
+        table.add_column(col, overflow="fold")
+    for r in rows[:n]:
+        table.add_row(r.term, format_prompt(r.term, r.context, r.lang) if prompts else r.context, r.definition, r.source)
+    console.print(table)
+
+
+@config_app.command("show")
+def config_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Print the resolved recipe (defaults filled in, overrides applied) as YAML."""
+    import yaml
+
+    cfg = _config(config, overrides)
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), markup=False, highlight=False)
+
+
+@config_app.command("validate")
+def config_validate(paths: List[Path] = typer.Argument(..., help="Recipes to validate.")) -> None:
+    """Validate recipes; exit 2 on the first invalid one."""
+    bad = 0
+    for p in paths:
+        try:
+            load_config(p)
+            console.print(f"[green]ok[/green] {p}")
+        except ConfigError as e:
+            bad += 1
+            console.print(f"[red]{e}[/red]")
+    raise typer.Exit(2 if bad else 0)
+
+
+if __name__ == "__main__":
+    app()

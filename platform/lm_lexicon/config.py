@@ -1,0 +1,345 @@
+"""Typed, validated configuration: one pydantic model per stage, gathered in :class:`PipelineConfig`.
+
+A recipe is a YAML file (``configs/*.yaml``) validated against these models; any field can be overridden from the
+command line with ``section.field=value`` (the value is parsed as YAML, so ``partition.n_experts=8`` is an int and
+``train.adam_betas=[0.9,0.95]`` a list). Unknown keys are errors, never silently ignored: a typo in a recipe must not
+train the wrong model for hours.
+
+The "what" (data, partition method, routing policy, hyper-parameters) lives here; the "how" (resources, storage,
+tracking) lives in :class:`ResourcesConfig` and :class:`TrackingConfig`, so the same recipe runs on a laptop or a cluster.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LANGS = ("en", "es", "fr", "pt", "de")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be turned into a valid config; the message says which field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class SourceSpec(_Strict):
+    """One dataset to load (see shared/DESIGN.md §2 for the formats)."""
+
+    format: Literal["wordnet", "3dex", "ishiwatari", "multilingual", "table", "hf"] = Field(
+        "wordnet", description="Loader to use. 'wordnet' is the embedded corpus that ships with the package.")
+    path: Optional[str] = Field(None, description="File, directory or Hugging Face dataset id; unused for 'wordnet'.")
+    name: Optional[str] = Field(None, description="Source name recorded on every row (defaults to the loader's).")
+    lang: str = Field("en", description="Language code of the rows: one of en, es, fr, pt, de.")
+    columns: dict[str, str] = Field(default_factory=dict,
+                                    description="For 'table'/'hf': Record field -> column name (term and definition required).")
+    split: Optional[Literal["train", "valid", "test"]] = Field(
+        None, description="Force every row of this source into one split (for files without a split column).")
+
+    @field_validator("lang")
+    @classmethod
+    def _known_lang(cls, v: str) -> str:
+        if v not in LANGS:
+            raise ValueError(f"unknown language {v!r}; supported: {', '.join(LANGS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "SourceSpec":
+        if self.format != "wordnet" and not self.path:
+            raise ValueError(f"source format {self.format!r} needs a 'path'")
+        if self.format in ("table", "hf") and not {"term", "definition"} <= set(self.columns):
+            raise ValueError(f"source format {self.format!r} needs columns for at least 'term' and 'definition'")
+        return self
+
+
+class DataConfig(_Strict):
+    """Which rows the pipeline sees."""
+
+    sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec()],
+                                      description="Datasets to load and concatenate.")
+    max_train_rows: Optional[int] = Field(None, ge=1, description="Seeded subsample of the training split (None: all).")
+    max_valid_rows: Optional[int] = Field(None, ge=1, description="Seeded subsample of the validation split.")
+    max_test_rows: Optional[int] = Field(None, ge=1, description="Seeded subsample of the test split.")
+    seed: int = Field(0, description="Seed of the subsampling.")
+
+    @field_validator("sources")
+    @classmethod
+    def _non_empty(cls, v: list[SourceSpec]) -> list[SourceSpec]:
+        if not v:
+            raise ValueError("at least one data source is required")
+        return v
+
+
+class EmbedConfig(_Strict):
+    """The sentence encoder that turns prompts into the features the partition and the domain router use."""
+
+    model: str = Field("bundled-minilm", description="'bundled-minilm' (offline default) or an HF id / local path.")
+    batch_size: int = Field(64, ge=1, description="Prompts per encoder forward pass.")
+    max_length: int = Field(128, ge=8, description="Token truncation of the prompts.")
+    num_actors: int = Field(1, ge=1, description="Ray Data actor-pool size for the embedding map.")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per embedding actor (0 on CPU).")
+
+
+class PartitionConfig(_Strict):
+    """How the training data is split into domains (paper §3.1; Table 3 ablation)."""
+
+    method: Literal["semantic", "lexical", "random", "none"] = Field(
+        "semantic", description="semantic: balanced k-means on prompt embeddings; lexical: on TF-IDF; random; none.")
+    n_experts: int = Field(4, ge=1, le=64, description="Number of domains = number of experts.")
+    slack: float = Field(0.05, ge=0.0, lt=1.0, description="Allowed relative deviation of a cluster size from n/N.")
+    seed: int = Field(0, description="Seed of k-means initialisation and of the random partition.")
+    plot_sample: int = Field(3000, ge=10, description="Points drawn in the 2-D cluster plot.")
+
+    @model_validator(mode="after")
+    def _none_means_one(self) -> "PartitionConfig":
+        if self.method == "none" and self.n_experts != 1:
+            raise ValueError(f"partition.method='none' means one domain, but n_experts={self.n_experts}; "
+                             "set n_experts=1 or choose another method")
+        return self
+
+
+class SeedModelConfig(_Strict):
+    """The model every expert starts from."""
+
+    name: str = Field("bundled-minilm-decoder",
+                      description="'bundled-minilm-decoder' (MiniLM warm-started as a decoder; offline default) "
+                                  "or any Hugging Face causal LM id / local path.")
+    trust_remote_code: bool = Field(False, description="Allow a hub model's own code to run. Off unless you trust it.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
+
+
+class TrainConfig(_Strict):
+    """Supervised fine-tuning hyper-parameters (paper Table 12 for the GPU recipe)."""
+
+    epochs: float = Field(3.0, gt=0, description="Passes over each expert's domain.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(16, ge=1, description="Sequences per device per step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_length: int = Field(128, ge=16, description="Prompt + definition tokens (longer rows are truncated).")
+    lr: float = Field(5e-6, gt=0, lt=1, description="Peak learning rate.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warm-up (to 0).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout applied to the model during training.")
+    seeds: list[int] = Field(default_factory=lambda: [42], description="Training seeds (paper: 21, 42, 84).")
+    eval_every: int = Field(200, ge=1, description="Validation every this many steps.")
+    early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop after this many evals without improvement.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast where the CPU/GPU supports it.")
+    deepspeed: Optional[str] = Field(None, description="DeepSpeed JSON config path (GPU only), e.g. configs/deepspeed/zero3.json.")
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"adam_betas must lie in [0, 1), got {v}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one training seed is required")
+        if len(set(v)) != len(v):
+            raise ValueError(f"training seeds repeat: {v}")
+        return v
+
+
+class ResourcesConfig(_Strict):
+    """How the Ray stages use the cluster (the "how"; independent of the recipe's "what")."""
+
+    use_gpu: bool = Field(False, description="Train and generate on GPUs.")
+    workers_per_expert: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks) per expert.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each training worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved by each training worker.")
+    max_concurrent_experts: Optional[int] = Field(
+        None, ge=1, description="Experts trained at once (None: as many as the cluster's resources allow).")
+    storage_path: str = Field("runs/ray", description="Ray Train/Tune storage: a local dir or a cloud URI (s3://...).")
+    max_failures: int = Field(2, ge=0, description="Retries of a failed expert run (resumes from its checkpoint).")
+    ray_address: Optional[str] = Field(None, description="Ray cluster address; None: connect to a running one or start locally.")
+    num_cpus: Optional[int] = Field(None, ge=1, description="When Ray is started locally: logical CPUs to give it.")
+    object_store_memory_mb: Optional[int] = Field(None, ge=50, description="When started locally: object store size.")
+
+    @model_validator(mode="after")
+    def _gpu_consistency(self) -> "ResourcesConfig":
+        if self.use_gpu and self.gpus_per_worker == 0:
+            raise ValueError("resources.use_gpu is true but gpus_per_worker is 0")
+        if not self.use_gpu and self.gpus_per_worker > 0:
+            raise ValueError("resources.gpus_per_worker > 0 needs resources.use_gpu=true")
+        return self
+
+
+class MergeConfig(_Strict):
+    """How the experts become one MoE (paper §3.2) and how it routes (Table 4 ablation)."""
+
+    routing: Literal["domain", "token", "soft-sequence", "hard-sequence"] = Field(
+        "domain", description="domain: nearest-centroid expert per sequence (default); token: learned top-k gate.")
+    top_k: int = Field(2, ge=1, description="Experts per token for token routing.")
+    gate_init: Literal["centroids", "random"] = Field("centroids",
+                                                      description="Initialise learned gates from the centroids or randomly.")
+    aux_loss_coef: float = Field(0.01, ge=0, description="Load-balancing loss weight (token routing).")
+
+
+class FinetuneConfig(_Strict):
+    """Light router + expert fine-tune of the merged MoE (paper: 1 epoch, attention/embeddings frozen)."""
+
+    enabled: bool = Field(True, description="Run the fine-tune after merging.")
+    epochs: float = Field(1.0, gt=0, description="Passes over all training data.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many steps.")
+    lr: float = Field(1e-6, gt=0, lt=1, description="Peak learning rate (paper Table 12: 1e-6).")
+    batch_size: int = Field(16, ge=1, description="Sequences per step.")
+
+
+class EvalConfig(_Strict):
+    """Evaluation (shared/DESIGN.md §4): protocols, metrics, baselines, Best-of-N."""
+
+    split: Literal["valid", "test"] = Field("test", description="Split to evaluate on.")
+    max_rows: Optional[int] = Field(None, ge=1, description="Seeded sample of the split (None: all).")
+    metrics: list[str] = Field(default_factory=lambda: ["bleu_a", "sacrebleu", "rouge_l", "bertscore", "meteor",
+                                                        "exact_match", "distinct", "length"],
+                               description="Metrics to compute.")
+    bertscore_model: str = Field("bundled-minilm", description="Encoder for BERTScore (stated in the report).")
+    baselines: list[Literal["constant", "retrieval", "seed", "dense"]] = Field(
+        default_factory=lambda: ["constant", "retrieval", "seed", "dense"], description="Baselines reported beside the model.")
+    max_new_tokens: int = Field(64, ge=1, le=512, description="Generation length cap.")
+    batch_size: int = Field(32, ge=1, description="Generation batch size.")
+    best_of_n: int = Field(1, ge=1, le=64, description="Samples per input for Best-of-N (1: greedy only).")
+    temperature: float = Field(0.6, gt=0, description="Sampling temperature (Best-of-N).")
+    top_k: int = Field(50, ge=0, description="Top-k sampling (0: off).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling.")
+    repetition_penalty: float = Field(1.05, ge=1.0, description="Repetition penalty.")
+
+
+class ServeConfig(_Strict):
+    """Ray Serve application limits and scaling."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    max_items: int = Field(64, ge=1, description="Items per request.")
+    max_term_chars: int = Field(100, ge=1, description="Longest accepted term.")
+    max_context_chars: int = Field(2000, ge=1, description="Longest accepted context.")
+    max_batch_size: int = Field(16, ge=1, description="@serve.batch size of the expert deployments.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="@serve.batch wait.")
+    auth_token_env: Optional[str] = Field(None, description="Env var holding a bearer token; auth is off when unset.")
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking."""
+
+    mlflow_uri: Optional[str] = Field(None, description="MLflow tracking URI (None: local mlruns/ under the output dir).")
+    experiment: str = Field("lm-lexicon", description="MLflow experiment / Comet project name.")
+    comet: bool = Field(False, description="Also log to Comet (needs COMET_API_KEY or offline mode).")
+
+
+class PipelineConfig(_Strict):
+    """A whole recipe: every stage's config plus where its artifacts go."""
+
+    name: str = Field("tiny", description="Recipe name (used in run names and reports).")
+    output_dir: str = Field("runs/tiny", description="Root of the stage artifact directories.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    seed_model: SeedModelConfig = Field(default_factory=SeedModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross_stage(self) -> "PipelineConfig":
+        if self.merge.routing == "token" and self.merge.top_k > self.partition.n_experts:
+            raise ValueError(f"merge.top_k={self.merge.top_k} exceeds partition.n_experts={self.partition.n_experts}")
+        if self.train.deepspeed and not self.resources.use_gpu:
+            raise ValueError("train.deepspeed is set but resources.use_gpu is false: DeepSpeed is used only on GPUs")
+        if self.train.precision == "bf16" and self.seed_model.dtype == "float16":
+            raise ValueError("train.precision=bf16 contradicts seed_model.dtype=float16")
+        return self
+
+    def stage_hash(self, *sections: str) -> str:
+        """A short fingerprint of the named sections, so a stage is recomputed only when its inputs changed."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """``["partition.n_experts=8", ...]`` -> ``[("partition.n_experts", 8), ...]`` (values parsed as YAML)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+        parsed.append((key, value))
+    return parsed
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (typo? see `lm-lexicon config show` for the fields)"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = (), origin: str = "<dict>") -> PipelineConfig:
+    tree = copy.deepcopy(raw) if raw else {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(tree).__name__}")
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load a YAML recipe (None: the defaults, i.e. the tiny offline recipe's values) and apply overrides."""
+    if path is None:
+        return config_from_dict({}, overrides, origin="defaults")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return config_from_dict(raw, overrides, origin=str(path))
+
+
+def dump_config(cfg: PipelineConfig, path: str | Path) -> None:
+    """Write the resolved config beside an artifact, so the artifact says what made it."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,28 @@
+"""The whole pipeline as a sequence of resumable stages (data -> partition -> experts -> merge -> evaluate -> export).
+
+Stages that later issues add plug in here; each is skipped when its artifact directory is already finished with the
+same fingerprint.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+STAGES = ("data",)
+
+
+def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, ...] = (), log=print) -> dict:
+    """Run the requested stages in order (default: all implemented ones) and return their results by name."""
+    from lm_lexicon.stages.data import run_data_stage
+
+    wanted = stages or STAGES
+    unknown = set(wanted) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; available: {list(STAGES)}")
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = {}
+    if "data" in wanted:
+        results["data"] = run_data_stage(cfg, force="data" in force, log=log)
+    results["_seconds"] = time.perf_counter() - t0
+    return results
