@@ -96,7 +96,7 @@ def data_build_wordnet(
     from lm_lexicon.data import wordnet
 
     try:
-        paths = wordnet.write_packaged_corpus(wordnet_dir=wordnet_dir, out_dir=out, seed=seed)
+        paths = wordnet.write_packaged_corpus(wordnet_dir=wordnet_dir, out_dir=out, seed=seed)[:2]
     except FileNotFoundError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
