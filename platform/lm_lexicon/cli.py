@@ -18,7 +18,8 @@ data_app = typer.Typer(help="Build, summarise and browse the definition-modeling
 config_app = typer.Typer(help="Show and validate recipes.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
-console = Console()
+# A pipe or a CI log is not 80 columns wide in spirit: keep the tables readable there.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (default: the built-in tiny defaults).")
 OverridesArg = typer.Argument(None, help="Overrides: section.field=value ...")

@@ -34,6 +34,22 @@ def _subsample(rows: list[Record], n: int | None, seed: int) -> list[Record]:
     return [rows[i] for i in picked]
 
 
+def loader_arguments(spec) -> dict:
+    """A config :class:`~lm_lexicon.config.SourceSpec` -> the arguments of its loader (see ``loaders.load_any``)."""
+    if spec.format == "wordnet":
+        return {"format": "wordnet"}
+    args: dict = {"format": spec.format, "path": spec.path}
+    if spec.format == "ishiwatari" and spec.name:
+        args["name"] = spec.name
+    if spec.format == "multilingual":
+        args["lang"] = spec.lang
+    if spec.format in ("table", "hf"):
+        args.update(columns=dict(spec.columns), lang=spec.lang)
+        if spec.name:
+            args["source"] = spec.name
+    return args
+
+
 def load_corpus(data_cfg) -> Corpus:
     """Load every configured source and group rows by split; subsampling is seeded and reported, never silent."""
     from lm_lexicon.data.loaders import load_any
@@ -41,7 +57,7 @@ def load_corpus(data_cfg) -> Corpus:
     splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
     reports: list[LoadReport] = []
     for spec in data_cfg.sources:
-        rows, report = load_any(spec.model_dump())
+        rows, report = load_any(loader_arguments(spec))
         reports.append(report)
         for r in rows:
             if spec.split is not None:
