@@ -149,6 +149,34 @@ def data_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
     console.print(table)
 
 
+def _run_stages(config, overrides, stages: tuple[str, ...], force: bool):
+    from lm_lexicon.pipeline import run_pipeline
+
+    cfg = _config(config, overrides)
+    try:
+        return cfg, run_pipeline(cfg, stages=stages, force=stages if force else (), log=console.print)
+    except ValueError as e:  # bad input (empty split, N > rows, ...): a message, not a stack trace
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+
+
+@app.command("partition")
+def partition_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
+                  force: bool = typer.Option(False, help="Recompute even if a finished stage matches.")) -> None:
+    """Embed the training prompts on Ray Data and split them into balanced semantic domains (resumable)."""
+    cfg, results = _run_stages(config, overrides, ("partition",), force)
+    res = results["partition"]
+    s = res.summary
+    table = Table(title=f"Partition: {s['method']}, N={s['n_experts']} ({'reused' if res.reused else 'computed'})")
+    for col in ("domain", "rows"):
+        table.add_column(col, justify="right")
+    for d, n in enumerate(s["sizes"]):
+        table.add_row(str(d), f"{n:,}")
+    console.print(table)
+    console.print(f"mean cohesion {s['cohesion_mean']:.3f}, mean separation {s['separation_mean']:.3f}; "
+                  f"report: {res.path / 'cluster_report.md'}, plot: {res.path / 'clusters.png'}")
+
+
 @config_app.command("show")
 def config_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Print the resolved recipe (defaults filled in, overrides applied) as YAML."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-STAGES = ("data",)
+STAGES = ("data", "partition")
 
 
 def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, ...] = (), log=print) -> dict:
     """Run the requested stages in order (default: all implemented ones) and return their results by name."""
     from lm_lexicon.stages.data import run_data_stage
+    from lm_lexicon.stages.partition import run_partition_stage
 
     wanted = stages or STAGES
     unknown = set(wanted) - set(STAGES)
@@ -22,7 +23,10 @@ def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, .
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results = {}
-    if "data" in wanted:
-        results["data"] = run_data_stage(cfg, force="data" in force, log=log)
+    # Every stage runs (or is reused) when a later one needs it: its fingerprint feeds the later one's.
+    last = max(STAGES.index(s) for s in wanted)
+    results["data"] = run_data_stage(cfg, force="data" in force, log=log)
+    if last >= STAGES.index("partition"):
+        results["partition"] = run_partition_stage(cfg, results["data"], force="partition" in force, log=log)
     results["_seconds"] = time.perf_counter() - t0
     return results

@@ -1,0 +1,224 @@
+"""Partition stage (paper §3.1): embed every prompt on Ray Data, split the training data into N balanced domains.
+
+Reads the data stage (``{split}.jsonl``) and writes::
+
+    partition/
+      domain_{i}.parquet        training rows of domain i (with a ``domain`` column)
+      valid.parquet test.parquet  held-out rows with the domain the router gives them
+      router/                   centroids + biases (+ lexical featurizer) and the embedder spec: the domain router
+      embeddings.npy            [n_train, d] prompt embeddings (float32, unit rows), row order of train.jsonl
+      partition.json            manifest: method, N, sizes, embedder, seed, timings, config
+      cluster_report.{md,json}, clusters.png   cohesion / separation tables (paper Tables 7/8) and the 2-D plot
+
+The features are the embeddings of ``prompt(context, term)``, never of the definition: the router must compute the
+same features at test time, when there is no definition.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
+
+
+class RayEmbedder:
+    """The :class:`~lm_lexicon.embed.Embedder` as a Ray Data actor, with the torch thread count set per actor.
+
+    Ray sets ``OMP_NUM_THREADS`` to the actor's CPU reservation; an actor that reserves one CPU of two on a laptop
+    still wants both cores for the matrix multiplies while Ray Data's reads are idle.
+    """
+
+    def __init__(self, torch_threads: int | None = None, **embedder_kwargs):
+        import torch
+
+        from lm_lexicon.embed import Embedder
+
+
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        self.embedder = Embedder(**embedder_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"row": batch["row"], "embedding": self.embedder.encode(batch["prompt"])}
+
+
+def embed_on_ray(prompts: list[str], embed_cfg, torch_threads: int | None = None,
+                 cpus_per_actor: float = 1.0) -> np.ndarray:
+    """Embed ``prompts`` with an actor pool on Ray Data; returns ``[n, d]`` in input order.
+
+    Rows carry their index through the map because Ray Data does not promise output order.
+    """
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    if not prompts:
+        raise ValueError("no prompts to embed")
+    # Sorting by length once here makes every batch a run of similar lengths (less padding), across actors too.
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    items = [{"row": int(i), "prompt": prompts[i]} for i in order]
+    block_rows = max(embed_cfg.batch_size * 4, 256)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(64, len(items) // block_rows)))
+    ds = ds.map_batches(
+        RayEmbedder,
+        fn_constructor_kwargs=dict(torch_threads=torch_threads, model=embed_cfg.model,
+                                   batch_size=embed_cfg.batch_size, max_length=embed_cfg.max_length,
+                                   device="cuda" if embed_cfg.num_gpus_per_actor > 0 else "cpu"),
+        batch_size=embed_cfg.batch_size * 4,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=embed_cfg.num_actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=embed_cfg.num_gpus_per_actor or None,
+    )
+    out: np.ndarray | None = None
+    seen = 0
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        emb = batch["embedding"]
+        if out is None:
+            out = np.empty((len(prompts), emb.shape[1]), dtype=np.float32)
+        out[batch["row"]] = emb
+        seen += len(batch["row"])
+    if seen != len(prompts):
+        raise RuntimeError(f"Ray Data returned {seen} embeddings for {len(prompts)} prompts")
+    return out
+
+
+def _records_frame(records, domains: np.ndarray):
+    import pandas as pd
+
+    df = pd.DataFrame([r.to_dict() for r in records])
+    df["domain"] = domains.astype(np.int64)
+    return df
+
+
+def _actor_threads(resources) -> tuple[int | None, float]:
+    """(torch threads, CPUs reserved) for one embedding actor when Ray runs locally on this machine."""
+    import os
+
+    import ray
+
+    total = int(ray.cluster_resources().get("CPU", 1))
+    if resources.ray_address or os.environ.get("RAY_ADDRESS"):
+        return None, 1.0  # a cluster: one CPU per actor, Ray's default threads
+    return max(1, min(total, os.cpu_count() or 1)), 1.0
+
+
+def partition_stage_fn(cfg, data_dir: Path, log=print):
+    """The stage body: ``fn(work_dir) -> summary`` for :func:`run_stage`."""
+
+    def build(work: Path) -> dict:
+        from lm_lexicon import cluster_report
+        from lm_lexicon.data.corpus import read_saved_corpus
+        from lm_lexicon.data.prompts import format_prompt
+        from lm_lexicon.partition import partition
+        from lm_lexicon.ray_utils import init_ray, quiet_ray_data
+
+        splits = read_saved_corpus(data_dir)
+        train = splits.get("train", [])
+        pc = cfg.partition
+        if len(train) == 0:
+            raise ValueError(f"the training split in {data_dir} is empty: nothing to partition")
+        if len(train) == 1:
+            raise ValueError(f"the training split in {data_dir} has one row: cannot form domains from one example")
+        n_clusters = 1 if pc.method == "none" else pc.n_experts
+        if n_clusters > len(train):
+            raise ValueError(f"partition.n_experts={n_clusters} is larger than the {len(train)} training rows")
+
+        held_out = {s: rows for s, rows in splits.items() if s != "train" and rows}
+        prompts = {s: [format_prompt(r.term, r.context, r.lang) for r in rows]
+                   for s, rows in [("train", train), *held_out.items()]}
+        flat = [p for s in prompts for p in prompts[s]]
+
+        init_ray(cfg.resources)
+        quiet_ray_data()
+        threads, cpus = _actor_threads(cfg.resources)
+        t0 = time.perf_counter()
+        log(f"[partition] embedding {len(flat):,} prompts with {cfg.embed.model} on Ray Data "
+            f"({cfg.embed.num_actors} actor(s))")
+        emb_all = embed_on_ray(flat, cfg.embed, torch_threads=threads, cpus_per_actor=cpus)
+        embed_s = time.perf_counter() - t0
+        offsets, start = {}, 0
+        for s in prompts:
+            offsets[s] = (start, start + len(prompts[s]))
+            start += len(prompts[s])
+        emb = {s: emb_all[a:b] for s, (a, b) in offsets.items()}
+
+        t1 = time.perf_counter()
+        features = prompts["train"] if pc.method == "lexical" else emb["train"]
+        result = partition(features, pc.method, n_clusters, pc.slack, pc.seed)
+        cluster_s = time.perf_counter() - t1
+        labels = result.labels
+
+        # The router that training, evaluation and serving use; for the lexical method it carries its featurizer.
+        router = result.router()
+        if pc.method != "lexical":
+            router.meta["embedder"] = {"model_id": cfg.embed.model, "kind": "Embedder", "pooling": "mean",
+                                       "max_length": cfg.embed.max_length}
+        router.save(work / "router")
+
+        def route(split: str) -> np.ndarray:
+            if pc.method == "lexical":
+                return router.route_embeddings(result.featurizer.encode(prompts[split]))
+            return router.route_embeddings(emb[split])
+
+        reproduced = float((route("train") == labels).mean()) if result.routable else None
+        np.save(work / "embeddings.npy", emb["train"])
+        sizes = np.bincount(labels, minlength=n_clusters)
+        for d in range(n_clusters):
+            idx = np.flatnonzero(labels == d)
+            _records_frame([train[i] for i in idx], labels[idx]).to_parquet(work / f"domain_{d}.parquet", index=False)
+        held_out_sizes = {}
+        for s in held_out:
+            dom = route(s) if result.routable else np.zeros(len(held_out[s]), dtype=np.int64)
+            _records_frame(held_out[s], dom).to_parquet(work / f"{s}.parquet", index=False)
+            held_out_sizes[s] = np.bincount(dom, minlength=n_clusters).tolist()
+
+        report = cluster_report.write_report(
+            work, emb["train"], labels, cluster_report_centroids(emb["train"], labels, n_clusters),
+            terms=[r.term for r in train], sources=[r.source for r in train], sample=pc.plot_sample, seed=pc.seed,
+            summary={"method": pc.method, "n_experts": n_clusters, "embedder": cfg.embed.model})
+        quality = report["quality"]
+        manifest = {
+            "method": pc.method, "n_experts": n_clusters, "slack": pc.slack, "seed": pc.seed,
+            "sizes": sizes.tolist(), "size_bounds": list(result.size_bounds), "held_out_sizes": held_out_sizes,
+            "embedder": {"model": cfg.embed.model, "dim": int(emb_all.shape[1]), "max_length": cfg.embed.max_length,
+                         "pooling": "mean"},
+            "features": "lexical TF-IDF + SVD" if pc.method == "lexical" else "prompt embeddings",
+            "router_reproduces_train_labels": reproduced,
+            "margin": result.summary()["margin"],
+            "cohesion_mean": quality.mean_cohesion, "separation_mean": quality.mean_separation,
+            "timings": {"embed_s": round(embed_s, 2), "cluster_s": round(cluster_s, 2),
+                        "prompts_per_s": round(len(flat) / max(embed_s, 1e-9), 1), **result.timings},
+            "config": {"partition": pc.model_dump(mode="json"), "embed": cfg.embed.model_dump(mode="json")},
+        }
+        (work / "partition.json").write_text(json.dumps(_json_safe(manifest), indent=2))
+        log(f"[partition] {pc.method}, N={n_clusters}: sizes {sizes.tolist()} "
+            f"(bounds {list(result.size_bounds)}); embed {embed_s:.1f}s, cluster {cluster_s:.1f}s; "
+            f"router reproduces train labels: {reproduced}")
+        return {k: manifest[k] for k in ("method", "n_experts", "sizes", "router_reproduces_train_labels",
+                                         "cohesion_mean", "separation_mean", "timings")}
+
+    return build
+
+
+def cluster_report_centroids(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Cohesion is measured in the embedding space for every method (lexical centroids live in TF-IDF space)."""
+    C = np.zeros((k, X.shape[1]), dtype=np.float32)
+    for d in range(k):
+        m = X[labels == d].mean(0)
+        C[d] = m / max(np.linalg.norm(m), 1e-12)
+    return C
+
+
+def _json_safe(o):
+    from lm_lexicon.routing import json_safe
+
+    return json_safe(o)
+
+
+def run_partition_stage(cfg, data_result: StageResult, force: bool = False, log=print) -> StageResult:
+    fp = fingerprint(cfg, ("partition", "embed"), (data_result.fingerprint,))
+    return run_stage("partition", Path(cfg.output_dir) / "partition", fp,
+                     partition_stage_fn(cfg, data_result.path, log), cfg, force, log)
