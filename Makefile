@@ -12,6 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
+export COMET_ERROR_TRACKING_ENABLE := false
 
 .PHONY: demo test test-slow install clean
 

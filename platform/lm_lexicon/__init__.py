@@ -2,4 +2,11 @@
 
 Importing the package is cheap: heavy dependencies (torch, ray, transformers) are imported by the modules that use them.
 """
+import os as _os
+
+# transformers imports comet_ml whenever it is installed, and comet_ml's error tracker then reports to its servers
+# from every process (Ray workers included). Offline by default: nothing leaves the machine unless Comet is configured.
+_os.environ.setdefault("COMET_ERROR_TRACKING_ENABLE", "false")
+_os.environ.setdefault("COMET_DISABLE_AUTO_LOGGING", "1")
+
 __version__ = "0.1.0"

@@ -1,0 +1,297 @@
+"""Expert stage (paper §3.1, "branch training"): one expert per domain, plus the dense baseline, on Ray Train.
+
+Every model is one Ray Train V2 ``TorchTrainer`` launched from a Ray Tune function trainable that grids over the jobs
+(``expert_0`` ... ``expert_{N-1}``, ``dense``). Tune runs as many at once as the cluster's resources allow (or
+``resources.max_concurrent_experts``): all N in parallel on a GPU cluster, one or two at a time on a laptop, never a
+deadlock, because a trial reserves almost nothing itself and its trainer asks for the workers.
+
+Run names are deterministic (``<recipe>-<job>-<fingerprint>``): re-running the stage after a crash or a kill resumes
+each job from its last checkpoint under ``resources.storage_path``; a changed config gets new names and starts fresh.
+
+Writes::
+
+    experts/
+      expert_{i}/model/  dense/model/    safetensors + config + tokenizer (the final, best-by-validation model)
+      expert_{i}/metrics.json ...        training metrics and history
+      manifest.json                      jobs, domains, sizes, metrics, own-domain validation table, config
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
+
+FINAL_MARKER = "FINAL.json"
+FAIL_ONCE_ENV = "LM_LEXICON_FAIL_ONCE_AT_STEP"  # fault injection for the resume test: "<step>:<marker file>"
+
+
+def _job_records(partition_dir: Path, job: dict, split: str):
+    """Training rows of a job (its domain, or every domain for the dense model) and its validation rows."""
+    import pandas as pd
+
+    from lm_lexicon.data.records import Record
+
+    if split == "train":
+        files = sorted(partition_dir.glob("domain_*.parquet"))
+        if job["domain"] is not None:
+            files = [partition_dir / f"domain_{job['domain']}.parquet"]
+        df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    else:
+        path = partition_dir / f"{split}.parquet"
+        if not path.exists():
+            return []
+        df = pd.read_parquet(path)
+        if job["domain"] is not None:
+            df = df[df["domain"] == job["domain"]]
+    return [Record.from_dict({k: (None if v != v else v) for k, v in row.items()})  # NaN -> None
+            for row in df.drop(columns=["domain"]).to_dict("records")]
+
+
+def train_worker(loop_cfg: dict) -> None:
+    """Runs on every Ray Train worker of one job: load the seed, train on the job's rows, report checkpoints."""
+    import ray.train
+    import torch
+
+    from lm_lexicon.config import PipelineConfig
+    from lm_lexicon.seed_models import load_seed_model
+    from lm_lexicon.sft import train
+
+    cfg = PipelineConfig.model_validate(loop_cfg["cfg"])
+    job = loop_cfg["job"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray pins OMP threads to the worker's CPU reservation; torch must agree or experts sharing cores thrash.
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+
+    checkpoint = ray.train.get_checkpoint()
+    with tempfile.TemporaryDirectory() as scratch:
+        resume_from = None
+        if checkpoint is not None:
+            resume_dir = Path(scratch) / "resume"
+            checkpoint.to_directory(str(resume_dir))
+            if (resume_dir / FINAL_MARKER).exists():  # finished before the interruption: report it again
+                ray.train.report(json.loads((resume_dir / FINAL_MARKER).read_text()),
+                                 checkpoint=ray.train.Checkpoint.from_directory(str(resume_dir)))
+                return
+            resume_from = resume_dir
+
+        partition_dir = Path(loop_cfg["partition_dir"])
+        train_rows = _job_records(partition_dir, job, "train")
+        valid_rows = _job_records(partition_dir, job, "valid")
+        model, tokenizer = load_seed_model(cfg.seed_model, dropout=cfg.train.dropout)
+        device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
+        model.to(device)
+        if world > 1:
+            model = ray.train.torch.prepare_model(model)
+
+        fail = loop_cfg.get("fail_once") or ""
+
+        def report(metrics: dict, ckpt_dir: Path | None) -> None:
+            metrics = {**metrics, "job": job["name"], "resumed_from_step": resumed_step}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir))
+                             if ckpt_dir is not None else None)
+            if fail:
+                at, marker = fail.split(":", 1)
+                if metrics["step"] >= int(at) and not Path(marker).exists():
+                    Path(marker).write_text(job["name"])
+                    raise RuntimeError(f"injected failure after step {metrics['step']} ({FAIL_ONCE_ENV})")
+
+        resumed_step = 0
+        if resume_from is not None:
+            from lm_lexicon.sft import read_trainer_state
+
+            resumed_step = int(read_trainer_state(resume_from)["step"])
+        out = Path(scratch) / "run"
+        metrics = train(model, tokenizer, train_rows, valid_rows, cfg.train, out, resume_from=resume_from,
+                        report_fn=report, rank=rank, world_size=world, progress=False)
+        if rank == 0:
+            from lm_lexicon.sft import read_trainer_state
+
+            history = read_trainer_state(metrics["checkpoint_dir"])["history"] if metrics["checkpoint_dir"] else []
+            final = {**{k: v for k, v in metrics.items() if k not in ("model_dir", "checkpoint_dir")},
+                     "job": job["name"], "domain": job["domain"], "resumed_from_step": resumed_step,
+                     "history": history, "final": True}
+            final_dir = Path(metrics["model_dir"])
+            (final_dir / FINAL_MARKER).write_text(json.dumps(final))
+            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(final_dir)))
+        else:
+            ray.train.report({"final": True, "job": job["name"]}, checkpoint=None)
+
+
+def _trainer_for(job: dict, loop_cfg: dict, run_name: str):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = loop_cfg["resources"]
+    per_worker = {"CPU": cfg["cpus_per_worker"]}
+    if cfg["use_gpu"]:
+        per_worker["GPU"] = cfg["gpus_per_worker"]
+    callbacks = []
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    if _in_tune_session():
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={**loop_cfg, "job": job},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg["workers_per_expert"], use_gpu=cfg["use_gpu"],
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=loop_cfg["storage_path"],
+            failure_config=ray.train.FailureConfig(max_failures=cfg["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks),
+    )
+
+
+def expert_trial(config: dict) -> dict:
+    """Ray Tune function trainable: trains one job with its own TorchTrainer and copies the final model out."""
+    job = config["job"]
+    loop_cfg = config["loop_cfg"]
+    run_name = f"{config['recipe']}-{job['name']}-{config['run_tag']}"
+    result = _trainer_for(job, loop_cfg, run_name).fit()
+    if result.error:
+        raise result.error
+    target = Path(loop_cfg["stage_dir"]) / job["name"]
+    if target.exists():
+        shutil.rmtree(target)
+    result.checkpoint.to_directory(str(target / "model"))
+    final = json.loads((target / "model" / FINAL_MARKER).read_text())
+    (target / "model" / FINAL_MARKER).unlink()
+    for leftover in ("trainer_state.json", "optimizer.pt", "rng_state.pt"):
+        (target / "model" / leftover).unlink(missing_ok=True)
+    (target / "metrics.json").write_text(json.dumps(final, indent=2, default=str))
+    return {k: v for k, v in final.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def plan_jobs(n_experts: int, with_dense: bool = True) -> list[dict]:
+    jobs = [{"name": f"expert_{i}", "domain": i} for i in range(n_experts)]
+    if with_dense:
+        jobs.append({"name": "dense", "domain": None})
+    return jobs
+
+
+def max_concurrent(resources_cfg, cluster: dict) -> int:
+    """Jobs that fit at once: the cluster's CPUs (and GPUs) divided by one job's reservation, at least 1."""
+    per_job_cpu = resources_cfg.workers_per_expert * resources_cfg.cpus_per_worker
+    fits = int(cluster.get("CPU", 1) // per_job_cpu)
+    if resources_cfg.use_gpu:
+        fits = min(fits, int(cluster.get("GPU", 0) // (resources_cfg.workers_per_expert * resources_cfg.gpus_per_worker)))
+    fits = max(1, fits)
+    if resources_cfg.max_concurrent_experts:
+        fits = min(fits, resources_cfg.max_concurrent_experts)
+    return fits
+
+
+def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_tag: str, log=print) -> dict:
+    """Train ``jobs`` through Ray Tune (one TorchTrainer each); returns final metrics by job name."""
+    import ray.tune
+
+    from lm_lexicon.ray_utils import init_ray
+    from lm_lexicon.seed_models import resolve_seed_model
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    cluster = init_ray(cfg.resources)
+    resolve_seed_model(cfg.seed_model.name)  # build/cache the seed once here, not in N racing workers
+    storage = cfg.resources.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    loop_cfg = {"cfg": cfg.model_dump(mode="json"), "partition_dir": str(partition_dir.resolve()),
+                "stage_dir": str(stage_dir.resolve()), "storage_path": storage,
+                "resources": cfg.resources.model_dump(mode="json"),
+                # read on the driver: workers do not see env vars set after Ray started
+                "fail_once": os.environ.get(FAIL_ONCE_ENV)}
+    concurrency = max_concurrent(cfg.resources, cluster)
+    log(f"[experts] {len(jobs)} jobs ({', '.join(j['name'] for j in jobs)}); {concurrency} at a time; "
+        f"checkpoints under {storage}")
+    param_space = {"job": ray.tune.grid_search(jobs), "loop_cfg": loop_cfg, "recipe": cfg.name, "run_tag": run_tag}
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(expert_trial, {"cpu": 0.01}),  # the trainer's workers hold the real resources
+        param_space=param_space,
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
+        run_config=ray.tune.RunConfig(name=f"{cfg.name}-experts-{run_tag}", storage_path=storage, verbose=0),
+    )
+    grid = tuner.fit()
+    failed = [(r.config["job"]["name"], r.error) for r in grid if r.error]
+    if failed:
+        raise RuntimeError("expert training failed: " + "; ".join(f"{n}: {e}" for n, e in failed))
+    return {r.config["job"]["name"]: r.metrics for r in grid}
+
+
+def own_domain_losses(cfg, stage_dir: Path, partition_dir: Path, jobs: list[dict]) -> list[dict]:
+    """Validation loss of each expert on its own domain's rows beside the dense model's loss on the same rows."""
+    import torch
+
+    from lm_lexicon.seed_models import load_causal_lm
+    from lm_lexicon.sft import evaluate_loss, resolve_precision
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    precision = resolve_precision(cfg.train.precision, torch.device("cpu"))
+    rows = []
+    dense = None
+    if (stage_dir / "dense" / "model").exists():
+        dense = load_causal_lm(stage_dir / "dense" / "model")
+    for job in jobs:
+        if job["domain"] is None:
+            continue
+        valid = _job_records(partition_dir, job, "valid")
+        if not valid:
+            continue
+        model, tok = load_causal_lm(stage_dir / job["name"] / "model")
+        row = {"domain": job["domain"], "n_valid": len(valid),
+               "expert_loss": evaluate_loss(model, tok, valid, max_length=cfg.train.max_length,
+                                            batch_size=cfg.train.batch_size, precision=precision)}
+        if dense is not None:
+            row["dense_loss"] = evaluate_loss(dense[0], dense[1], valid, max_length=cfg.train.max_length,
+                                              batch_size=cfg.train.batch_size, precision=precision)
+            row["expert_better"] = row["expert_loss"] < row["dense_loss"]
+        rows.append(row)
+        del model
+    return rows
+
+
+def experts_stage_fn(cfg, partition_dir: Path, run_tag: str, with_dense: bool = True, log=print):
+    def build(work: Path) -> dict:
+        from lm_lexicon.tracking import tracked_run
+
+        partition = json.loads((partition_dir / "partition.json").read_text())
+        jobs = plan_jobs(partition["n_experts"], with_dense)
+        t0 = time.perf_counter()
+        finals = run_jobs(cfg, jobs, partition_dir, work, run_tag, log)
+        seconds = time.perf_counter() - t0
+        comparison = own_domain_losses(cfg, work, partition_dir, jobs)
+        for job in jobs:
+            metrics = json.loads((work / job["name"] / "metrics.json").read_text())
+            with tracked_run(cfg.tracking, cfg.output_dir, f"{cfg.name}-{job['name']}",
+                             tags={"stage": "experts", "job": job["name"]}) as run:
+                run.log_params({"job": job, "seed_model": cfg.seed_model.model_dump(mode="json"),
+                                "train": cfg.train.model_dump(mode="json")})
+                for h in metrics.get("history") or []:
+                    run.log_metrics({k: v for k, v in h.items() if k != "step"}, step=int(h["step"]))
+                run.log_metrics({k: v for k, v in metrics.items() if k != "history"})
+                run.log_artifact(work / job["name"] / "metrics.json")
+        manifest = {"jobs": jobs, "sizes": partition["sizes"], "seed_model": cfg.seed_model.name,
+                    "wall_seconds": round(seconds, 1), "final": finals, "own_domain_validation": comparison,
+                    "config": {"train": cfg.train.model_dump(mode="json"),
+                               "resources": cfg.resources.model_dump(mode="json")}}
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        for row in comparison:
+            log(f"[experts] domain {row['domain']}: expert valid loss {row['expert_loss']:.3f}"
+                + (f" vs dense {row['dense_loss']:.3f}" if "dense_loss" in row else ""))
+        return {"jobs": [j["name"] for j in jobs], "wall_seconds": round(seconds, 1),
+                "own_domain_validation": comparison}
+
+    return build
+
+
+def run_experts_stage(cfg, partition_result: StageResult, force: bool = False, log=print) -> StageResult:
+    fp = fingerprint(cfg, ("seed_model", "train"), (partition_result.fingerprint,))
+    return run_stage("experts", Path(cfg.output_dir) / "experts", fp,
+                     experts_stage_fn(cfg, partition_result.path, fp[:8], log=log), cfg, force, log)

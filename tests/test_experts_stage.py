@@ -1,0 +1,91 @@
+"""Expert stage on Ray Train + Tune with a tiny Llama seed: N=2 experts + the dense baseline, resume after a failure."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lm_lexicon.config import load_config
+from lm_lexicon.pipeline import run_pipeline
+from lm_lexicon.stages.experts import FAIL_ONCE_ENV, max_concurrent, plan_jobs
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def tiny_seed(tmp_path_factory):
+    from lm_lexicon.seed_models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("seed") / "tiny-llama")
+
+
+def _cfg(out, seed, *extra):
+    return load_config("configs/tiny.yaml", [
+        f"output_dir={out}", f"resources.storage_path={out}/ray", f"seed_model.name={seed}",
+        "data.max_train_rows=48", "data.max_valid_rows=16", "data.max_test_rows=8", "partition.n_experts=2",
+        "partition.plot_sample=40", "train.max_steps=4", "train.eval_every=2", "train.batch_size=4",
+        "train.precision=fp32", "train.lr=1e-3", *extra])
+
+
+def test_plan_and_concurrency():
+    cfg = load_config("configs/tiny.yaml")
+    assert [j["name"] for j in plan_jobs(3)] == ["expert_0", "expert_1", "expert_2", "dense"]
+    assert max_concurrent(cfg.resources, {"CPU": 2}) == 2
+    assert max_concurrent(cfg.resources, {"CPU": 1}) == 1
+    gpu = load_config("configs/llama3-8b-3dex.yaml").resources
+    assert max_concurrent(gpu, {"CPU": 256, "GPU": 32}) == 4  # 8 GPUs per expert
+    assert max_concurrent(gpu, {"CPU": 256, "GPU": 8}) == 1
+
+
+def test_two_experts_and_dense_produce_distinct_checkpoints_and_a_manifest(tmp_path, tiny_seed, ray_local):
+    cfg = _cfg(tmp_path, tiny_seed)
+    res = run_pipeline(cfg, stages=("experts",), log=lambda m: None)["experts"]
+    d = res.path
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert [j["name"] for j in manifest["jobs"]] == ["expert_0", "expert_1", "dense"]
+    weights = {}
+    for job in ("expert_0", "expert_1", "dense"):
+        metrics = json.loads((d / job / "metrics.json").read_text())
+        assert metrics["steps"] == 4 and metrics["train_loss_last"] < metrics["train_loss_first"]
+        assert [h["step"] for h in metrics["history"]] == [2, 4]
+        files = sorted(p.name for p in (d / job / "model").iterdir())
+        assert "model.safetensors" in files and "config.json" in files
+        assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+        weights[job] = load_file(str(d / job / "model" / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(weights["expert_0"][name], weights["expert_1"][name])
+    assert not torch.equal(weights["expert_0"][name], weights["dense"][name])
+    table = manifest["own_domain_validation"]
+    assert [r["domain"] for r in table] == [0, 1] and all("dense_loss" in r for r in table)
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["lm-lexicon"])
+    assert sorted(runs["tags.job"]) == ["dense", "expert_0", "expert_1"]
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_seed, ray_local, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_seed, "resources.max_failures=0", "partition.n_experts=1", "partition.method=none")
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"2:{marker}")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_pipeline(cfg, stages=("experts",), log=lambda m: None)
+    assert marker.exists()
+    monkeypatch.delenv(FAIL_ONCE_ENV)
+    res = run_pipeline(cfg, stages=("experts",), log=lambda m: None)["experts"]
+    resumed = {job: json.loads((res.path / job / "metrics.json").read_text()) for job in ("expert_0", "dense")}
+    failed_job = marker.read_text()
+    assert resumed[failed_job]["resumed_from_step"] == 2 and resumed[failed_job]["steps"] == 4
+    # the job that was not interrupted by the injected failure either finished or resumed; both end at step 4
+    assert all(m["steps"] == 4 for m in resumed.values())
+
+
+@pytest.mark.slow
+def test_ray_train_retries_a_failed_worker_from_its_checkpoint(tmp_path, tiny_seed, ray_local, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_seed, "resources.max_failures=1", "partition.n_experts=1", "partition.method=none")
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"2:{marker}")
+    res = run_pipeline(cfg, stages=("experts",), log=lambda m: None)["experts"]
+    m = json.loads((res.path / marker.read_text() / "metrics.json").read_text())
+    assert m["resumed_from_step"] == 2 and m["steps"] == 4
