@@ -154,7 +154,8 @@ def _run_stages(config, overrides, stages: tuple[str, ...], force: bool):
 
     cfg = _config(config, overrides)
     try:
-        return cfg, run_pipeline(cfg, stages=stages, force=stages if force else (), log=console.print)
+        return cfg, run_pipeline(cfg, stages=stages, force=stages if force else (),
+                                 log=lambda m: console.print(m, markup=False, highlight=False))
     except ValueError as e:  # bad input (empty split, N > rows, ...): a message, not a stack trace
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
@@ -175,6 +176,31 @@ def partition_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[s
     console.print(table)
     console.print(f"mean cohesion {s['cohesion_mean']:.3f}, mean separation {s['separation_mean']:.3f}; "
                   f"report: {res.path / 'cluster_report.md'}, plot: {res.path / 'clusters.png'}")
+
+
+@app.command("seed")
+def seed_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Build (once) and cache the recipe's seed model; print where it is."""
+    from lm_lexicon.seed_models import resolve_seed_model
+
+    cfg = _config(config, overrides)
+    console.print(f"seed model {cfg.seed_model.name!r}: {resolve_seed_model(cfg.seed_model.name)}")
+
+
+@app.command("train-experts")
+def train_experts_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
+                      force: bool = typer.Option(False, help="Retrain even if a finished stage matches.")) -> None:
+    """Train one expert per domain plus the dense baseline on Ray Train (resumable; partitions first if needed)."""
+    cfg, results = _run_stages(config, overrides, ("experts",), force)
+    res = results["experts"]
+    table = Table(title=f"Experts ({'reused' if res.reused else 'trained'}): validation loss on each domain")
+    for col in ("domain", "rows", "expert", "dense", "expert better"):
+        table.add_column(col, justify="right")
+    for row in res.summary["own_domain_validation"]:
+        table.add_row(str(row["domain"]), str(row["n_valid"]), f"{row['expert_loss']:.3f}",
+                      f"{row.get('dense_loss', float('nan')):.3f}", str(row.get("expert_better", "-")))
+    console.print(table)
+    console.print(f"models under {res.path}")
 
 
 @config_app.command("show")

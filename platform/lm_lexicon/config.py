@@ -135,6 +135,9 @@ class TrainConfig(_Strict):
     early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop after this many evals without improvement.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast where the CPU/GPU supports it.")
     deepspeed: Optional[str] = Field(None, description="DeepSpeed JSON config path (GPU only), e.g. configs/deepspeed/zero3.json.")
+    expert_budget: Literal["epochs", "steps"] = Field(
+        "epochs", description="epochs: each expert trains `epochs` passes over its own domain (paper); steps: each "
+                              "expert trains as many steps as the dense model (compute-matched: N times the passes).")
 
     @field_validator("adam_betas")
     @classmethod

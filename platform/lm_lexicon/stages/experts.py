@@ -83,6 +83,10 @@ def train_worker(loop_cfg: dict) -> None:
         partition_dir = Path(loop_cfg["partition_dir"])
         train_rows = _job_records(partition_dir, job, "train")
         valid_rows = _job_records(partition_dir, job, "valid")
+        train_cfg = cfg.train
+        if job["domain"] is not None and cfg.train.expert_budget == "steps" and not cfg.train.max_steps:
+            all_rows = len(_job_records(partition_dir, {"domain": None}, "train"))
+            train_cfg = cfg.train.model_copy(update={"epochs": cfg.train.epochs * all_rows / len(train_rows)})
         model, tokenizer = load_seed_model(cfg.seed_model, dropout=cfg.train.dropout)
         device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
         model.to(device)
@@ -107,7 +111,7 @@ def train_worker(loop_cfg: dict) -> None:
 
             resumed_step = int(read_trainer_state(resume_from)["step"])
         out = Path(scratch) / "run"
-        metrics = train(model, tokenizer, train_rows, valid_rows, cfg.train, out, resume_from=resume_from,
+        metrics = train(model, tokenizer, train_rows, valid_rows, train_cfg, out, resume_from=resume_from,
                         report_fn=report, rank=rank, world_size=world, progress=False)
         if rank == 0:
             from lm_lexicon.sft import read_trainer_state
