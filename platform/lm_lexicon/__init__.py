@@ -10,3 +10,7 @@ _os.environ.setdefault("COMET_ERROR_TRACKING_ENABLE", "false")
 _os.environ.setdefault("COMET_DISABLE_AUTO_LOGGING", "1")
 
 __version__ = "0.1.0"
+
+from lm_lexicon.moe.hf_registration import install as _install_moe_auto_classes  # noqa: E402
+
+_install_moe_auto_classes()  # "lm_lexicon_moe" in AutoConfig/AutoModelForCausalLM, registered lazily (no torch import)
