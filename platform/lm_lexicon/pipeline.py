@@ -8,13 +8,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-STAGES = ("data", "partition", "experts")
+STAGES = ("data", "partition", "experts", "merge")
 
 
 def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, ...] = (), log=print) -> dict:
     """Run the requested stages in order (default: all implemented ones) and return their results by name."""
     from lm_lexicon.stages.data import run_data_stage
     from lm_lexicon.stages.experts import run_experts_stage
+    from lm_lexicon.stages.merge import run_merge_stage
     from lm_lexicon.stages.partition import run_partition_stage
 
     wanted = stages or STAGES
@@ -31,5 +32,8 @@ def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, .
         results["partition"] = run_partition_stage(cfg, results["data"], force="partition" in force, log=log)
     if last >= STAGES.index("experts"):
         results["experts"] = run_experts_stage(cfg, results["partition"], force="experts" in force, log=log)
+    if last >= STAGES.index("merge"):
+        results["merge"] = run_merge_stage(cfg, results["partition"], results["experts"], force="merge" in force,
+                                           log=log)
     results["_seconds"] = time.perf_counter() - t0
     return results

@@ -155,9 +155,12 @@ class SFTDataset(torch.utils.data.Dataset):
     ``lengths`` (tokens per example) drives the length-bucketed batching.
     """
 
-    def __init__(self, tokenizer, records: Sequence[Record], max_length: int):
+    def __init__(self, tokenizer, records: Sequence[Record], max_length: int,
+                 domains: Optional[Sequence[int]] = None):
         self.max_length = max_length
         records = list(records)
+        if domains is not None and len(domains) != len(records):
+            raise ValueError(f"{len(domains)} domain labels for {len(records)} records")
         prompts = [record_prompt(r) for r in records]
         definitions = [r.definition for r in records]
         bos, eos = _bos_ids(tokenizer), _eos_id(tokenizer)
@@ -165,6 +168,9 @@ class SFTDataset(torch.utils.data.Dataset):
         if records:
             prompt_ids, definition_ids = _split_prompt_definition(tokenizer, prompts, definitions)
             self.examples = [_assemble(bos, p, d, eos, max_length) for p, d in zip(prompt_ids, definition_ids)]
+            if domains is not None:  # the MoE's domain routing: the expert each sequence goes to
+                for example, domain in zip(self.examples, domains):
+                    example["domain"] = int(domain)
         self.lengths = [len(e["input_ids"]) for e in self.examples]
         self.n_target_tokens = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in self.examples)
 
@@ -187,7 +193,12 @@ def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tens
         input_ids[row, :k] = torch.tensor(e["input_ids"], dtype=torch.long)
         attention_mask[row, :k] = 1
         labels[row, :k] = torch.tensor(e["labels"], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if "domain" in examples[0]:
+        batch["domain_labels"] = torch.tensor([e["domain"] for e in examples], dtype=torch.long)
+        # sequence-level routing decides from the prompt, as it will at generation time
+        batch["routing_mask"] = (attention_mask == 1) & (labels == IGNORE_INDEX)
+    return batch
 
 
 class LengthBucketBatchSampler(torch.utils.data.Sampler):
@@ -317,17 +328,24 @@ def definition_nll(model, batch: dict[str, torch.Tensor], spec: Optional[_Forwar
     is_target = next_labels != IGNORE_INDEX
     n_targets = int(is_target.sum())
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    for routing_input in ("domain_labels", "routing_mask"):  # MoE only (see lm_lexicon.moe)
+        if routing_input in batch:
+            kwargs[routing_input] = batch[routing_input]
     if spec.use_cache:
         kwargs["use_cache"] = False
     if spec.logits_to_keep:
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = is_target
         kwargs["logits_to_keep"] = keep
-    logits = model(**kwargs).logits
+    out = model(**kwargs)
+    logits = out.logits
     targets = next_labels[is_target]
     if logits.dim() == 3:  # the model ignored the mask or does not support it: select here
         logits = logits[:, :-1][is_target]
     nll = F.cross_entropy(logits.float(), targets, reduction="sum")
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None and model.training:  # MoE token routing: load balancing, weighted per target token
+        nll = nll + _unwrap(model).config.aux_loss_coef * aux.float() * n_targets
     return nll, n_targets
 
 
@@ -338,13 +356,13 @@ def _distributed() -> bool:
 
 @torch.no_grad()
 def evaluate_loss(model, tokenizer, records: Sequence[Record] | SFTDataset, *, max_length: int = 128,
-                  batch_size: int = 16, precision: str = "fp32") -> float:
+                  batch_size: int = 16, precision: str = "fp32", domains: Optional[Sequence[int]] = None) -> float:
     """Mean token NLL over definition (+EOS) tokens of ``records`` (nats per token; exp() of it is perplexity).
 
     Under torch.distributed each rank scores every ``world_size``-th batch and the sums are all-reduced, so every
     rank gets the same number (early-stopping decisions must agree across ranks).
     """
-    dataset = records if isinstance(records, SFTDataset) else SFTDataset(tokenizer, records, max_length)
+    dataset = records if isinstance(records, SFTDataset) else SFTDataset(tokenizer, records, max_length, domains)
     if len(dataset) == 0:
         return float("nan")
     # score with the bare model: a DDP wrapper's forward broadcasts buffers (a collective), and ranks may run
@@ -501,7 +519,8 @@ def _prune_checkpoints(root: Path, keep: int, protect: set[str]) -> None:
 def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequence[Record] | None, train_cfg,
           out_dir: str | Path, *, resume_from: str | Path | None = None, report_fn: Optional[ReportFn] = None,
           max_steps: Optional[int] = None, seed: Optional[int] = None, rank: int = 0, world_size: int = 1,
-          keep_checkpoints: int = 2, restore_best: bool = True, progress: bool = True) -> dict:
+          keep_checkpoints: int = 2, restore_best: bool = True, progress: bool = True,
+          train_domains: Optional[Sequence[int]] = None, valid_domains: Optional[Sequence[int]] = None) -> dict:
     """Fine-tune ``model`` in place on prompt -> definition; return metrics.
 
     * Schedule horizon: ``train_cfg.max_steps`` if set, else ``ceil(epochs * batches_per_epoch / grad_accum)``.
@@ -516,6 +535,8 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
     * ``rank``/``world_size``: data-parallel shard of this process (pass Ray Train's world rank/size and do NOT
       use ``prepare_data_loader``: this loop batches by length itself). The model may be DDP-wrapped.
     * Dropout ``train_cfg.dropout`` is applied to the model; seed ``seed`` (default ``train_cfg.seeds[0]``).
+    * ``train_domains`` / ``valid_domains``: the domain of each record, for an MoE under domain routing (they
+      reach its forward as ``domain_labels``, with the prompt positions as ``routing_mask``).
     """
     from tqdm.auto import tqdm
 
@@ -531,8 +552,9 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
     _check_positions(base, train_cfg.max_length)
     n_dropout = apply_dropout(base, train_cfg.dropout)
 
-    train_set = SFTDataset(tokenizer, train_records, train_cfg.max_length)
-    valid_set = SFTDataset(tokenizer, valid_records or [], train_cfg.max_length)
+    train_set = SFTDataset(tokenizer, train_records, train_cfg.max_length, train_domains)
+    valid_set = SFTDataset(tokenizer, valid_records or [], train_cfg.max_length,
+                           valid_domains if valid_records else None)
     if len(train_set) == 0:
         raise ValueError("no training records")
     sampler = LengthBucketBatchSampler(train_set.lengths, train_cfg.batch_size, seed=seed,

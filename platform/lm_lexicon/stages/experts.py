@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray.tune
+
 from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
 
 FINAL_MARKER = "FINAL.json"
@@ -194,6 +196,38 @@ def max_concurrent(resources_cfg, cluster: dict) -> int:
     return fits
 
 
+_LOG_SINKS: dict[str, object] = {}  # the driver's log functions, by id: Tune pickles callbacks, not their sinks
+
+
+class ExpertProgress(ray.tune.Callback):
+    """One line per reported evaluation of each job, so a user sees every expert move (workers' logs stay quiet)."""
+
+    def __init__(self, log, n_jobs: int):
+        self.sink_id, self.n_jobs = f"experts-{id(log)}", n_jobs
+        _LOG_SINKS[self.sink_id] = log
+
+    def _log(self, message: str) -> None:
+        _LOG_SINKS.get(self.sink_id, print)(message)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "step" not in result:
+            return
+        parts = [f"step {int(result['step'])}"]
+        if result.get("total_steps"):
+            parts[0] += f"/{int(result['total_steps'])}"
+        for key in ("train_loss", "valid_loss"):
+            if isinstance(result.get(key), (int, float)):
+                parts.append(f"{key} {result[key]:.3f}")
+        if isinstance(result.get("tokens_per_s"), (int, float)):
+            parts.append(f"{result['tokens_per_s']:.0f} tok/s")
+        self._log(f"[experts] {trial.config['job']['name']}: " + ", ".join(parts)
+                  + (" (final)" if result.get("final") else ""))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        done = sum(t.status == "TERMINATED" for t in trials) + 1
+        self._log(f"[experts] {trial.config['job']['name']} finished ({min(done, self.n_jobs)}/{self.n_jobs})")
+
+
 def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_tag: str, log=print) -> dict:
     """Train ``jobs`` through Ray Tune (one TorchTrainer each); returns final metrics by job name."""
     import ray.tune
@@ -220,7 +254,8 @@ def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_ta
         ray.tune.with_resources(expert_trial, {"cpu": 0.01}),  # the trainer's workers hold the real resources
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
-        run_config=ray.tune.RunConfig(name=f"{cfg.name}-experts-{run_tag}", storage_path=storage, verbose=0),
+        run_config=ray.tune.RunConfig(name=f"{cfg.name}-experts-{run_tag}", storage_path=storage, verbose=0,
+                                      callbacks=[ExpertProgress(log, len(jobs))]),
     )
     grid = tuner.fit()
     failed = [(r.config["job"]["name"], r.error) for r in grid if r.error]

@@ -1,0 +1,57 @@
+"""Merge stage: tiny Llama experts -> MoE -> router/expert fine-tune on Ray Train; the result loads through Auto."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lm_lexicon.config import load_config
+from lm_lexicon.pipeline import run_pipeline
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def tiny_seed(tmp_path_factory):
+    from lm_lexicon.seed_models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("seed") / "tiny-llama")
+
+
+def _tensors(directory):
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_merge_then_finetune_trains_only_experts_and_loads_through_auto(tmp_path, tiny_seed, ray_local):
+    cfg = load_config("configs/tiny.yaml", [
+        f"output_dir={tmp_path}", f"resources.storage_path={tmp_path}/ray", f"seed_model.name={tiny_seed}",
+        "data.max_train_rows=48", "data.max_valid_rows=16", "data.max_test_rows=8", "partition.n_experts=2",
+        "partition.plot_sample=40", "train.max_steps=2", "train.eval_every=2", "train.batch_size=4",
+        "train.precision=fp32", "train.lr=1e-3", "finetune.max_steps=3", "finetune.lr=1e-3",
+        "finetune.batch_size=4"])
+    res = run_pipeline(cfg, stages=("merge",), log=lambda m: None)["merge"]
+    summary = json.loads((res.path / "merge.json").read_text())
+    assert summary["routing"] == "domain" and summary["n_experts"] == 2
+    ft = summary["finetune"]
+    assert ft["steps"] == 3 and ft["trainable_parameters"] > 0
+    merged, tuned = _tensors(res.path / "merged"), _tensors(res.path / "model")
+    assert merged.keys() == tuned.keys()
+    expert_keys = [k for k in merged if ".experts." in k]
+    frozen_keys = [k for k in merged if "self_attn" in k or "embed_tokens" in k or "norm" in k]
+    assert expert_keys and frozen_keys
+    assert any(not torch.equal(merged[k], tuned[k]) for k in expert_keys)
+    assert all(torch.equal(merged[k], tuned[k]) for k in frozen_keys)
+    assert (res.path / "model" / "router" / "router.json").exists()
+
+    import lm_lexicon  # noqa: F401  (registers the MoE with the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(res.path / "model")
+    assert type(model).__name__ == "LexiconMoEForCausalLM"
+    from lm_lexicon.moe import load
+
+    loaded = load(res.path / "model")
+    assert loaded.router is not None and loaded.router.n_clusters == 2
