@@ -1,0 +1,536 @@
+"""Best-of-N (shared/DESIGN.md §4): an outcome reward model, reward-model and oracle selection, the BoN curve.
+
+**Reward model.** ``r(x, y)`` = a linear head on the attention-masked mean of an encoder's last hidden states over
+the pair ``[CLS] prompt [SEP] definition [SEP]`` (the tokenizer's own pair encoding). The encoder defaults to the
+bundled all-MiniLM-L6-v2 (resolved like :class:`lm_lexicon.embed.Embedder`: offline, hub ids from the local cache
+only unless ``LM_LEXICON_ALLOW_DOWNLOADS=1``). Training minimises the pairwise (Bradley-Terry) loss
+
+    L = -log sigma(r(x, y_w) - r(x, y_l))
+
+with ``y_w`` the gold definition and ``y_l`` a definition the model sampled for the same prompt.
+
+**Preference data** (:func:`build_preference_pairs`), paper-style: for every training record, sample N
+definitions (:class:`lm_lexicon.generate.DefinitionGenerator`, T 0.6 / top-k 50 / top-p 0.9 / rep. penalty 1.05),
+keep the ``top_k = 8`` most likely by the generator's own sequence log-probability
+(:meth:`~lm_lexicon.generate.DefinitionGenerator.sequence_logprobs`) — the hardest negatives, the ones the policy
+would actually produce — and pair each with the gold definition. A candidate equal to the gold definition (compared
+lower-cased, periods stripped, whitespace collapsed) is not a negative and is skipped, as are empty and duplicate
+candidates. ``ratio`` optionally subsamples negatives per gold (default: all kept ones, i.e. 1 : top_k).
+
+**Selection.** :func:`best_of_n` takes the argmax of the reward scores; :func:`oracle_best_of_n` the candidate with
+the best sentence BLEU (Protocol A) against the references — an UPPER BOUND that looks at the answer, never a
+result to report as a method. :func:`bon_curve` gives mean BLEU of the selected candidate for N = 1, 2, 4 ...
+(using the first N samples of each input: samples are i.i.d., so the prefix is a fair draw of N), and
+:func:`plot_bon_curve` draws it.
+
+Persistence: ``reward_config.json`` + ``model.safetensors`` (encoder and head) + the encoder's ``config.json`` and
+the tokenizer's JSON/text files. Never pickle.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+REWARD_FORMAT = "lm_lexicon.reward/1"
+CONFIG_FILE = "reward_config.json"
+WEIGHTS_FILE = "model.safetensors"
+ENCODER_DIR = "encoder"
+TOKENIZER_DIR = "tokenizer"
+DEFAULT_NS = (1, 2, 4, 8, 16, 32)
+
+
+# =================================================================================================== preference data
+@dataclass(frozen=True)
+class PreferencePair:
+    """``chosen`` (gold) is preferred over ``rejected`` (a sample) for ``prompt``; ``index``: the record's."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    index: int = -1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def normalize_definition(text: str) -> str:
+    """What "equal to the gold definition" compares: lower-cased (the bundled vocabulary is uncased, so the MiniLM
+    decoder writes lower case), periods not followed by a digit stripped (the evaluation's preprocessing),
+    whitespace collapsed."""
+    from lm_lexicon.metrics.bleu import strip_periods
+
+    return " ".join(strip_periods(text).lower().split())
+
+
+def _gold_and_prompt(record: Any) -> tuple[str, str]:
+    from lm_lexicon.data.records import Record
+    from lm_lexicon.sft import record_prompt
+
+    if isinstance(record, Mapping):
+        if "prompt" in record and "definition" in record:
+            return record["prompt"], record["definition"]
+        gold = record.get("definition", record.get("reference"))
+        record = Record(term=record["term"], context=record.get("context") or "", definition=gold or "",
+                        source=record.get("source") or "", lang=record.get("lang") or "en")
+    return record_prompt(record), record.definition
+
+
+def build_preference_pairs(records: Sequence[Any], samples_per_record: Sequence[Sequence[str]],
+                           logprobs: Optional[Sequence[Sequence[float]]] = None, top_k: int = 8,
+                           ratio: Optional[int] = None, *, seed: int = 0) -> list[PreferencePair]:
+    """(gold, sampled) preference pairs for reward-model training (policy in the module docstring).
+
+    ``records``: :class:`~lm_lexicon.data.records.Record` (or dicts with term/context/lang and definition or
+    reference, or with prompt and definition). ``samples_per_record[i]``: the N definitions sampled for record i.
+    ``logprobs[i][j]``: the generator's log-probability of sample j (then the ``top_k`` most likely are kept; without
+    it, the first ``top_k`` in sample order). ``ratio``: at most this many negatives per gold, a seeded random subset
+    of the kept ones (None: all of them). Records whose samples all equal the gold contribute no pair.
+    """
+    if len(samples_per_record) != len(records):
+        raise ValueError(f"{len(samples_per_record)} sample lists for {len(records)} records")
+    if logprobs is not None and len(logprobs) != len(records):
+        raise ValueError(f"{len(logprobs)} log-probability lists for {len(records)} records")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if ratio is not None and ratio < 1:
+        raise ValueError(f"ratio must be >= 1 or None, got {ratio}")
+    rng = np.random.default_rng(seed)
+    pairs: list[PreferencePair] = []
+    for i, (record, samples) in enumerate(zip(records, samples_per_record)):
+        prompt, gold = _gold_and_prompt(record)
+        gold_key = normalize_definition(gold)
+        if isinstance(samples, str):
+            raise TypeError(f"samples_per_record[{i}] is a string; expected a list of strings")
+        scores = list(logprobs[i]) if logprobs is not None else None
+        if scores is not None and len(scores) != len(samples):
+            raise ValueError(f"record {i}: {len(scores)} log-probabilities for {len(samples)} samples")
+        best: dict[str, tuple[float, int, str]] = {}  # normalized -> (logprob, first position, text)
+        for j, text in enumerate(samples):
+            text = str(text).strip()
+            key = normalize_definition(text)
+            if not key or key == gold_key:
+                continue
+            lp = scores[j] if scores is not None else 0.0
+            if key not in best or lp > best[key][0]:
+                best[key] = (lp, best[key][1] if key in best else j, text)
+        ranked = sorted(best.values(), key=lambda v: (-v[0], v[1])) if scores is not None else \
+            sorted(best.values(), key=lambda v: v[1])
+        kept = [text for _, _, text in ranked[:top_k]]
+        if ratio is not None and len(kept) > ratio:
+            chosen = sorted(rng.choice(len(kept), size=ratio, replace=False).tolist())
+            kept = [kept[j] for j in chosen]
+        pairs.extend(PreferencePair(prompt, gold, text, i) for text in kept)
+    return pairs
+
+
+# =================================================================================================== the model
+def _torch_modules():
+    import torch
+    import torch.nn as nn
+
+    class RewardNet(nn.Module):
+        """Encoder + linear head on the masked mean of the last hidden states: ``[B, T] -> [B]``."""
+
+        def __init__(self, encoder: nn.Module, hidden_size: int):
+            super().__init__()
+            self.encoder = encoder
+            self.head = nn.Linear(hidden_size, 1)
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            hidden = self.encoder(**kwargs).last_hidden_state  # [B, T, H]
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, H]
+            return self.head(pooled).squeeze(-1)  # [B]
+
+    return torch, RewardNet
+
+
+class RewardModel:
+    """The outcome reward model ``r(prompt, definition) -> float`` (module docstring).
+
+    Build with :meth:`from_encoder` (a fresh head on a pretrained encoder) or :meth:`load`. Not an ``nn.Module``
+    (its :meth:`train` trains; the network is ``.net``).
+    """
+
+    def __init__(self, net, tokenizer, config: dict, device: str = "cpu"):
+        import torch
+
+        self.net = net
+        self.tokenizer = tokenizer
+        self.config = dict(config)
+        self.max_length = int(config.get("max_length", 128))
+        self.device = torch.device(device)
+        self.net.to(self.device).eval()
+        self.history: list[dict] = list(config.get("history") or [])
+
+    def __repr__(self) -> str:
+        return (f"RewardModel(encoder={self.config.get('encoder')!r}, layers={self.config.get('num_hidden_layers')}, "
+                f"max_length={self.max_length})")
+
+    # ---- construction ----
+    @classmethod
+    def from_encoder(cls, encoder: str = "bundled-minilm", *, max_length: int = 128,
+                     num_hidden_layers: Optional[int] = None, seed: int = 0, device: str = "cpu",
+                     trust_remote_code: bool = False) -> "RewardModel":
+        """A pretrained encoder (``"bundled-minilm"``, a local directory, or a cached hub id) with a fresh head
+        (``N(0, 0.02)``, drawn with ``seed``). ``num_hidden_layers`` keeps only the first k layers (fast tests)."""
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from lm_lexicon.embed import ALLOW_DOWNLOADS_ENV, downloads_allowed, resolve_encoder
+
+        torch, RewardNet = _torch_modules()
+        if max_length < 4:
+            raise ValueError(f"max_length must be >= 4, got {max_length}")
+        path = resolve_encoder(encoder)
+        local_only = Path(path).exists() or not downloads_allowed()
+        kwargs = dict(local_files_only=local_only, trust_remote_code=trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(path, **kwargs)
+            if num_hidden_layers is not None:
+                if not 1 <= num_hidden_layers <= config.num_hidden_layers:
+                    raise ValueError(f"num_hidden_layers must lie in [1, {config.num_hidden_layers}]")
+                config.num_hidden_layers = int(num_hidden_layers)
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # dropped layers are "unused weights": expected, not news
+            try:
+                model = AutoModel.from_pretrained(path, config=config, use_safetensors=True, **kwargs)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+        except OSError as e:
+            hint = "" if not local_only or Path(path).exists() else \
+                f" (hub ids load from the local cache only; set {ALLOW_DOWNLOADS_ENV}=1 to allow downloads)"
+            raise OSError(f"cannot load encoder {encoder!r}{hint}: {e}") from e
+        hidden = int(model.config.hidden_size)
+        net = RewardNet(model, hidden)
+        g = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            net.head.weight.copy_(torch.randn(net.head.weight.shape, generator=g) * 0.02)
+            net.head.bias.zero_()
+        cfg = {"format": REWARD_FORMAT, "encoder": encoder, "encoder_path": path, "pooling": "mean",
+               "input": "tokenizer pair encoding of (prompt, definition)", "max_length": int(max_length),
+               "num_hidden_layers": int(model.config.num_hidden_layers), "hidden_size": hidden, "seed": int(seed),
+               "loss": "-log sigmoid(r(x, y_w) - r(x, y_l))"}
+        return cls(net, tokenizer, cfg, device)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> "RewardModel":
+        """Read a directory written by :meth:`save` (safetensors + JSON; nothing unpickled, nothing downloaded)."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        torch, RewardNet = _torch_modules()
+        directory = Path(directory)
+        cfg_path = directory / CONFIG_FILE
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (not a reward model directory)")
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if cfg.get("format") != REWARD_FORMAT:
+            raise ValueError(f"{cfg_path}: format {cfg.get('format')!r}, expected {REWARD_FORMAT!r}")
+        enc_config = AutoConfig.from_pretrained(str(directory / ENCODER_DIR), local_files_only=True)
+        encoder = AutoModel.from_config(enc_config)
+        net = RewardNet(encoder, int(enc_config.hidden_size))
+        state = load_file(str(directory / WEIGHTS_FILE))
+        result = net.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise RuntimeError(f"{directory}: weights do not match the reward model: missing "
+                               f"{sorted(result.missing_keys)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+        tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR), local_files_only=True)
+        return cls(net, tokenizer, cfg, device)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``reward_config.json``, ``model.safetensors``, ``encoder/config.json`` and ``tokenizer/``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").clone().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "lm_lexicon": REWARD_FORMAT})
+        self.net.encoder.config.save_pretrained(str(directory / ENCODER_DIR))
+        self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        cfg = dict(self.config, history=self.history)
+        (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        return directory
+
+    # ---- scoring ----
+    def _encode(self, prompts: Sequence[str], definitions: Sequence[str]):
+        enc = self.tokenizer(list(prompts), list(definitions), truncation=True, max_length=self.max_length,
+                             padding=True, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def score(self, prompts: Sequence[str], definitions: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """``r(prompt_i, definition_i)`` for each pair: float32 ``[n]``, in input order (eval mode, no dropout)."""
+        import torch
+
+        prompts, definitions = _str_list(prompts, "prompt"), _str_list(definitions, "definition")
+        if len(prompts) != len(definitions):
+            raise ValueError(f"{len(prompts)} prompts for {len(definitions)} definitions")
+        out = np.empty(len(prompts), dtype=np.float32)
+        if not prompts:
+            return out
+        order = np.argsort([-(len(p) + len(d)) for p, d in zip(prompts, definitions)], kind="stable")
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(order), batch_size):
+                    idx = order[start:start + batch_size]
+                    enc = self._encode([prompts[i] for i in idx], [definitions[i] for i in idx])
+                    out[idx] = self.net(**enc).float().cpu().numpy()
+        finally:
+            self.net.train(was_training)
+        return out
+
+    def score_candidates(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
+                         batch_size: int = 64) -> list[list[float]]:
+        """Scores of every candidate of every prompt: ``[[r(x_i, y_ij)]_j]_i`` (for :func:`best_of_n`)."""
+        if len(prompts) != len(candidates):
+            raise ValueError(f"{len(prompts)} prompts for {len(candidates)} candidate lists")
+        flat_p = [p for p, cs in zip(prompts, candidates) for _ in cs]
+        flat_c = [c for cs in candidates for c in cs]
+        flat = self.score(flat_p, flat_c, batch_size).tolist()
+        out, k = [], 0
+        for cs in candidates:
+            out.append(flat[k:k + len(cs)])
+            k += len(cs)
+        return out
+
+    # ---- training ----
+    def train(self, pairs: Sequence[PreferencePair], epochs: int = 1, lr: float = 2e-5, batch_size: int = 16,
+              seed: int = 0, *, weight_decay: float = 0.01, warmup_ratio: float = 0.1, schedule: str = "linear",
+              grad_clip: float = 1.0, train_encoder: bool = True,
+              valid_pairs: Optional[Sequence[PreferencePair]] = None) -> dict:
+        """Minimise ``-log sigma(r(x, y_w) - r(x, y_l))`` over ``pairs``; return metrics.
+
+        AdamW (no decay on biases/norms), linear warm-up over ``warmup_ratio`` of the steps then ``schedule``
+        (``linear`` / ``cosine`` / ``constant``, :func:`lm_lexicon.sft.lr_factor`), gradient clipping, pairs
+        shuffled per epoch with ``(seed, epoch)``; ``train_encoder=False`` trains the head only. Each step encodes
+        the chosen and rejected sides in one forward. Metrics: ``epoch_loss`` / ``epoch_accuracy`` (mean over the
+        epoch's training steps, dropout on), ``loss_first`` / ``loss_last`` (first and last step),
+        ``valid_accuracy`` per epoch when ``valid_pairs`` are given, ``steps``, ``seconds``.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        from lm_lexicon.sft import lr_factor, param_groups, set_seed
+
+        pairs = list(pairs)
+        if not pairs:
+            raise ValueError("no preference pairs to train on")
+        if epochs < 1 or batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        set_seed(seed)
+        for p in self.net.encoder.parameters():
+            p.requires_grad_(train_encoder)
+        optimizer = torch.optim.AdamW(param_groups(self.net, weight_decay), lr=lr)
+        steps_per_epoch = math.ceil(len(pairs) / batch_size)
+        total = steps_per_epoch * epochs
+        warmup = int(round(warmup_ratio * total))
+        metrics: dict[str, Any] = {"pairs": len(pairs), "epochs": epochs, "lr": lr, "batch_size": batch_size,
+                                   "seed": seed, "epoch_loss": [], "epoch_accuracy": [], "loss_first": None,
+                                   "loss_last": None, "valid_accuracy": [] if valid_pairs else None}
+        step = 0
+        t0 = time.perf_counter()
+        self.net.train()
+        try:
+            for epoch in range(epochs):
+                order = np.random.default_rng([seed, epoch]).permutation(len(pairs))
+                losses, correct = [], 0
+                for start in range(0, len(order), batch_size):
+                    batch = [pairs[i] for i in order[start:start + batch_size]]
+                    b = len(batch)
+                    prompts = [p.prompt for p in batch] * 2
+                    definitions = [p.chosen for p in batch] + [p.rejected for p in batch]
+                    rewards = self.net(**self._encode(prompts, definitions))  # [2b]
+                    margin = rewards[:b] - rewards[b:]  # r(x, y_w) - r(x, y_l)
+                    loss = F.softplus(-margin).mean()  # = -log sigmoid(margin), numerically stable
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr * lr_factor(step, total, warmup, schedule)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if grad_clip:
+                        torch.nn.utils.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad],
+                                                       grad_clip)
+                    optimizer.step()
+                    step += 1
+                    value = float(loss.detach())
+                    if metrics["loss_first"] is None:
+                        metrics["loss_first"] = value
+                    metrics["loss_last"] = value
+                    losses.append(value * b)
+                    correct += int((margin.detach() > 0).sum())
+                metrics["epoch_loss"].append(sum(losses) / len(pairs))
+                metrics["epoch_accuracy"].append(correct / len(pairs))
+                if valid_pairs:
+                    metrics["valid_accuracy"].append(pairwise_accuracy(self, valid_pairs))
+                log.info("reward model epoch %d: loss %.4f, train accuracy %.3f", epoch, metrics["epoch_loss"][-1],
+                         metrics["epoch_accuracy"][-1])
+        finally:
+            self.net.eval()
+            for p in self.net.encoder.parameters():
+                p.requires_grad_(True)
+        metrics["steps"] = step
+        metrics["seconds"] = time.perf_counter() - t0
+        metrics["pairs_per_s"] = len(pairs) * epochs / metrics["seconds"] if metrics["seconds"] else 0.0
+        self.history.append({k: v for k, v in metrics.items()})
+        return metrics
+
+
+def pairwise_accuracy(model: RewardModel, pairs: Sequence[PreferencePair], batch_size: int = 64) -> float:
+    """Fraction of pairs with ``r(x, y_w) > r(x, y_l)`` (strictly; a tie counts as wrong)."""
+    pairs = list(pairs)
+    if not pairs:
+        return float("nan")
+    chosen = model.score([p.prompt for p in pairs], [p.chosen for p in pairs], batch_size)
+    rejected = model.score([p.prompt for p in pairs], [p.rejected for p in pairs], batch_size)
+    return float(np.mean(chosen > rejected))
+
+
+# =================================================================================================== selection
+def best_of_n(candidates: Sequence[Sequence[str]], scores: Sequence[Sequence[float]]) -> list[str]:
+    """The highest-scoring candidate of each input (the first one on a tie)."""
+    if len(candidates) != len(scores):
+        raise ValueError(f"{len(candidates)} candidate lists for {len(scores)} score lists")
+    out = []
+    for i, (cs, ss) in enumerate(zip(candidates, scores)):
+        if len(cs) != len(ss):
+            raise ValueError(f"input {i}: {len(cs)} candidates for {len(ss)} scores")
+        if not len(cs):
+            raise ValueError(f"input {i} has no candidates")
+        out.append(cs[int(np.argmax(np.asarray(ss, dtype=np.float64)))])
+    return out
+
+
+MetricFn = Callable[[str, Sequence[str]], float]
+
+
+def _references(refs) -> list[str]:
+    return [refs] if isinstance(refs, str) else list(refs)
+
+
+def _bleu_a_scores(candidates: Sequence[str], references) -> list[float]:
+    from lm_lexicon.metrics.bleu import ReferenceSet, sentence_bleu_a
+
+    rs = ReferenceSet(_references(references))
+    return [sentence_bleu_a(c, rs) for c in candidates]
+
+
+def _metric_scores(candidates: Sequence[str], references, metric: Optional[MetricFn]) -> list[float]:
+    if metric is None:
+        return _bleu_a_scores(candidates, references)
+    refs = _references(references)
+    return [float(metric(c, refs)) for c in candidates]
+
+
+def oracle_best_of_n(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[str] | str],
+                     metric: Optional[MetricFn] = None) -> list[str]:
+    """UPPER BOUND, not a method: the candidate that scores best against the references.
+
+    ``metric(hypothesis, references) -> float`` (default: Protocol A sentence BLEU,
+    :func:`lm_lexicon.metrics.sentence_bleu_a`; for the protocol, pass all definitions of the headword as the
+    references). The first candidate wins a tie.
+    """
+    if len(candidates) != len(references):
+        raise ValueError(f"{len(candidates)} candidate lists for {len(references)} reference lists")
+    return best_of_n(candidates, [_metric_scores(cs, refs, metric) for cs, refs in zip(candidates, references)])
+
+
+Scorer = Any  # "oracle" | "first" | per-candidate scores [[float]] | callable(candidates) -> [[float]]
+
+
+def bon_curve(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[str] | str],
+              scorer: Scorer = "oracle", ns: Sequence[int] = DEFAULT_NS,
+              metric: Optional[MetricFn] = None) -> dict[int, float]:
+    """Mean metric x 100 (default Protocol A sentence BLEU) of the candidate picked among the first N, per N.
+
+    ``scorer``: ``"oracle"`` (best metric against the references: an upper bound), ``"first"`` (no selection: the
+    N=1 baseline at every N), per-candidate scores ``[[float]]`` aligned with ``candidates`` (e.g.
+    :meth:`RewardModel.score_candidates`), or a callable ``candidates -> [[float]]`` called once on all of them.
+    N larger than the smallest candidate list is left out. Every scorer agrees at N=1 (the first sample).
+    """
+    if len(candidates) != len(references):
+        raise ValueError(f"{len(candidates)} candidate lists for {len(references)} reference lists")
+    if not candidates:
+        return {}
+    metric_scores = [_metric_scores(cs, refs, metric) for cs, refs in zip(candidates, references)]
+    if isinstance(scorer, str):
+        if scorer == "oracle":
+            sel = metric_scores
+        elif scorer == "first":
+            sel = [[1.0] + [0.0] * (len(cs) - 1) for cs in candidates]
+        else:
+            raise ValueError(f"scorer must be 'oracle', 'first', scores or a callable, got {scorer!r}")
+    elif callable(scorer):
+        sel = scorer(candidates)
+    else:
+        sel = scorer
+    if len(sel) != len(candidates) or any(len(s) != len(c) for s, c in zip(sel, candidates)):
+        raise ValueError("scores must have one value per candidate")
+    available = min(len(cs) for cs in candidates)
+    curve: dict[int, float] = {}
+    for n in sorted(set(int(n) for n in ns)):
+        if n < 1 or n > available:
+            continue
+        picked = [ms[int(np.argmax(np.asarray(ss[:n], dtype=np.float64)))] for ms, ss in zip(metric_scores, sel)]
+        curve[n] = 100.0 * float(np.mean(picked))
+    return curve
+
+
+def plot_bon_curve(curve: Mapping, path: str | Path, *, title: str = "Best-of-N",
+                   ylabel: str = "sentence BLEU (Protocol A)") -> Path:
+    """Write a PNG of one curve ``{n: value}`` or several ``{label: {n: value}}`` (log2 x axis). Label an oracle
+    curve as an upper bound (e.g. ``"oracle (upper bound)"``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if curve and all(isinstance(v, (int, float)) for v in curve.values()):
+        curves = {"best-of-N": curve}
+    else:
+        curves = dict(curve)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    ticks: set[int] = set()
+    for label, c in curves.items():
+        xs = sorted(int(n) for n in c)
+        ticks.update(xs)
+        style = "--" if "oracle" in str(label).lower() else "-"
+        ax.plot(xs, [c[n] if n in c else c[str(n)] for n in xs], style, marker="o", label=str(label))
+    ax.set_xscale("log", base=2)
+    if ticks:
+        ax.set_xticks(sorted(ticks))
+        ax.set_xticklabels([str(t) for t in sorted(ticks)])
+    ax.set_xlabel("N (samples per input)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _str_list(texts, what: str) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError(f"expected a sequence of {what}s, not a single string")
+    items = list(texts.tolist() if isinstance(texts, np.ndarray) else texts)
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise TypeError(f"{what} {i} is {type(t).__name__}, not str: {t!r}")
+    return items

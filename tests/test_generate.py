@@ -1,0 +1,242 @@
+"""Batch generation (lm_lexicon.generate): left padding, seeded sampling, MoE domains, Ray Data, candidate scoring.
+
+Fixtures are tiny and built in tmp dirs: a random 2-layer Llama (hidden 64), a 2-layer MiniLM decoder, and an MoE
+merged from two perturbed tiny Llamas. fp32 on CPU, one torch thread.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from lm_lexicon.data.records import Record
+from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, detect_kind, generate_split, row_seed
+from lm_lexicon.seed_models import build_minilm_decoder, causal_bert_tokenizer, tiny_llama
+from lm_lexicon.sft import encode_example, record_prompt
+
+PROMPTS = [
+    '"a dog barks at night" What is the definition of "bark"?',
+    "a cat",
+    '"the quick brown fox jumps over the lazy dog, again and again, all day long" What is the definition of "fox"?',
+    'What is the definition of "tree"?',
+    "x",
+]
+GREEDY = GenerationSettings(do_sample=False, max_new_tokens=10, batch_size=8)
+SAMPLE = GenerationSettings(do_sample=True, num_return_sequences=4, max_new_tokens=8, batch_size=16, seed=7)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("generate")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(root):
+    return tiny_llama(root / "llama")
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return DefinitionGenerator(llama_dir)
+
+
+@pytest.fixture(scope="module")
+def minilm(root):
+    return DefinitionGenerator(build_minilm_decoder(root / "minilm", num_hidden_layers=2))
+
+
+def _perturb(directory, seed: int, scale: float = 0.05):
+    t = load_file(str(directory / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    t = {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in t.items()}
+    save_file(t, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def moe(root):
+    from lm_lexicon.moe import merge_experts
+
+    tokenizer = causal_bert_tokenizer()
+    experts = [_perturb(tiny_llama(root / f"expert-{i}", tokenizer=tokenizer, seed=i), 100 + i) for i in range(2)]
+    return DefinitionGenerator(merge_experts(experts, root / "moe", seed=3))
+
+
+def _records(n: int = 7) -> list[Record]:
+    terms = ["bark", "cat", "fox", "tree", "run", "light", "bank", "spring", "bat"]
+    return [Record(term=terms[i % len(terms)], context=("a " * (i % 4)) + f"{terms[i % len(terms)]} here",
+                   definition=f"definition {i}", source="toy", split="test") for i in range(n)]
+
+
+# =================================================================================================== dense
+def test_detect_kind(llama_dir, moe):
+    assert detect_kind(llama_dir) == "dense"
+    assert moe.kind == "moe" and moe.needs_domains
+
+
+@pytest.mark.parametrize("which", ["llama", "minilm"])
+def test_greedy_is_deterministic_and_batched_equals_one_at_a_time(request, which):
+    gen = request.getfixturevalue(which)
+    batched = gen.generate(PROMPTS, settings=GREEDY)
+    assert gen.generate(PROMPTS, settings=GREEDY) == batched
+    alone = [gen.generate([p], settings=GREEDY)[0] for p in PROMPTS]
+    assert batched == alone  # left padding changes nothing
+    assert all(len(outs) == 1 and isinstance(outs[0], str) for outs in batched)
+    assert any(outs[0] for outs in batched)
+    assert all(o == o.strip() for outs in batched for o in outs)
+    # greedy with n > 1: n copies of the one greedy output
+    tripled = gen.generate(PROMPTS, settings=GREEDY.replace(num_return_sequences=3))
+    assert tripled == [outs * 3 for outs in batched]
+
+
+def test_model_generation_config_cannot_switch_sampling_on(llama):
+    """Llama-3 checkpoints ship do_sample=True, temperature 0.6, top-p 0.9: what runs is GenerationSettings."""
+    expected = llama.generate(PROMPTS, settings=GREEDY)
+    gc = llama.model.generation_config
+    saved = (gc.do_sample, gc.temperature, gc.top_p, gc.repetition_penalty)
+    gc.do_sample, gc.temperature, gc.top_p, gc.repetition_penalty = True, 0.6, 0.9, 3.0
+    try:
+        assert llama.generate(PROMPTS, settings=GREEDY) == expected
+    finally:
+        gc.do_sample, gc.temperature, gc.top_p, gc.repetition_penalty = saved
+
+
+def test_prompts_encoded_as_training_saw_them(llama):
+    from lm_lexicon.sft import encode_prompt
+
+    tok = llama.tokenizer
+    assert llama.encode_prompts(PROMPTS[:2]) == [encode_prompt(tok, p) for p in PROMPTS[:2]]
+    assert llama.encode_prompts(PROMPTS[:1])[0] == tok(PROMPTS[0])["input_ids"]  # [BOS] prompt, no [SEP]
+    truncated = llama.encode_prompts(PROMPTS[2:3], max_prompt_tokens=6)[0]
+    assert len(truncated) == 6 and truncated[0] == tok.bos_token_id
+
+
+def test_sampling_is_seeded_and_independent_of_batching(llama):
+    a = llama.generate(PROMPTS, settings=SAMPLE)
+    assert [len(outs) for outs in a] == [4] * len(PROMPTS)
+    assert llama.generate(PROMPTS, settings=SAMPLE) == a
+    # a sample is a function of (seed, prompt, index): batch size and order do not matter
+    assert llama.generate(PROMPTS, settings=SAMPLE.replace(batch_size=3)) == a
+    assert llama.generate(PROMPTS[::-1], settings=SAMPLE)[::-1] == a
+    assert llama.generate(PROMPTS, settings=SAMPLE.replace(seed=8)) != a
+    assert all(len(set(outs)) > 1 for outs in a)  # the n samples of a prompt differ
+    assert row_seed(7, "p", 0) == row_seed(7, "p", 0) != row_seed(7, "p", 1)
+
+
+def test_repetition_penalty_is_applied(llama):
+    plain = llama.generate(PROMPTS, settings=GREEDY.replace(repetition_penalty=1.0, max_new_tokens=16))
+    strong = llama.generate(PROMPTS, settings=GREEDY.replace(repetition_penalty=50.0, max_new_tokens=16))
+    assert plain != strong
+    for outs in strong:  # a huge penalty forbids repeating any token: no word appears twice
+        words = outs[0].split()
+        assert len(words) == len(set(words))
+
+
+def test_repetition_penalty_ignores_left_padding():
+    from lm_lexicon.generate import _processors
+
+    pad = 0
+    procs = _processors(GenerationSettings(repetition_penalty=2.0), pad_lengths=[2, 0], row_seeds=None)
+    input_ids = torch.tensor([[pad, pad, 5, 6], [5, 6, 6, 1]])
+    scores = torch.tensor([[1.0, -1.0, 2.0, 3.0, 4.0, 5.0, -6.0, 7.0]] * 2)
+    out = procs(input_ids, scores.clone())
+    assert out[0].tolist() == [1.0, -1.0, 2.0, 3.0, 4.0, 2.5, -12.0, 7.0]  # pad (id 0) is not penalised
+    assert out[1].tolist() == [1.0, -2.0, 2.0, 3.0, 4.0, 2.5, -12.0, 7.0]  # a real token 1 is; repeats count once
+
+
+def test_gumbel_max_samples_follow_the_warped_distribution():
+    from lm_lexicon.generate import _processors
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]])
+    n = 4000
+    settings = GenerationSettings(do_sample=True, temperature=0.5, top_k=4, top_p=1.0, repetition_penalty=1.0)
+    procs = _processors(settings, pad_lengths=[0] * n, row_seeds=list(range(n)))
+    picks = procs(torch.zeros((n, 1), dtype=torch.long), logits.repeat(n, 1)).argmax(dim=1)
+    expected = torch.softmax(torch.tensor([0.0, 1.0, 2.0, float("-inf"), 0.5]) / 0.5, dim=0)  # top-4 drops id 3
+    freq = torch.bincount(picks, minlength=5).double() / n
+    assert freq[3] == 0
+    assert torch.allclose(freq, expected.double(), atol=0.03)
+
+
+def test_sequence_logprobs_equals_a_manual_computation(llama):
+    candidates = ["a sound a dog makes", "a small animal", "an animal, red", "a plant", ""]
+    got = llama.sequence_logprobs(PROMPTS, candidates, batch_size=2)
+    model, tok = llama.model, llama.tokenizer
+    for p, c, value in zip(PROMPTS, candidates, got):
+        ex = encode_example(tok, p, c, 512)
+        ids = torch.tensor([ex["input_ids"]])
+        with torch.no_grad():
+            logp = F.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        expected = sum(float(logp[t - 1, ex["input_ids"][t]]) for t in range(1, len(ids[0])) if ex["labels"][t] != -100)
+        assert value == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    # without EOS: the EOS term is removed
+    no_eos = llama.sequence_logprobs(PROMPTS, candidates, include_eos=False)
+    assert all(a > b for a, b in zip(no_eos, got))
+
+
+def test_call_adds_a_list_column(llama):
+    batch = {"row": np.arange(3), "prompt": np.array(PROMPTS[:3], dtype=object)}
+    out = llama.__class__.__call__(llama, batch)  # the Ray Data entry point, called in process
+    assert out["predictions"].dtype == object and out["predictions"].shape == (3,)
+    assert all(isinstance(p, list) and len(p) == 1 for p in out["predictions"])
+    assert out["predictions"].tolist() == llama.generate(PROMPTS[:3])
+    assert out["domain"].tolist() == [-1, -1, -1]
+    np.testing.assert_array_equal(out["row"], batch["row"])
+
+
+# =================================================================================================== MoE
+def test_moe_mixed_domains_equal_per_domain_groups(moe):
+    domains = np.array([0, 1, 0, 1, 1])
+    for settings in (GREEDY, SAMPLE):
+        mixed = moe.generate(PROMPTS, domains, settings=settings)
+        for d in (0, 1):
+            rows = np.flatnonzero(domains == d)
+            alone = moe.generate([PROMPTS[i] for i in rows], [d] * len(rows), settings=settings)
+            assert alone == [mixed[i] for i in rows]
+    # the labels matter: another domain generates differently somewhere
+    assert moe.generate(PROMPTS, 1 - domains, settings=GREEDY) != moe.generate(PROMPTS, domains, settings=GREEDY)
+    lp_mixed = moe.sequence_logprobs(PROMPTS, ["a definition"] * 5, domains)
+    lp_zero = moe.sequence_logprobs(PROMPTS, ["a definition"] * 5, [0] * 5)
+    assert lp_mixed[0] == pytest.approx(lp_zero[0], rel=1e-5) and lp_mixed[1] != pytest.approx(lp_zero[1], rel=1e-5)
+
+
+def test_moe_without_domains_or_router_is_an_error(moe):
+    with pytest.raises(ValueError, match="no router"):
+        moe.generate(PROMPTS[:1])
+    with pytest.raises(ValueError, match=r"domains must lie in \[0, 2\)"):
+        moe.generate(PROMPTS[:1], [5])
+
+
+# =================================================================================================== whole split
+def test_generate_split_in_process(llama_dir):
+    records = _records(5)
+    preds = generate_split(records, llama_dir, SAMPLE.replace(num_return_sequences=2), use_ray=False,
+                           model_name="tiny")
+    assert [p["term"] for p in preds] == [r.term for r in records]
+    assert all(len(p["predictions"]) == 2 and p["prediction"] == p["predictions"][0] for p in preds)
+    assert preds[0]["reference"] == records[0].definition and preds[0]["references"] == [records[0].definition]
+    assert {p["model"] for p in preds} == {"tiny"} and {p["domain"] for p in preds} == {None}
+
+
+def test_generate_split_on_ray_data_keeps_input_order(ray_local, llama_dir):
+    records = _records(9)
+    settings = SAMPLE.replace(num_return_sequences=3, batch_size=6)
+    on_ray = generate_split(records, llama_dir, settings, use_ray=True, num_actors=1, rows_per_call=2,
+                            torch_threads=1)
+    local = generate_split(records, llama_dir, settings, use_ray=False)
+    assert [(p["term"], p["context"]) for p in on_ray] == [(r.term, r.context) for r in records]
+    assert all(len(p["predictions"]) == 3 and all(isinstance(s, str) for s in p["predictions"]) for p in on_ray)
+    assert [p["predictions"] for p in on_ray] == [p["predictions"] for p in local]  # per-row seeds: same samples
+    prompts = [record_prompt(r) for r in records]
+    direct = DefinitionGenerator(llama_dir).generate(prompts, settings=settings)
+    assert [p["predictions"] for p in on_ray] == direct
