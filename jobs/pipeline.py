@@ -32,7 +32,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from lm_lexicon.cli import console, print_stats
 
-    if "data" in results:
+    if "evaluate" in results:
+        from rich.table import Table
+
+        headline = results["evaluate"].summary["headline"]
+        metrics = sorted({m for res in headline.values() for m in res})
+        table = Table(title=f"{cfg.name}: {results['evaluate'].summary['split']} split, "
+                            f"{results['evaluate'].summary['n_rows']} rows (report: "
+                            f"{results['evaluate'].path / 'report.md'})")
+        table.add_column("model")
+        for m in metrics:
+            table.add_column(m, justify="right")
+        for model, res in headline.items():
+            table.add_row(model, *[f"{res[m]:.2f}" if res.get(m) is not None else "skipped" for m in metrics])
+        console.print(table)
+    elif "data" in results:
         print_stats(results["data"].summary["stats"])
     console.print(f"pipeline finished in {results['_seconds']:.1f}s; artifacts under {Path(cfg.output_dir).resolve()}")
     return 0

@@ -203,6 +203,26 @@ def train_experts_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[Li
     console.print(f"models under {res.path}")
 
 
+@app.command("merge")
+def merge_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
+              force: bool = typer.Option(False, help="Re-merge even if a finished stage matches.")) -> None:
+    """Merge the experts into one MoE and fine-tune its router and experts (earlier stages run first if needed)."""
+    cfg, results = _run_stages(config, overrides, ("merge",), force)
+    res = results["merge"]
+    ft = res.summary.get("finetune") or {}
+    console.print(f"MoE ({res.summary['routing']} routing, {res.summary['n_experts']} experts): {res.path / 'model'}"
+                  + (f"; fine-tune {ft.get('steps')} steps, valid loss {ft.get('valid_loss')}" if ft else ""))
+
+
+@app.command("export")
+def export_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
+               force: bool = typer.Option(False, help="Re-export even if a finished stage matches.")) -> None:
+    """Export the MoE for the ecosystem: per-domain dense checkpoints + router (domain), or Mixtral (token)."""
+    cfg, results = _run_stages(config, overrides, ("export",), force)
+    for kind, path in results["export"].summary.items():
+        console.print(f"{kind}: {path}")
+
+
 @config_app.command("show")
 def config_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Print the resolved recipe (defaults filled in, overrides applied) as YAML."""

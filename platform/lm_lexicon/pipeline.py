@@ -8,13 +8,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-STAGES = ("data", "partition", "experts", "merge")
+STAGES = ("data", "partition", "experts", "merge", "evaluate", "export")
 
 
 def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, ...] = (), log=print) -> dict:
     """Run the requested stages in order (default: all implemented ones) and return their results by name."""
     from lm_lexicon.stages.data import run_data_stage
+    from lm_lexicon.stages.evaluate import run_evaluate_stage
     from lm_lexicon.stages.experts import run_experts_stage
+    from lm_lexicon.stages.export import run_export_stage
     from lm_lexicon.stages.merge import run_merge_stage
     from lm_lexicon.stages.partition import run_partition_stage
 
@@ -35,5 +37,10 @@ def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, .
     if last >= STAGES.index("merge"):
         results["merge"] = run_merge_stage(cfg, results["partition"], results["experts"], force="merge" in force,
                                            log=log)
+    if last >= STAGES.index("evaluate"):
+        results["evaluate"] = run_evaluate_stage(cfg, results["data"], results["partition"], results["experts"],
+                                                 results["merge"], force="evaluate" in force, log=log)
+    if last >= STAGES.index("export"):
+        results["export"] = run_export_stage(cfg, results["merge"], force="export" in force, log=log)
     results["_seconds"] = time.perf_counter() - t0
     return results

@@ -1,0 +1,208 @@
+"""Evaluate stage (shared/DESIGN.md §4): every model of the run and the baselines, on one seeded sample of a split.
+
+Models compared (each one a row of the report): ``constant`` (most frequent definition prefix: the floor),
+``retrieval`` (nearest training prompt by MiniLM + faiss, copy its definition), ``seed`` (the untrained seed model),
+``dense`` (the dense baseline of the experts stage), ``moe`` (the merged, fine-tuned MoE under its routing; domains
+from the partition's router). Generation runs on Ray Data (one actor per model, batched, greedy).
+
+Writes::
+
+    evaluate/
+      predictions/{model}.jsonl   term, context, reference(s), prediction, domain, model
+      metrics.json                model -> metric -> {value, std, n, settings, skipped_reason}
+      report.md                   model x metric table, per-domain and per-source breakdowns, settings
+      metrics.png                 the headline metrics as bars
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
+
+HEADLINE = ("bleu_a", "sacrebleu", "rouge_l", "bertscore", "meteor")
+
+
+def _sample(records: list, domains: list[int], n: int | None, seed: int):
+    if n is None or n >= len(records):
+        return records, domains
+    idx = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in idx], [domains[i] for i in idx]
+
+
+def _write_jsonl(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+
+
+def _baseline_predictions(name: str, values: list[str], records, domains) -> list[dict]:
+    from lm_lexicon.generate import prediction_dict
+
+    return [prediction_dict(r, [v], domain=d, model=name) for r, v, d in zip(records, values, domains)]
+
+
+def _fmt(res: dict) -> str:
+    if res.get("value") is None:
+        return "skipped"
+    std = res.get("std")
+    return f"{res['value']:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def render_report(results: dict, by_domain: dict, by_source: dict, meta: dict) -> str:
+    metrics = [m for m in next(iter(results.values()))]
+    lines = [f"# Evaluation: {meta['recipe']} on {meta['split']} ({meta['n_rows']} rows, seed {meta['seed']})", "",
+             "Protocol A = Moses sentence BLEU with headword-grouped references (DESIGN §4); Protocol B = SacreBLEU "
+             "sentence score, ROUGE-L F, BERTScore F1 per line against the line's own reference. All scores ×100 "
+             "except length (tokens). Values are means over lines ± their standard deviation across lines.", "",
+             "| model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for model, res in results.items():
+        lines.append(f"| {model} | " + " | ".join(_fmt(res[m]) for m in metrics) + " |")
+    skipped = {m: r["skipped_reason"] for res in results.values() for m, r in res.items() if r.get("skipped_reason")}
+    if skipped:
+        lines += ["", "Skipped metrics: " + "; ".join(f"{m}: {why}" for m, why in skipped.items())]
+    for title, table in (("domain", by_domain), ("source", by_source)):
+        if not table:
+            continue
+        lines += ["", f"## By {title} (Protocol A BLEU / ROUGE-L)", "", "| model | " + title + " | rows | BLEU-A | ROUGE-L |",
+                  "|---|---:|---:|---:|---:|"]
+        for model, groups in table.items():
+            for group, res in sorted(groups.items(), key=lambda kv: str(kv[0])):
+                lines.append(f"| {model} | {group} | {res['bleu_a'].get('n')} | {_fmt(res['bleu_a'])} | "
+                             f"{_fmt(res['rouge_l'])} |")
+    first = next(iter(results.values()))
+    lines += ["", "## Metric settings", ""]
+    for m, r in first.items():
+        lines.append(f"- **{m}**: `{json.dumps(r.get('settings', {}), default=str)}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot_metrics(results: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metrics = [m for m in HEADLINE if any(res.get(m, {}).get("value") is not None for res in results.values())]
+    models = list(results)
+    fig = Figure(figsize=(1.6 + 1.4 * len(metrics), 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        values = [results[model].get(m, {}).get("value") or 0.0 for m in metrics]
+        ax.bar([j + i * width for j in range(len(metrics))], values, width, label=model)
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(metrics))])
+    ax.set_xticklabels(metrics)
+    ax.set_ylabel("score (×100)")
+    ax.legend(fontsize=8)
+    ax.set_title("Definition modeling: models vs baselines")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Path | None, merge_dir: Path | None,
+                      log=print):
+    def build(work: Path) -> dict:
+        import pandas as pd
+
+        from lm_lexicon.baselines import ConstantBaseline, RetrievalBaseline
+        from lm_lexicon.data.records import Record, read_jsonl
+        from lm_lexicon.embed import Embedder
+        from lm_lexicon.generate import GenerationSettings, generate_split
+        from lm_lexicon.metrics import breakdown, compute_metrics
+        from lm_lexicon.metrics.bleu import headword_references
+        from lm_lexicon.ray_utils import init_ray
+        from lm_lexicon.seed_models import resolve_seed_model
+        from lm_lexicon.tracking import tracked_run
+
+        ev = cfg.evaluate
+        split = ev.split
+        frame = pd.read_parquet(partition_dir / f"{split}.parquet")
+        all_rows = [Record.from_dict({k: (None if v != v else v) for k, v in row.items()})
+                    for row in frame.drop(columns=["domain"]).to_dict("records")]
+        all_domains = frame["domain"].astype(int).tolist()
+        records, domains = _sample(all_rows, all_domains, ev.max_rows, cfg.data.seed)
+        if not records:
+            raise ValueError(f"the {split} split is empty: nothing to evaluate")
+        # Protocol A: references are all definitions of the headword in the whole split, not only the sample
+        reference_groups = headword_references(list(read_jsonl(data_dir / f"{split}.jsonl")))
+        train = list(read_jsonl(data_dir / "train.jsonl"))
+        log(f"[evaluate] {len(records)} {split} rows; models: {', '.join(ev.baselines)}, moe")
+
+        predictions: dict[str, list[dict]] = {}
+        t0 = time.perf_counter()
+        if "constant" in ev.baselines:
+            constant = ConstantBaseline().fit(train)
+            predictions["constant"] = _baseline_predictions("constant", constant.predict(records), records, domains)
+        if "retrieval" in ev.baselines:
+            embedder = Embedder(cfg.embed.model, batch_size=cfg.embed.batch_size, max_length=cfg.embed.max_length)
+            retrieval = RetrievalBaseline().fit(train, embedder)
+            predictions["retrieval"] = _baseline_predictions("retrieval", retrieval.predict(records), records,
+                                                             domains)
+        settings = GenerationSettings.from_eval_config(ev)
+        init_ray(cfg.resources)
+        models = []
+        if "seed" in ev.baselines:
+            models.append(("seed", resolve_seed_model(cfg.seed_model.name), None))
+        if "dense" in ev.baselines and experts_dir is not None and (experts_dir / "dense" / "model").exists():
+            models.append(("dense", experts_dir / "dense" / "model", None))
+        if merge_dir is not None and (merge_dir / "model").exists():
+            models.append(("moe", merge_dir / "model", domains))
+        import os
+
+        threads = max(1, os.cpu_count() or 1)
+        for name, path, model_domains in models:
+            t = time.perf_counter()
+            predictions[name] = generate_split(records, path, settings, domains=model_domains, use_ray=True,
+                                               num_actors=1, torch_threads=threads, cpus_per_actor=1.0,
+                                               model_name=name)
+            for p, d in zip(predictions[name], domains):
+                p["domain"] = d  # the partition's domain, for the per-domain breakdown of every model
+            log(f"[evaluate] generated with {name} in {time.perf_counter() - t:.1f}s; "
+                f"e.g. {records[0].term!r}: {predictions[name][0]['prediction']!r}")
+        generate_s = time.perf_counter() - t0
+
+        results, by_domain, by_source = {}, {}, {}
+        for name, preds in predictions.items():
+            _write_jsonl(preds, work / "predictions" / f"{name}.jsonl")
+            results[name] = compute_metrics(preds, ev.metrics, ev, reference_groups=reference_groups)
+            by_domain[name] = breakdown(preds, ["bleu_a", "rouge_l"], ev, by="domain", results=results[name],
+                                        reference_groups=reference_groups)
+            if len({p.get("source") for p in preds}) > 1:
+                by_source[name] = breakdown(preds, ["bleu_a", "rouge_l"], ev, by="source", results=results[name],
+                                            reference_groups=reference_groups)
+        meta = {"recipe": cfg.name, "split": split, "n_rows": len(records), "seed": cfg.data.seed,
+                "routing": cfg.merge.routing}
+        compact = {m: {k: {kk: vv for kk, vv in v.items() if kk != "per_item"} for k, v in res.items()}
+                   for m, res in results.items()}
+        (work / "metrics.json").write_text(json.dumps({"meta": meta, "results": compact}, indent=2, default=str))
+        (work / "report.md").write_text(render_report(compact, _strip(by_domain), _strip(by_source), meta))
+        plot_metrics(compact, work / "metrics.png")
+        with tracked_run(cfg.tracking, cfg.output_dir, f"{cfg.name}-evaluate", tags={"stage": "evaluate"}) as run:
+            run.log_params({"evaluate": ev.model_dump(mode="json"), "routing": cfg.merge.routing})
+            for model, res in compact.items():
+                run.log_metrics({f"{model}.{m}": r["value"] for m, r in res.items() if r.get("value") is not None})
+            for f in ("report.md", "metrics.png", "metrics.json"):
+                run.log_artifact(work / f)
+        headline = {model: {m: res[m]["value"] for m in HEADLINE if m in res} for model, res in compact.items()}
+        return {"headline": headline, "n_rows": len(records), "split": split, "generate_seconds": round(generate_s, 1)}
+
+    return build
+
+
+def _strip(table: dict) -> dict:
+    return {model: {g: {m: {k: v for k, v in r.items() if k != "per_item"} for m, r in res.items()}
+                    for g, res in groups.items()} for model, groups in table.items()}
+
+
+def run_evaluate_stage(cfg, data_result: StageResult, partition_result: StageResult,
+                       experts_result: StageResult | None, merge_result: StageResult | None, force: bool = False,
+                       log=print) -> StageResult:
+    upstream = tuple(r.fingerprint for r in (data_result, partition_result, experts_result, merge_result) if r)
+    fp = fingerprint(cfg, ("evaluate",), upstream)
+    return run_stage("evaluate", Path(cfg.output_dir) / "evaluate", fp,
+                     evaluate_stage_fn(cfg, data_result.path, partition_result.path,
+                                       experts_result.path if experts_result else None,
+                                       merge_result.path if merge_result else None, log), cfg, force, log)
