@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from lm_lexicon._util import as_str_list
 
 BUNDLED_MINILM = "bundled-minilm"
 ALLOW_DOWNLOADS_ENV = "LM_LEXICON_ALLOW_DOWNLOADS"
@@ -113,7 +114,7 @@ class Embedder:
         """
         import torch
 
-        texts = _as_text_list(texts)
+        texts = as_str_list(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)  # [n, d]
         if not texts:
             return out
@@ -142,12 +143,3 @@ class Embedder:
         return out
 
 
-def _as_text_list(texts) -> list[str]:
-    """Accept a list, tuple or numpy array of strings; reject non-strings (a None would embed as 'None')."""
-    if isinstance(texts, str):
-        raise TypeError("encode() takes a sequence of strings, not a single string")
-    items = list(texts.tolist() if isinstance(texts, np.ndarray) else texts)
-    for i, t in enumerate(items):
-        if not isinstance(t, str):
-            raise TypeError(f"text {i} is {type(t).__name__}, not str: {t!r}")
-    return items

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from lm_lexicon._util import as_str_list
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ class DefinitionGenerator:
         """Token ids of each prompt exactly as training saw it (:func:`lm_lexicon.sft.encode_prompt`)."""
         from lm_lexicon.sft import encode_prompt
 
-        return [encode_prompt(self.tokenizer, p, max_prompt_tokens) for p in _as_str_list(prompts, "prompt")]
+        return [encode_prompt(self.tokenizer, p, max_prompt_tokens) for p in as_str_list(prompts, "prompt")]
 
     def _left_pad(self, rows: Sequence[Sequence[int]]):
         import torch
@@ -358,7 +359,7 @@ class DefinitionGenerator:
         import torch
 
         settings = GenerationSettings.from_any(settings if settings is not None else self.settings, **overrides)
-        prompts = _as_str_list(prompts, "prompt")
+        prompts = as_str_list(prompts, "prompt")
         domains = self._resolve_domains(prompts, domains)
         if not prompts:
             return [], domains
@@ -413,8 +414,8 @@ class DefinitionGenerator:
 
         from lm_lexicon.sft import IGNORE_INDEX, collate, encode_example
 
-        prompts = _as_str_list(prompts, "prompt")
-        candidates = _as_str_list(candidates, "candidate")
+        prompts = as_str_list(prompts, "prompt")
+        candidates = as_str_list(candidates, "candidate")
         if len(prompts) != len(candidates):
             raise ValueError(f"{len(prompts)} prompts for {len(candidates)} candidates")
         domains = self._resolve_domains(prompts, domains)
@@ -474,16 +475,6 @@ class DefinitionGenerator:
 def _first_eos(row: Sequence[int], eos_ids: Sequence[int]) -> int:
     eos = set(eos_ids)
     return next((i for i, t in enumerate(row) if t in eos), len(row))
-
-
-def _as_str_list(texts, what: str) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError(f"expected a sequence of {what}s, not a single string")
-    items = list(texts.tolist() if isinstance(texts, np.ndarray) else texts)
-    for i, t in enumerate(items):
-        if not isinstance(t, str):
-            raise TypeError(f"{what} {i} is {type(t).__name__}, not str: {t!r}")
-    return items
 
 
 # =================================================================================================== a whole split

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lm_lexicon.routing import DomainRouter, biased_argmax, json_safe, unit_rows
+from lm_lexicon._util import as_str_list
 
 METHODS = ("semantic", "lexical", "random", "none")
 FEATURIZER_JSON = "lexical_featurizer.json"
@@ -348,7 +349,7 @@ class LexicalFeaturizer:
         """
         from sklearn.decomposition import TruncatedSVD
 
-        texts = _text_list(texts)
+        texts = as_str_list(texts)
         settings = {"lowercase": True, "token_pattern": r"(?u)\b\w\w+\b", "ngram_range": [1, 1],
                     "stop_words": stop_words}
         counter = _count_vectorizer(settings, min_df=min_df, max_df=max_df, max_features=max_features)
@@ -374,7 +375,7 @@ class LexicalFeaturizer:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Featurize ``texts``: float32 ``[n, c]`` unit rows (zero rows for texts with no known term)."""
-        texts = _text_list(texts)
+        texts = as_str_list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         counts = self._counter.transform(texts)  # [n, f] sparse
@@ -425,20 +426,6 @@ def _tfidf(counts, idf: np.ndarray, sublinear_tf: bool):
     return normalize(tf.multiply(idf[None, :]).tocsr(), norm="l2", copy=False)
 
 
-def _text_list(texts) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError("expected a sequence of strings, not a single string")
-    items = list(texts.tolist() if isinstance(texts, np.ndarray) else texts)
-    for i, t in enumerate(items):
-        if not isinstance(t, str):
-            raise TypeError(f"text {i} is {type(t).__name__}, not str")
-    return items
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# entry point
-
-
 def random_labels(n_rows: int, n_clusters: int, seed: int = 0) -> np.ndarray:
     """A seeded random split whose sizes differ by at most one row."""
     rng = np.random.default_rng(seed)
@@ -451,6 +438,10 @@ def _is_texts(x) -> bool:
     if isinstance(x, np.ndarray):
         return x.dtype.kind in "OUS"
     return len(x) > 0 and isinstance(x[0], str)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# entry point
 
 
 def partition(features_or_texts, method: str = "semantic", n_clusters: int = 4, slack: float = 0.05,
@@ -477,7 +468,7 @@ def partition(features_or_texts, method: str = "semantic", n_clusters: int = 4, 
             if embedder is None:
                 raise TypeError("the semantic partition clusters embeddings: pass an [n, d] array, or texts "
                                 "together with embedder= (lm_lexicon.embed.Embedder)")
-            X = embedder.encode(_text_list(features_or_texts))
+            X = embedder.encode(as_str_list(features_or_texts))
         return balanced_kmeans(X, n_clusters, slack, seed, method="semantic", **kmeans_kw)
 
     if method == "lexical":

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
+from lm_lexicon._util import as_str_list
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ class RewardModel:
         """``r(prompt_i, definition_i)`` for each pair: float32 ``[n]``, in input order (eval mode, no dropout)."""
         import torch
 
-        prompts, definitions = _str_list(prompts, "prompt"), _str_list(definitions, "definition")
+        prompts, definitions = as_str_list(prompts, "prompt"), as_str_list(definitions, "definition")
         if len(prompts) != len(definitions):
             raise ValueError(f"{len(prompts)} prompts for {len(definitions)} definitions")
         out = np.empty(len(prompts), dtype=np.float32)
@@ -526,11 +527,3 @@ def plot_bon_curve(curve: Mapping, path: str | Path, *, title: str = "Best-of-N"
     return path
 
 
-def _str_list(texts, what: str) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError(f"expected a sequence of {what}s, not a single string")
-    items = list(texts.tolist() if isinstance(texts, np.ndarray) else texts)
-    for i, t in enumerate(items):
-        if not isinstance(t, str):
-            raise TypeError(f"{what} {i} is {type(t).__name__}, not str: {t!r}")
-    return items

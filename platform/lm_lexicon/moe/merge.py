@@ -30,7 +30,6 @@ and renamed into place, so a crash never leaves a directory that looks complete.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from safetensors.torch import save_file
 
 from lm_lexicon.moe.ffn_spec import MOE_PREFIX, FFNSpec, has_ffn_bias, spec_for_config
 from lm_lexicon.moe.hf_registration import ARCHITECTURE, MODEL_TYPE, ROUTING_POLICIES, SECTION
+from lm_lexicon._util import sha256_file
 
 MERGE_FORMAT = "lm_lexicon.moe.merge/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -237,14 +237,6 @@ class AtomicDirectory:
 
 
 # =================================================================================================== validation
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _first(items: Iterable, n: int = 5) -> list:
     return sorted(items)[:n]
 
@@ -277,7 +269,7 @@ def validate_experts(dirs: Sequence[Path], configs: Sequence[dict], ckpts: Seque
                                       "; ".join(f"{k}: {a} != {b}" for k, a, b in bad[:5]))
         for name in TOKENIZER_IDENTITY_FILES:
             a, b = ref_dir / name, dirs[i] / name
-            if a.is_file() != b.is_file() or (a.is_file() and _sha256(a) != _sha256(b)):
+            if a.is_file() != b.is_file() or (a.is_file() and sha256_file(a) != sha256_file(b)):
                 raise ExpertMismatchError(f"{where}: different tokenizer ({name}); experts must share the seed's tokenizer")
 
 
@@ -354,7 +346,7 @@ def merge_experts(expert_dirs: Sequence[str | Path], out_dir: str | Path, *, rou
     section = {
         "n_experts": n, "routing": routing, "top_k": int(top_k), "aux_loss_coef": float(aux_loss_coef),
         "ffn_spec": spec.name, "gate_init": gate_init, "gate_init_effective": gate_note, "seed": int(seed),
-        "experts": [{"index": i, "source": str(d.resolve()), "config_sha256": _sha256(d / "config.json")}
+        "experts": [{"index": i, "source": str(d.resolve()), "config_sha256": sha256_file(d / "config.json")}
                     for i, d in enumerate(dirs)],
         "router_dir": "router" if router_obj is not None else None,
         "centroids_file": "router/router.safetensors" if router_obj is not None else None,
