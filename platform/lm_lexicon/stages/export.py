@@ -13,7 +13,7 @@ from pathlib import Path
 from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
 
 
-def export_model(moe_dir: Path, out_dir: Path, routing: str, log=print) -> dict:
+def export_model(moe_dir: Path, out_dir: Path, routing: str, log=print, final_dir: Path | None = None) -> dict:
     from lm_lexicon.moe import export_collapsed, export_mixtral
 
     written = {}
@@ -28,8 +28,8 @@ def export_model(moe_dir: Path, out_dir: Path, routing: str, log=print) -> dict:
             written["mixtral_skipped"] = str(e)
     else:
         written["skipped"] = f"no standard export for {routing!r} routing; load the MoE with lm_lexicon.moe.load"
-    for kind, path in written.items():
-        log(f"[export] {kind}: {path}")
+    for kind, path in written.items():  # name where it will be once the stage is finished, not the work dir
+        log(f"[export] {kind}: {path.replace(str(out_dir), str(final_dir or out_dir))}")
     (out_dir / "export.json").write_text(json.dumps({"routing": routing, **written}, indent=2))
     return written
 
@@ -37,5 +37,6 @@ def export_model(moe_dir: Path, out_dir: Path, routing: str, log=print) -> dict:
 def run_export_stage(cfg, merge_result: StageResult, force: bool = False, log=print) -> StageResult:
     fp = fingerprint(cfg, (), (merge_result.fingerprint,))
     return run_stage("export", Path(cfg.output_dir) / "export", fp,
-                     lambda work: export_model(merge_result.path / "model", work, cfg.merge.routing, log),
+                     lambda work: export_model(merge_result.path / "model", work, cfg.merge.routing, log,
+                                               final_dir=Path(cfg.output_dir) / "export"),
                      cfg, force, log)

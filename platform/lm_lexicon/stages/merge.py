@@ -137,7 +137,8 @@ def merge_stage_fn(cfg, partition_dir: Path, experts_dir: Path, run_tag: str, lo
                                seed=cfg.partition.seed, **cfg.merge.model_dump(),
                                provenance={"partition": str(partition_dir), "experts": str(experts_dir)})
         merge_s = time.perf_counter() - t0
-        log(f"[merge] {len(expert_dirs)} experts -> {merged} ({cfg.merge.routing} routing) in {merge_s:.1f}s")
+        log(f"[merge] {len(expert_dirs)} experts -> {Path(cfg.output_dir) / 'merge' / 'merged'} "
+            f"({cfg.merge.routing} routing) in {merge_s:.1f}s")
         finetune = None
         if cfg.finetune.enabled:
             log(f"[merge] fine-tuning experts{'' if cfg.merge.routing == 'domain' else ' and gates'} on Ray Train")
