@@ -27,12 +27,8 @@ GREEDY = GenerationSettings(do_sample=False, max_new_tokens=10, batch_size=8)
 SAMPLE = GenerationSettings(do_sample=True, num_return_sequences=4, max_new_tokens=8, batch_size=16, seed=7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: another process may hold the other core (two OpenMP threads then wait on each other)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

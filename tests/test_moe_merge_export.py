@@ -31,12 +31,8 @@ HIDDEN = 64
 PROMPTS = ['"a dog barks at night" What is the definition of "bark"?', "a cat", "the quick brown fox jumps over"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: another process may hold the other core (two OpenMP threads then wait on each other)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from lm_lexicon.data.records import Record
 from lm_lexicon.metrics import sentence_bleu_a
@@ -24,12 +23,8 @@ REL = ["used for", "found in", "made of", "kept in", "known for", "grown in"]
 OBJ = ["cutting wood", "the forest", "metal", "the kitchen", "its song", "warm climates", "carrying water"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: another process may hold the other core (two OpenMP threads then wait on each other)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _toy(n: int, seed: int) -> list[PreferencePair]:
