@@ -49,3 +49,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def perturb_weights():
+    """``perturb(directory, seed, scale)``: add seeded noise to every float tensor of ``model.safetensors`` in place,
+    as fine-tuning would (tiny fixtures' norms are all ones otherwise, and identical experts hide merge bugs)."""
+    def perturb(directory, seed: int, scale: float):
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(directory / "model.safetensors"))
+        g = torch.Generator().manual_seed(seed)
+        tensors = {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                   for k, v in tensors.items()}
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return directory
+
+    return perturb

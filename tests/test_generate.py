@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from lm_lexicon.data.records import Record
 from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, detect_kind, generate_split, row_seed
@@ -51,20 +50,13 @@ def minilm(root):
     return DefinitionGenerator(build_minilm_decoder(root / "minilm", num_hidden_layers=2))
 
 
-def _perturb(directory, seed: int, scale: float = 0.05):
-    t = load_file(str(directory / "model.safetensors"))
-    g = torch.Generator().manual_seed(seed)
-    t = {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in t.items()}
-    save_file(t, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    return directory
-
-
 @pytest.fixture(scope="module")
-def moe(root):
+def moe(root, perturb_weights):
     from lm_lexicon.moe import merge_experts
 
     tokenizer = causal_bert_tokenizer()
-    experts = [_perturb(tiny_llama(root / f"expert-{i}", tokenizer=tokenizer, seed=i), 100 + i) for i in range(2)]
+    experts = [perturb_weights(tiny_llama(root / f"expert-{i}", tokenizer=tokenizer, seed=i), 100 + i, 0.05)
+               for i in range(2)]
     return DefinitionGenerator(merge_experts(experts, root / "moe", seed=3))
 
 

@@ -322,17 +322,7 @@ def test_breakdown_by_source_reuses_per_line_values_and_recomputes_corpus_metric
 # Model-based metrics with the bundled MiniLM (loaded once)
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def one_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def test_bertscore_bundled_minilm(one_thread):
+def test_bertscore_bundled_minilm(one_torch_thread):
     preds = [P("a small domesticated carnivore", ["a small domesticated carnivore."]),
              P("a large body of water", ["a financial institution", "a large body of water"]),
              P("", ["anything"]),
@@ -362,7 +352,7 @@ def test_bertscore_model_not_available_offline_is_skipped(monkeypatch):
     assert "not in the local Hugging Face cache" in r["bertscore"]["skipped_reason"]
 
 
-def test_mauve_identical_sets_score_100(one_thread):
+def test_mauve_identical_sets_score_100(one_torch_thread):
     pytest.importorskip("mauve")
     defs = ["a small domesticated carnivore", "a large body of water", "a financial institution", "a tall plant",
             "the act of running", "a person who teaches", "of or relating to the sea", "a loud noise"] * 3

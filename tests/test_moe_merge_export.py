@@ -40,19 +40,11 @@ def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("moe")
 
 
-def _perturb(directory: Path, seed: int, scale: float = 0.02) -> Path:
-    """Add seeded noise to every tensor, as fine-tuning would (random-init norms are all ones otherwise)."""
-    t = load_file(str(directory / "model.safetensors"))
-    g = torch.Generator().manual_seed(seed)
-    t = {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in t.items()}
-    save_file(t, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    return directory
-
-
 @pytest.fixture(scope="module")
-def experts(root) -> list[Path]:
+def experts(root, perturb_weights) -> list[Path]:
     tokenizer = causal_bert_tokenizer()
-    return [_perturb(tiny_llama(root / f"expert-{i}", tokenizer=tokenizer, seed=i), seed=100 + i) for i in range(N)]
+    return [perturb_weights(tiny_llama(root / f"expert-{i}", tokenizer=tokenizer, seed=i), 100 + i, 0.02)
+            for i in range(N)]
 
 
 @pytest.fixture(scope="module")
@@ -323,9 +315,9 @@ def test_mixtral_export_refuses_other_policies_and_families(merged, root, bert_m
 
 # =================================================================================================== MiniLM decoder
 @pytest.fixture(scope="module")
-def bert_moe(root) -> Path:
+def bert_moe(root, perturb_weights) -> Path:
     first = build_minilm_decoder(root / "bert-0", num_hidden_layers=1)
-    second = _perturb(_copy(first, root / "bert-1"), seed=0)
+    second = perturb_weights(_copy(first, root / "bert-1"), 0, 0.02)
     return merge_experts([first, second], root / "bert-moe", routing="domain")
 
 
