@@ -105,6 +105,7 @@ def plot_metrics(results: dict, path: Path) -> None:
 def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Path | None, merge_dir: Path | None,
                       log=print):
     def build(work: Path) -> dict:
+        import numpy as np
         import pandas as pd
 
         from lm_lexicon.baselines import ConstantBaseline, RetrievalBaseline
@@ -138,7 +139,8 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             predictions["constant"] = _baseline_predictions("constant", constant.predict(records), records, domains)
         if "retrieval" in ev.baselines:
             embedder = Embedder(cfg.embed.model, batch_size=cfg.embed.batch_size, max_length=cfg.embed.max_length)
-            retrieval = RetrievalBaseline().fit(train, embedder)
+            # the partition stage already embedded train.jsonl, row for row, with this same encoder
+            retrieval = RetrievalBaseline().fit(train, embedder, embeddings=np.load(partition_dir / "embeddings.npy"))
             predictions["retrieval"] = _baseline_predictions("retrieval", retrieval.predict(records), records,
                                                              domains)
         settings = GenerationSettings.from_eval_config(ev)
