@@ -21,18 +21,41 @@ def test_micro_pipeline_through_evaluate_and_export(tmp_path, ray_local):
         "partition.plot_sample=40", "train.max_steps=2", "train.eval_every=2", "train.batch_size=4",
         "train.precision=fp32", "finetune.max_steps=2", "finetune.batch_size=4", "evaluate.max_rows=8",
         "evaluate.max_new_tokens=6", "evaluate.metrics=[bleu_a, sacrebleu, rouge_l, exact_match, length]",
-        "evaluate.baselines=[constant, seed, dense]"])
+        "evaluate.baselines=[constant, seed, dense, icl-random, icl-retrieval]", "evaluate.icl_shots=2",
+        "evaluate.best_of_n=2", "evaluate.bon_ns=[1, 2, 4]", "evaluate.no_repeat_ngram_size=2",
+        "evaluate.reward.train_rows=8", "evaluate.reward.valid_rows=6", "evaluate.reward.samples=2",
+        "evaluate.reward.num_hidden_layers=1", "evaluate.reward.max_length=48"])
     results = run_pipeline(cfg, log=lambda m: None)
     ev = results["evaluate"].path
     metrics = json.loads((ev / "metrics.json").read_text())["results"]
-    assert list(metrics) == ["constant", "seed", "dense", "moe"]
+    assert list(metrics) == ["constant", "seed", "dense", "icl-random", "icl-retrieval", "moe", "moe:sample",
+                             "moe:bon-orm-n2", "moe:oracle-n2"]
     for model, res in metrics.items():
         assert set(res) == {"bleu_a", "sacrebleu", "rouge_l", "exact_match", "length"}
         assert res["bleu_a"]["n"] == 8 and res["bleu_a"]["value"] is not None
     assert metrics["constant"]["length"]["std"] == 0.0  # the same string for every row
     moe_rows = [json.loads(line) for line in (ev / "predictions" / "moe.jsonl").open()]
     assert len(moe_rows) == 8 and all(r["domain"] in (0, 1) and r["model"] == "moe" for r in moe_rows)
+    icl = [json.loads(line) for line in (ev / "predictions" / "icl-retrieval.jsonl").open()]
+    assert len(icl) == 8 and all(r["model"] == "icl-retrieval" for r in icl)
+
+    # Best-of-N: reward model saved, curves for N in bon_ns up to best_of_n, all rules equal at N = 1
+    bon = json.loads((ev / "bon.json").read_text())
+    assert bon["n"] == 2 and bon["ns"] == [1, 2] and (ev / "bon.png").stat().st_size > 1000
+    curves = bon["curves"]
+    assert curves["reward model"]["1"] == curves["oracle (upper bound)"]["1"] == curves["no selection (sample 1)"]["1"]
+    assert curves["oracle (upper bound)"]["2"] >= curves["reward model"]["2"]
+    assert 0.0 <= bon["reward_model"]["valid_accuracy"] <= 1.0 and bon["reward_model"]["train_pairs"] > 0
+    samples = [json.loads(line) for line in (ev / "predictions" / "moe-samples.jsonl").open()]
+    picked = [json.loads(line) for line in (ev / "predictions" / "moe:bon-orm-n2.jsonl").open()]
+    assert all(len(s["predictions"]) == 2 and p["prediction"] in s["predictions"] for s, p in zip(samples, picked))
+    from lm_lexicon.reward import RewardModel
+
+    assert RewardModel.load(ev / "reward_model").score(["p"], ["d"]).shape == (1,)
+    assert metrics["moe:bon-orm-n2"]["bleu_a"]["value"] == pytest.approx(curves["reward model"]["2"], abs=1e-6)
+
     report = (ev / "report.md").read_text()
+    assert "## Best-of-N (moe)" in report and "held-out pairwise accuracy" in report
     assert "| moe |" in report and "By domain" in report and (ev / "metrics.png").stat().st_size > 1000
 
     exported = json.loads((results["export"].path / "export.json").read_text())

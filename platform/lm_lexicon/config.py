@@ -201,6 +201,23 @@ class FinetuneConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="Sequences per step.")
 
 
+class RewardConfig(_Strict):
+    """Outcome reward model for Best-of-N (paper §3.4): gold definitions preferred over the model's own samples."""
+
+    encoder: str = Field("bundled-minilm", description="Encoder under the scalar head.")
+    train_rows: int = Field(512, ge=1, description="Training records whose samples become negatives.")
+    valid_rows: int = Field(200, ge=1, description="Held-out validation records: pairwise accuracy is reported.")
+    samples: int = Field(16, ge=1, le=64, description="Definitions sampled per record.")
+    top_k: int = Field(8, ge=1, description="Keep the k most likely samples (by the generator) as negatives.")
+    ratio: Optional[int] = Field(None, ge=1, description="At most this many negatives per gold (None: all top_k).")
+    epochs: int = Field(1, ge=1, description="Passes over the preference pairs.")
+    lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate.")
+    batch_size: int = Field(16, ge=1, description="Pairs per step.")
+    max_length: int = Field(128, ge=8, description="Tokens of (prompt, definition).")
+    num_hidden_layers: Optional[int] = Field(None, ge=1, description="Keep only the encoder's first k layers "
+                                                                    "(None: all; small values for fast tests).")
+
+
 class EvalConfig(_Strict):
     """Evaluation (shared/DESIGN.md §4): protocols, metrics, baselines, Best-of-N."""
 
@@ -210,15 +227,32 @@ class EvalConfig(_Strict):
                                                         "exact_match", "distinct", "length"],
                                description="Metrics to compute.")
     bertscore_model: str = Field("bundled-minilm", description="Encoder for BERTScore (stated in the report).")
-    baselines: list[Literal["constant", "retrieval", "seed", "dense"]] = Field(
-        default_factory=lambda: ["constant", "retrieval", "seed", "dense"], description="Baselines reported beside the model.")
+    baselines: list[Literal["constant", "retrieval", "seed", "dense", "icl-random", "icl-retrieval"]] = Field(
+        default_factory=lambda: ["constant", "retrieval", "seed", "dense"],
+        description="Baselines reported beside the model; icl-*: few-shot prompting of icl_model (paper Table 2).")
+    icl_shots: int = Field(4, ge=1, le=32, description="Exemplars per prompt for the ICL baselines.")
+    icl_model: Literal["seed", "dense"] = Field("seed", description="The causal LM the ICL baselines prompt.")
     max_new_tokens: int = Field(64, ge=1, le=512, description="Generation length cap.")
     batch_size: int = Field(32, ge=1, description="Generation batch size.")
-    best_of_n: int = Field(1, ge=1, le=64, description="Samples per input for Best-of-N (1: greedy only).")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating any n-gram of generated tokens (0: off).")
+    best_of_n: int = Field(1, ge=1, le=64, description="Samples per input for Best-of-N with the reward model "
+                                                      "(1: off; the table is always greedy).")
+    bon_model: Literal["moe", "dense"] = Field("moe", description="The model whose samples Best-of-N reranks.")
+    bon_ns: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32],
+                              description="N values of the BoN curve (those <= best_of_n are drawn).")
+    reward: RewardConfig = Field(default_factory=lambda: RewardConfig(),
+                                   description="The outcome reward model of Best-of-N.")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature (Best-of-N).")
     top_k: int = Field(50, ge=0, description="Top-k sampling (0: off).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling.")
     repetition_penalty: float = Field(1.05, ge=1.0, description="Repetition penalty.")
+
+    @field_validator("bon_ns")
+    @classmethod
+    def _positive_ns(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 1 for n in v):
+            raise ValueError(f"bon_ns must be a non-empty list of N >= 1, got {v}")
+        return sorted(set(v))
 
 
 class ServeConfig(_Strict):

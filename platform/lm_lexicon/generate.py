@@ -68,6 +68,9 @@ class GenerationSettings:
     * ``top_k=0`` / ``top_p=1.0`` / ``temperature=1.0`` switch that warper off.
     * ``seed``: the sampling seed (see the module docstring: a sample is a function of seed, prompt and index).
     * ``max_prompt_tokens``: left-truncate prompts to this many tokens, BOS included (None: no truncation).
+    * ``no_repeat_ngram_size``: n > 0 forbids any n-gram from occurring twice in a row's GENERATED tokens (the
+      prompt is not counted, so a definition may reuse the context's words). 0: off (the paper's setting). Small
+      under-trained models loop ("a process of a process of ..."); 3 stops that without touching fluent output.
     """
 
     do_sample: bool = False
@@ -80,6 +83,7 @@ class GenerationSettings:
     batch_size: int = 16
     seed: int = 0
     max_prompt_tokens: Optional[int] = None
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -93,6 +97,8 @@ class GenerationSettings:
         for name in ("max_new_tokens", "num_return_sequences", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: off), got {self.no_repeat_ngram_size}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}")
 
@@ -127,7 +133,8 @@ class GenerationSettings:
         sample = n > 1 if sample is None else sample
         return cls(do_sample=sample, temperature=eval_cfg.temperature, top_k=eval_cfg.top_k, top_p=eval_cfg.top_p,
                    repetition_penalty=eval_cfg.repetition_penalty, max_new_tokens=eval_cfg.max_new_tokens,
-                   num_return_sequences=n if sample else 1, batch_size=eval_cfg.batch_size, seed=seed)
+                   num_return_sequences=n if sample else 1, batch_size=eval_cfg.batch_size, seed=seed,
+                   no_repeat_ngram_size=getattr(eval_cfg, "no_repeat_ngram_size", 0))
 
 
 def row_seed(seed: int, prompt: str, index: int) -> int:
@@ -146,8 +153,10 @@ def detect_kind(model_path: str | Path) -> str:
 
 
 # =================================================================================================== logits processors
-def _processors(settings: GenerationSettings, pad_lengths: Sequence[int], row_seeds: Optional[list[int]]):
-    """The processors of one batch (see the module docstring), as a ``LogitsProcessorList``."""
+def _processors(settings: GenerationSettings, pad_lengths: Sequence[int], row_seeds: Optional[list[int]],
+                prompt_width: Optional[int] = None):
+    """The processors of one batch (see the module docstring), as a ``LogitsProcessorList``. ``prompt_width``:
+    the padded prompt length (where generated tokens start), needed by ``no_repeat_ngram_size``."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
@@ -183,7 +192,29 @@ def _processors(settings: GenerationSettings, pad_lengths: Sequence[int], row_se
             gumbel = u.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()  # -log(-log(u))
             return scores + gumbel.to(device=scores.device, dtype=scores.dtype)
 
+    class GeneratedNoRepeatNGram(LogitsProcessor):
+        """Bans the token that would complete an n-gram already present in the row's generated tokens."""
+
+        def __init__(self, n: int, start: int):
+            self.n, self.start = int(n), int(start)
+
+        def __call__(self, input_ids, scores):
+            generated = input_ids[:, self.start:].tolist()
+            if not generated or len(generated[0]) < self.n:
+                return scores
+            for row, tokens in enumerate(generated):
+                tail = tuple(tokens[len(tokens) - self.n + 1:])
+                banned = {tokens[i + self.n - 1] for i in range(len(tokens) - self.n + 1)
+                          if tuple(tokens[i:i + self.n - 1]) == tail}
+                if banned:
+                    scores[row, list(banned)] = -float("inf")
+            return scores
+
     procs = LogitsProcessorList()
+    if settings.no_repeat_ngram_size:
+        if prompt_width is None:
+            raise ValueError("no_repeat_ngram_size needs the prompt width")
+        procs.append(GeneratedNoRepeatNGram(settings.no_repeat_ngram_size, prompt_width))
     if settings.repetition_penalty != 1.0:
         procs.append(PaddingAwareRepetitionPenalty(settings.repetition_penalty, pad_lengths))
     if settings.do_sample:
@@ -385,7 +416,7 @@ class DefinitionGenerator:
                         [int(domains[i]) for i in idx for _ in range(copies)], dtype=torch.long, device=self.device)
                 out = self.model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
-                    logits_processor=_processors(settings, pad_lengths, seeds), **kwargs)
+                    logits_processor=_processors(settings, pad_lengths, seeds, input_ids.shape[1]), **kwargs)
                 generated = out[:, input_ids.shape[1]:]
                 texts = self._decode(generated)
                 new_tokens += int(sum(min(len(r), _first_eos(r, self.eos_ids) + 1) for r in generated.tolist()))
@@ -496,7 +527,8 @@ def generate_split(records: Sequence, model_path: str | Path, settings: "Generat
                    *, domains: Optional[Sequence[int]] = None, use_ray: bool = True, num_actors: int = 1,
                    kind: str = "auto", dtype: str = "float32", device: str = "cpu", routing: Optional[str] = None,
                    torch_threads: Optional[int] = None, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
-                   model_name: Optional[str] = None, rows_per_call: Optional[int] = None) -> list[dict]:
+                   model_name: Optional[str] = None, rows_per_call: Optional[int] = None,
+                   prompts: Optional[Sequence[str]] = None) -> list[dict]:
     """Generate for every record; return prediction dicts (:func:`prediction_dict`) in input order.
 
     ``use_ray=True``: Ray Data ``map_batches`` over an actor pool of ``num_actors`` :class:`DefinitionGenerator`
@@ -506,6 +538,7 @@ def generate_split(records: Sequence, model_path: str | Path, settings: "Generat
     index through it. ``use_ray=False`` runs the same generator in this process. Samples are identical either way
     (per-row seeds). ``domains``: per record, for an MoE under domain routing (None or -1: the MoE's router).
     ``rows_per_call``: rows handed to each ``__call__`` (default 4 generation batches).
+    ``prompts``: one prompt per record instead of the training prompt (e.g. few-shot prompts for ICL baselines).
     """
     from lm_lexicon.sft import record_prompt
 
@@ -516,7 +549,12 @@ def generate_split(records: Sequence, model_path: str | Path, settings: "Generat
         raise ValueError(f"{len(domains)} domains for {len(records)} records")
     if not records:
         return []
-    prompts = [record_prompt(r) for r in records]
+    if prompts is None:
+        prompts = [record_prompt(r) for r in records]
+    else:
+        prompts = as_str_list(prompts, "prompt")
+        if len(prompts) != len(records):
+            raise ValueError(f"{len(prompts)} prompts for {len(records)} records")
     given = np.full(len(records), NO_DOMAIN, dtype=np.int64) if domains is None else \
         np.asarray([NO_DOMAIN if d is None else int(d) for d in domains], dtype=np.int64)
     ctor = dict(model_path=str(model_path), kind=kind, dtype=dtype, device=device, torch_threads=torch_threads,

@@ -3,7 +3,14 @@
 Models compared (each one a row of the report): ``constant`` (most frequent definition prefix: the floor),
 ``retrieval`` (nearest training prompt by MiniLM + faiss, copy its definition), ``seed`` (the untrained seed model),
 ``dense`` (the dense baseline of the experts stage), ``moe`` (the merged, fine-tuned MoE under its routing; domains
-from the partition's router). Generation runs on Ray Data (one actor per model, batched, greedy).
+from the partition's router), and on request ``icl-random`` / ``icl-retrieval`` (``icl_shots`` exemplars from the
+training split, random or nearest by MiniLM + faiss, prompting ``icl_model``). Generation runs on Ray Data (one actor
+per model, batched, greedy).
+
+With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.best_of_n`): an outcome reward model trained on the
+``bon_model``'s own samples (gold preferred), its held-out pairwise accuracy, ``best_of_n`` samples per test input
+reranked by it, and three more rows: ``{model}:sample`` (sample 1, the N = 1 baseline), ``{model}:bon-orm-nN`` and
+``{model}:oracle-nN`` (an upper bound: it looks at the references).
 
 Writes::
 
@@ -12,10 +19,13 @@ Writes::
       metrics.json                model -> metric -> {value, std, n, settings, skipped_reason}
       report.md                   model x metric table, per-domain and per-source breakdowns, settings
       metrics.png                 the headline metrics as bars
+      bon.json, bon.png           Best-of-N curves (N = bon_ns) and the reward model's report (best_of_n > 1)
+      reward_model/               the trained outcome reward model (safetensors; the serving Scorer loads it)
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -108,7 +118,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         import numpy as np
         import pandas as pd
 
-        from lm_lexicon.baselines import ConstantBaseline, RetrievalBaseline
+        from lm_lexicon.baselines import ConstantBaseline, RetrievalBaseline, build_icl_prompts
         from lm_lexicon.data.records import Record, read_jsonl
         from lm_lexicon.embed import Embedder
         from lm_lexicon.generate import GenerationSettings, generate_split
@@ -134,36 +144,57 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
 
         predictions: dict[str, list[dict]] = {}
         t0 = time.perf_counter()
+        retrieval = None
+        embedder = Embedder(cfg.embed.model, batch_size=cfg.embed.batch_size, max_length=cfg.embed.max_length)
         if "constant" in ev.baselines:
             constant = ConstantBaseline().fit(train)
             predictions["constant"] = _baseline_predictions("constant", constant.predict(records), records, domains)
         if "retrieval" in ev.baselines:
-            embedder = Embedder(cfg.embed.model, batch_size=cfg.embed.batch_size, max_length=cfg.embed.max_length)
             # the partition stage already embedded train.jsonl, row for row, with this same encoder
             retrieval = RetrievalBaseline().fit(train, embedder, embeddings=np.load(partition_dir / "embeddings.npy"))
             predictions["retrieval"] = _baseline_predictions("retrieval", retrieval.predict(records), records,
                                                              domains)
-        settings = GenerationSettings.from_eval_config(ev)
+        settings = GenerationSettings.from_eval_config(ev, sample=False)  # the table is greedy; BoN samples below
         init_ray(cfg.resources)
-        models = []
-        if "seed" in ev.baselines:
-            models.append(("seed", resolve_seed_model(cfg.seed_model.name), None))
-        if "dense" in ev.baselines and experts_dir is not None and (experts_dir / "dense" / "model").exists():
-            models.append(("dense", experts_dir / "dense" / "model", None))
+        paths = {"seed": resolve_seed_model(cfg.seed_model.name)}
+        if experts_dir is not None and (experts_dir / "dense" / "model").exists():
+            paths["dense"] = experts_dir / "dense" / "model"
         if merge_dir is not None and (merge_dir / "model").exists():
-            models.append(("moe", merge_dir / "model", domains))
-        import os
-
+            paths["moe"] = merge_dir / "model"
+        models = [(name, paths[name], None, None) for name in ("seed", "dense") if name in ev.baselines and name in paths]
+        for method in ("random", "retrieval"):
+            if f"icl-{method}" not in ev.baselines:
+                continue
+            if ev.icl_model not in paths:
+                raise ValueError(f"evaluate.icl_model={ev.icl_model!r} but the run has no {ev.icl_model} model")
+            if method == "retrieval" and retrieval is None:
+                retrieval = RetrievalBaseline().fit(train, embedder, embeddings=np.load(partition_dir / "embeddings.npy"))
+            prompts = build_icl_prompts(records, train, k=ev.icl_shots, method=method, seed=cfg.data.seed,
+                                        retriever=retrieval if method == "retrieval" else None)
+            models.append((f"icl-{method}", paths[ev.icl_model], None, prompts))
+        if "moe" in paths:
+            models.append(("moe", paths["moe"], domains, None))
         threads = max(1, os.cpu_count() or 1)
-        for name, path, model_domains in models:
+        for name, path, model_domains, prompts in models:
             t = time.perf_counter()
-            predictions[name] = generate_split(records, path, settings, domains=model_domains, use_ray=True,
+            run_settings = settings if prompts is None else \
+                settings.replace(max_prompt_tokens=_max_positions(path) - settings.max_new_tokens)
+            predictions[name] = generate_split(records, path, run_settings, domains=model_domains, use_ray=True,
                                                num_actors=1, torch_threads=threads, cpus_per_actor=1.0,
-                                               model_name=name)
+                                               model_name=name, prompts=prompts)
             for p, d in zip(predictions[name], domains):
                 p["domain"] = d  # the partition's domain, for the per-domain breakdown of every model
             log(f"[evaluate] generated with {name} in {time.perf_counter() - t:.1f}s; "
                 f"e.g. {records[0].term!r}: {predictions[name][0]['prediction']!r}")
+        bon_report = None
+        if ev.best_of_n > 1:
+            if ev.bon_model not in paths:
+                raise ValueError(f"evaluate.best_of_n={ev.best_of_n} reranks the {ev.bon_model} model, which this "
+                                 "run does not have")
+            bon_rows, bon_report = _best_of_n(cfg, work, partition_dir, paths[ev.bon_model],
+                                              domains if ev.bon_model == "moe" else None, records, domains,
+                                              reference_groups, threads, log)
+            predictions.update(bon_rows)
         generate_s = time.perf_counter() - t0
 
         results, by_domain, by_source = {}, {}, {}
@@ -179,19 +210,117 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
                 "routing": cfg.merge.routing}
         compact = {m: {k: {kk: vv for kk, vv in v.items() if kk != "per_item"} for k, v in res.items()}
                    for m, res in results.items()}
-        (work / "metrics.json").write_text(json.dumps({"meta": meta, "results": compact}, indent=2, default=str))
-        (work / "report.md").write_text(render_report(compact, _strip(by_domain), _strip(by_source), meta))
+        (work / "metrics.json").write_text(json.dumps({"meta": meta, "results": compact, "best_of_n": bon_report},
+                                                      indent=2, default=str))
+        report = render_report(compact, _strip(by_domain), _strip(by_source), meta)
+        if bon_report:
+            report += render_bon_section(bon_report)
+        (work / "report.md").write_text(report)
         plot_metrics(compact, work / "metrics.png")
         with tracked_run(cfg.tracking, cfg.output_dir, f"{cfg.name}-evaluate", tags={"stage": "evaluate"}) as run:
             run.log_params({"evaluate": ev.model_dump(mode="json"), "routing": cfg.merge.routing})
             for model, res in compact.items():
                 run.log_metrics({f"{model}.{m}": r["value"] for m, r in res.items() if r.get("value") is not None})
-            for f in ("report.md", "metrics.png", "metrics.json"):
-                run.log_artifact(work / f)
+            if bon_report:
+                run.log_metrics({"reward_model.valid_accuracy": bon_report["reward_model"]["valid_accuracy"]})
+            for f in ("report.md", "metrics.png", "metrics.json", "bon.png", "bon.json"):
+                if (work / f).exists():
+                    run.log_artifact(work / f)
         headline = {model: {m: res[m]["value"] for m in HEADLINE if m in res} for model, res in compact.items()}
-        return {"headline": headline, "n_rows": len(records), "split": split, "generate_seconds": round(generate_s, 1)}
+        out = {"headline": headline, "n_rows": len(records), "split": split, "generate_seconds": round(generate_s, 1)}
+        if bon_report:
+            out["reward_model_valid_accuracy"] = bon_report["reward_model"]["valid_accuracy"]
+        return out
 
     return build
+
+
+def _max_positions(model_path: Path) -> int:
+    """The model's context length (prompt + generation must fit), from its config.json."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    text = config.get("text_config") or config
+    return int(text.get("max_position_embeddings") or config.get("max_position_embeddings") or 2048)
+
+
+def _partition_rows(partition_dir: Path, split: str, n: int, seed: int):
+    """A seeded sample of ``n`` rows of a split with their domains (train: the domain files; else split.parquet)."""
+    import pandas as pd
+
+    from lm_lexicon.data.records import Record
+
+    files = sorted(partition_dir.glob("domain_*.parquet")) if split == "train" else [partition_dir / f"{split}.parquet"]
+    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    rows = [Record.from_dict({k: (None if v != v else v) for k, v in row.items()})
+            for row in frame.drop(columns=["domain"]).to_dict("records")]
+    return _sample(rows, frame["domain"].astype(int).tolist(), n, seed)
+
+
+def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,
+               reference_groups, threads: int, log):
+    """Reward model on the policy's own samples, then BoN on the test sample; returns (prediction rows, report)."""
+    from lm_lexicon.best_of_n import rerank, sample_definitions, train_outcome_reward_model
+    from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, generate_split
+    from lm_lexicon.reward import oracle_best_of_n, plot_bon_curve
+    from lm_lexicon.sft import record_prompt
+
+    ev = cfg.evaluate
+    name = ev.bon_model
+    is_moe = model_domains is not None
+    rc = ev.reward
+    t0 = time.perf_counter()
+    sampling = GenerationSettings.from_eval_config(ev, sample=True, seed=cfg.data.seed)
+    generator = DefinitionGenerator(model_path, torch_threads=threads, settings=sampling, model_name=name)
+    orm_sampling = sampling.replace(num_return_sequences=rc.samples)
+    train_rows, train_domains = _partition_rows(partition_dir, "train", rc.train_rows, cfg.data.seed)
+    valid_rows, valid_domains = _partition_rows(partition_dir, "valid", rc.valid_rows, cfg.data.seed)
+    log(f"[evaluate] reward model data: {rc.samples} samples from {name} for {len(train_rows)} train and "
+        f"{len(valid_rows)} valid records")
+    train_set = sample_definitions(generator, train_rows, train_domains if is_moe else None, orm_sampling)
+    valid_set = sample_definitions(generator, valid_rows, valid_domains if is_moe else None, orm_sampling)
+    del generator
+    reward_model, orm_report = train_outcome_reward_model(train_set, valid_set, rc, seed=cfg.data.seed, log=log)
+    reward_model.save(work / "reward_model")
+
+    t = time.perf_counter()
+    sampled = generate_split(records, model_path, sampling, domains=model_domains, use_ray=True, num_actors=1,
+                             torch_threads=threads, cpus_per_actor=1.0, model_name=f"{name}:samples")
+    log(f"[evaluate] {ev.best_of_n} samples per input from {name} in {time.perf_counter() - t:.1f}s")
+    candidates = [p["predictions"] for p in sampled]
+    references = [list(reference_groups.get((r.split, r.term)) or [r.definition]) for r in records]
+    result = rerank(reward_model, [record_prompt(r) for r in records], candidates, references, ev.bon_ns)
+    n = result["n"]
+    oracle = oracle_best_of_n(candidates, references)
+    rows = {}
+    for label, picks in ((f"{name}:sample", [c[0] for c in candidates]), (f"{name}:bon-orm-n{n}", result["picks"]),
+                         (f"{name}:oracle-n{n}", oracle)):
+        rows[label] = [dict(p, prediction=pick, predictions=[pick], model=label, domain=d)
+                       for p, pick, d in zip(sampled, picks, domains)]
+    curves = {label: {int(k): v for k, v in c.items()} for label, c in result["curves"].items()}
+    plot_bon_curve(curves, work / "bon.png", title=f"Best-of-N: {name} on {ev.split} ({len(records)} rows)")
+    report = {"model": name, "n": n, "ns": sorted(curves["reward model"]), "curves": curves,
+              "reward_model": orm_report, "seconds": round(time.perf_counter() - t0, 1),
+              "sampling": sampling.to_dict()}
+    (work / "bon.json").write_text(json.dumps(report, indent=2))
+    _write_jsonl(sampled, work / "predictions" / f"{name}-samples.jsonl")
+    log(f"[evaluate] BoN Protocol A BLEU at N={n}: reward model {curves['reward model'][n]:.2f}, sample 1 "
+        f"{curves['no selection (sample 1)'][n]:.2f}, oracle (upper bound) {curves['oracle (upper bound)'][n]:.2f}")
+    return rows, report
+
+
+def render_bon_section(bon: dict) -> str:
+    from lm_lexicon.best_of_n import curve_table
+
+    orm = bon["reward_model"]
+    return "\n".join([
+        "", f"## Best-of-N ({bon['model']})", "",
+        f"Outcome reward model (`{bon['sampling']['num_return_sequences']}` samples per input, T "
+        f"{bon['sampling']['temperature']}, top-k {bon['sampling']['top_k']}, top-p {bon['sampling']['top_p']}): "
+        f"trained on {orm['train_pairs']} (gold, sample) pairs from {orm['train_records']} training records; "
+        f"held-out pairwise accuracy **{orm['valid_accuracy']:.3f}** on {orm['valid_pairs']} pairs from "
+        f"{orm['valid_records']} validation records (untrained head: {orm['valid_accuracy_untrained']:.3f}; "
+        "chance: 0.5).", "",
+        "Mean Protocol A BLEU of the selected sample among the first N (oracle = an upper bound that reads the "
+        "references, not a method):", "", curve_table(bon["curves"]), "", "![BoN curve](bon.png)", ""])
 
 
 def _strip(table: dict) -> dict:
