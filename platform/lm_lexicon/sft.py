@@ -1,9 +1,10 @@
 """Supervised fine-tuning of a causal LM on definition modeling: prompt -> definition + EOS, loss on the definition.
 
 A plain, readable PyTorch loop rather than the Hugging Face ``Trainer``: it has to run unchanged inside a Ray Train
-worker (model wrapped by ``ray.train.torch.prepare_model``, checkpoints handed to ``ray.train.report``), and the
-pieces that matter here — masking, length bucketing, resumable state, early stopping — are short enough to read in
-one place. Nothing in this module imports Ray.
+worker (model wrapped by ``ray.train.torch.prepare_model``, or driven by a DeepSpeed ZeRO engine when the recipe
+sets ``train.deepspeed`` on GPUs; checkpoints handed to ``ray.train.report``), and the pieces that matter here —
+masking, length bucketing, resumable state, early stopping — are short enough to read in one place. Nothing in this
+module imports Ray, nor DeepSpeed (:mod:`lm_lexicon.distributed` does, only when a DeepSpeed config is passed).
 
 Sequence layout (the same for training and generation, see :func:`encode_prompt`)::
 
@@ -356,11 +357,14 @@ def _distributed() -> bool:
 
 @torch.no_grad()
 def evaluate_loss(model, tokenizer, records: Sequence[Record] | SFTDataset, *, max_length: int = 128,
-                  batch_size: int = 16, precision: str = "fp32", domains: Optional[Sequence[int]] = None) -> float:
+                  batch_size: int = 16, precision: str = "fp32", domains: Optional[Sequence[int]] = None,
+                  lockstep: bool = False) -> float:
     """Mean token NLL over definition (+EOS) tokens of ``records`` (nats per token; exp() of it is perplexity).
 
     Under torch.distributed each rank scores every ``world_size``-th batch and the sums are all-reduced, so every
-    rank gets the same number (early-stopping decisions must agree across ranks).
+    rank gets the same number (early-stopping decisions must agree across ranks). ``lockstep``: every rank runs the
+    same number of forward passes (a rank short of a batch re-scores one and discards it), needed when a forward
+    is itself a collective (DeepSpeed ZeRO-3 gathers each layer's parameters from all ranks).
     """
     dataset = records if isinstance(records, SFTDataset) else SFTDataset(tokenizer, records, max_length, domains)
     if len(dataset) == 0:
@@ -375,15 +379,23 @@ def evaluate_loss(model, tokenizer, records: Sequence[Record] | SFTDataset, *, m
     model.eval()
     sampler = LengthBucketBatchSampler(dataset.lengths, batch_size, shuffle=False)
     batches = sampler.batches(0)
+    counted = None
     if _distributed():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        batches = batches[rank::world]
+        mine = batches[rank::world]
+        if lockstep:
+            rounds = math.ceil(len(batches) / world)
+            counted = [True] * len(mine) + [False] * (rounds - len(mine))
+            mine = mine + [batches[0]] * (rounds - len(mine))
+        batches = mine
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     try:
-        for indices in batches:
+        for b, indices in enumerate(batches):
             batch = {k: v.to(device) for k, v in collate([dataset[i] for i in indices], tokenizer.pad_token_id).items()}
             with autocast_context(precision, device):
                 nll, n = definition_nll(model, batch, spec)
+            if counted is not None and not counted[b]:
+                continue  # a lockstep filler: the forward ran for the collective, the score is not this rank's
             totals[0] += nll.double()
             totals[1] += n
     finally:
@@ -475,6 +487,33 @@ def save_checkpoint(directory: Path, model, tokenizer, optimizer, state: dict) -
     return directory
 
 
+def _save_deepspeed_checkpoint(directory: Path, runner, tokenizer, state: dict, is_main: bool) -> Path:
+    """:func:`save_checkpoint` under DeepSpeed. EVERY rank calls it, each with its own local directory: gathering
+    ZeRO-3 weights and writing DeepSpeed's state are collectives. Rank 0 writes the gathered weights as safetensors
+    (``save_pretrained(state_dict=...)``, so the directory is a loadable model like on CPU), the tokenizer, the
+    RNG state and the loop state; every rank writes its DeepSpeed shard under ``deepspeed/``."""
+    from lm_lexicon.distributed import DEEPSPEED_STATE_DIR
+
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    weights = runner.full_state_dict()  # collective under ZeRO-3; None on ranks other than 0
+    if is_main:
+        runner.module.save_pretrained(str(tmp), state_dict=weights)
+        tokenizer.save_pretrained(str(tmp))
+        torch.save(_rng_state(), tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(dict(state, format=CHECKPOINT_FORMAT), indent=2) + "\n",
+                                      encoding="utf-8")
+    del weights
+    runner.save_state(tmp / DEEPSPEED_STATE_DIR)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.rename(tmp, directory)
+    return directory
+
+
 def read_trainer_state(directory: str | Path) -> dict:
     """The JSON loop state of a checkpoint (step, data position, early-stopping state, history)."""
     state = json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))
@@ -520,7 +559,8 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
           out_dir: str | Path, *, resume_from: str | Path | None = None, report_fn: Optional[ReportFn] = None,
           max_steps: Optional[int] = None, seed: Optional[int] = None, rank: int = 0, world_size: int = 1,
           keep_checkpoints: int = 2, restore_best: bool = True, progress: bool = True,
-          train_domains: Optional[Sequence[int]] = None, valid_domains: Optional[Sequence[int]] = None) -> dict:
+          train_domains: Optional[Sequence[int]] = None, valid_domains: Optional[Sequence[int]] = None,
+          deepspeed_config: Optional[dict] = None) -> dict:
     """Fine-tune ``model`` in place on prompt -> definition; return metrics.
 
     * Schedule horizon: ``train_cfg.max_steps`` if set, else ``ceil(epochs * batches_per_epoch / grad_accum)``.
@@ -537,6 +577,14 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
     * Dropout ``train_cfg.dropout`` is applied to the model; seed ``seed`` (default ``train_cfg.seeds[0]``).
     * ``train_domains`` / ``valid_domains``: the domain of each record, for an MoE under domain routing (they
       reach its forward as ``domain_labels``, with the prompt positions as ``routing_mask``).
+    * ``deepspeed_config``: a resolved DeepSpeed config (:func:`lm_lexicon.distributed.resolve_deepspeed_config`;
+      GPU workers only). The bare model goes in (never DDP-wrapped); a
+      :class:`~lm_lexicon.distributed.DeepSpeedRunner` builds the engine, and steps go through ``engine.backward`` /
+      ``engine.step`` (DeepSpeed clips and updates at the accumulation boundary; the LR schedule stays this loop's).
+      Every rank then writes checkpoints (rank 0: gathered safetensors weights, tokenizer, loop and RNG state; every
+      rank: its DeepSpeed shard under ``deepspeed/``) and passes its own directory to ``report_fn`` (Ray Train
+      merges the shards of one report). The exported model is copied from rank 0's best (or last) checkpoint; the
+      ``model`` object is NOT reset to the best weights (under ZeRO-3 it only holds a shard anyway).
     """
     from tqdm.auto import tqdm
 
@@ -566,14 +614,24 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
     stop_at = horizon if max_steps is None else min(max_steps, horizon)
     warmup = int(round(train_cfg.warmup_ratio * horizon))
 
-    optimizer = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
-                                  betas=tuple(train_cfg.adam_betas))
+    runner = None
+    if deepspeed_config is not None:
+        from lm_lexicon.distributed import DeepSpeedRunner, check_deepspeed_batching
+
+        check_deepspeed_batching(deepspeed_config, train_cfg, world_size)
+        runner = DeepSpeedRunner(model, deepspeed_config, param_groups(model, train_cfg.weight_decay), rank=rank)
+        model, optimizer = runner.engine, runner.optimizer
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
+                                      betas=tuple(train_cfg.adam_betas))
     state = {"step": 0, "next_epoch": 0, "next_batch": 0, "total_steps": horizon, "warmup_steps": warmup,
              "best_valid_loss": None, "best_step": None, "best_checkpoint": None, "evals_without_improvement": 0,
              "train_loss_first": None, "history": [], "seed": seed, "precision": precision,
              "world_size": world_size, "stopped_early": False}
+    if runner is not None:
+        state["deepspeed_zero_stage"] = runner.zero_stage
     if resume_from is not None:
-        state = _resume(Path(resume_from), model, optimizer, state, device, rank, seed)
+        state = _resume(Path(resume_from), model, optimizer, state, device, rank, seed, runner)
     model.train()
 
     spec = _forward_spec(model)
@@ -598,17 +656,25 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
             step_nll = 0.0
             for k, batch in enumerate(micro):
                 batch = {name: t.to(device) for name, t in batch.items()}
-                # DDP: all-reduce gradients only on the last micro-batch of the step
-                sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
-                with (contextlib.nullcontext() if sync else model.no_sync()):
+                if runner is not None:  # DeepSpeed reduces gradients and updates at its accumulation boundary
                     with autocast_context(precision, device):
                         nll, _ = definition_nll(model, batch, spec)
-                    (nll / max(1, n_targets)).backward()
+                    runner.micro_step(nll / max(1, n_targets))
+                else:
+                    # DDP: all-reduce gradients only on the last micro-batch of the step
+                    sync = k == len(micro) - 1 or not hasattr(model, "no_sync")
+                    with (contextlib.nullcontext() if sync else model.no_sync()):
+                        with autocast_context(precision, device):
+                            nll, _ = definition_nll(model, batch, spec)
+                        (nll / max(1, n_targets)).backward()
                 step_nll += float(nll.detach())
                 train_tokens += int(batch["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), train_cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if runner is not None:
+                grad_norm = runner.grad_norm()  # clipped by DeepSpeed (gradient_clipping = train.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), train_cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             train_seconds += time.perf_counter() - t0
 
             state["step"] += 1
@@ -629,7 +695,7 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
                 step_losses = []
                 if len(valid_set):
                     valid_loss = evaluate_loss(model, tokenizer, valid_set, batch_size=train_cfg.batch_size,
-                                               precision=precision)
+                                               precision=precision, lockstep=runner is not None)
                     metrics["valid_loss"] = valid_loss
                     stop = _early_stopping(state, valid_loss, train_cfg.early_stopping_patience)
                     metrics["best_valid_loss"] = state["best_valid_loss"]
@@ -638,7 +704,11 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
                 if state["best_step"] == state["step"]:
                     state["best_checkpoint"] = ckpt_name
                 last_ckpt = None
-                if is_main:
+                if runner is not None:  # every rank: gathering ZeRO-3 weights and DeepSpeed's shards are collective
+                    last_ckpt = _save_deepspeed_checkpoint(ckpt_root / ckpt_name, runner, tokenizer, state, is_main)
+                    _prune_checkpoints(ckpt_root, keep_checkpoints,
+                                       {state["best_checkpoint"]} if state["best_checkpoint"] else set())
+                elif is_main:
                     last_ckpt = save_checkpoint(ckpt_root / ckpt_name, model, tokenizer, optimizer, state)
                     _prune_checkpoints(ckpt_root, keep_checkpoints,
                                        {state["best_checkpoint"]} if state["best_checkpoint"] else set())
@@ -653,7 +723,11 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
     finally:
         bar.close()
 
-    final = _finish(model, tokenizer, state, out_dir, ckpt_root, restore_best, is_main)
+    if runner is not None:
+        final = _finish_deepspeed(tokenizer, state, out_dir, ckpt_root, restore_best, is_main,
+                                  last_ckpt or (Path(resume_from) if resume_from is not None else None))
+    else:
+        final = _finish(model, tokenizer, state, out_dir, ckpt_root, restore_best, is_main)
     history = state["history"]
     return {
         "train_loss_first": state["train_loss_first"],
@@ -701,16 +775,29 @@ def _early_stopping(state: dict, valid_loss: float, patience: Optional[int]) -> 
     return patience is not None and state["evals_without_improvement"] >= patience
 
 
-def _resume(directory: Path, model, optimizer, fresh: dict, device, rank: int, seed: int) -> dict:
+def _resume(directory: Path, model, optimizer, fresh: dict, device, rank: int, seed: int, runner=None) -> dict:
     saved = read_trainer_state(directory)
     if saved["total_steps"] != fresh["total_steps"] or saved["warmup_steps"] != fresh["warmup_steps"]:
         log.warning("resuming with a different schedule: checkpoint horizon %d (warm-up %d), now %d (%d)",
                     saved["total_steps"], saved["warmup_steps"], fresh["total_steps"], fresh["warmup_steps"])
-    if saved.get("world_size", 1) != fresh["world_size"]:
-        log.warning("resuming with world_size %d (checkpoint: %d): the data order differs from an uninterrupted run",
-                    fresh["world_size"], saved.get("world_size", 1))
-    load_model_weights(model, directory)
-    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=device, weights_only=True)["optimizer"])
+    if runner is not None:
+        from lm_lexicon.distributed import DEEPSPEED_STATE_DIR
+
+        if saved.get("world_size", 1) != fresh["world_size"]:
+            raise ValueError(f"{directory}: DeepSpeed state was written by {saved.get('world_size', 1)} ranks and "
+                             f"cannot be loaded by {fresh['world_size']} (ZeRO partitions per rank); resume with "
+                             "the same resources.workers_per_expert")
+        if not (directory / DEEPSPEED_STATE_DIR).is_dir():
+            raise FileNotFoundError(f"{directory}: no {DEEPSPEED_STATE_DIR}/ state: this checkpoint was not written "
+                                    "by a DeepSpeed run and cannot resume one")
+        runner.load_state(directory / DEEPSPEED_STATE_DIR)  # weights (fp32 master), optimizer, DeepSpeed counters
+    else:
+        if saved.get("world_size", 1) != fresh["world_size"]:
+            log.warning("resuming with world_size %d (checkpoint: %d): the data order differs from an uninterrupted "
+                        "run", fresh["world_size"], saved.get("world_size", 1))
+        load_model_weights(model, directory)
+        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=device,
+                                             weights_only=True)["optimizer"])
     _set_rng_state(torch.load(directory / RNG_FILE, weights_only=True))
     if rank:  # the checkpoint holds rank 0's RNG; other ranks need their own dropout streams
         torch.manual_seed(seed * 1000003 + rank * 7919 + saved["step"])
@@ -744,6 +831,43 @@ def _finish(model, tokenizer, state: dict, out_dir: Path, ckpt_root: Path, resto
     summary = {k: state[k] for k in ("step", "total_steps", "best_valid_loss", "best_step", "stopped_early",
                                      "seed", "precision")}
     summary["weights"] = "best" if (restore_best and best and state["best_step"] != state["step"]) else "last"
+    (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
+
+
+def _finish_deepspeed(tokenizer, state: dict, out_dir: Path, ckpt_root: Path, restore_best: bool, is_main: bool,
+                      last_dir: Optional[Path]):
+    """:func:`_finish` under DeepSpeed: rank 0 exports the best (or last) checkpoint's safetensors weights, already
+    gathered when the checkpoint was written, to ``out_dir/model``; nothing is gathered again, so this is not a
+    collective and the other ranks return at once."""
+    from lm_lexicon.distributed import DEEPSPEED_STATE_DIR
+
+    if not is_main:
+        return None
+    best = state.get("best_checkpoint")
+    use_best = bool(restore_best and best and state["best_step"] != state["step"])
+    source = last_dir
+    if use_best:
+        if (ckpt_root / best).is_dir():
+            source = ckpt_root / best
+        else:
+            log.warning("best checkpoint %s is gone; exporting the last weights", ckpt_root / best)
+            use_best = False
+    if source is None or not Path(source).is_dir():
+        raise RuntimeError(f"no checkpoint to export the final model from (last: {source})")
+    final = out_dir / "model"
+    tmp = out_dir / "model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(STATE_FILE, RNG_FILE, OPTIMIZER_FILE,
+                                                               DEEPSPEED_STATE_DIR))
+    summary = {k: state[k] for k in ("step", "total_steps", "best_valid_loss", "best_step", "stopped_early",
+                                     "seed", "precision")}
+    summary["weights"] = "best" if use_best else "last"
     (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)

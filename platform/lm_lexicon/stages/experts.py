@@ -8,6 +8,12 @@ deadlock, because a trial reserves almost nothing itself and its trainer asks fo
 Run names are deterministic (``<recipe>-<job>-<fingerprint>``): re-running the stage after a crash or a kill resumes
 each job from its last checkpoint under ``resources.storage_path``; a changed config gets new names and starts fresh.
 
+On GPUs a recipe with ``train.deepspeed`` trains each job through a DeepSpeed ZeRO engine instead of DDP: the driver
+resolves the DeepSpeed JSON against the recipe once (world size = ``workers_per_expert``) and ships the dict to the
+workers, which hand the bare model to :func:`lm_lexicon.sft.train` (see
+:class:`lm_lexicon.distributed.DeepSpeedRunner`). Every worker then reports its own checkpoint directory (its ZeRO
+shard; rank 0 adds the safetensors weights), and Ray Train stores the shards of one report side by side.
+
 Writes::
 
     experts/
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import ray.tune
 
+from lm_lexicon.distributed import DEEPSPEED_STATE_DIR, deepspeed_enabled, resolve_deepspeed_config
 from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
 
 FINAL_MARKER = "FINAL.json"
@@ -91,9 +98,12 @@ def train_worker(loop_cfg: dict) -> None:
             train_cfg = cfg.train.model_copy(update={"epochs": cfg.train.epochs * all_rows / len(train_rows)})
         model, tokenizer = load_seed_model(cfg.seed_model, dropout=cfg.train.dropout)
         device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
+        ds_config = loop_cfg.get("deepspeed")  # resolved on the driver; only set on GPUs
+        if ds_config is not None and device.type == "cuda":
+            torch.cuda.set_device(device)  # DeepSpeed places its engine on the current device
         model.to(device)
-        if world > 1:
-            model = ray.train.torch.prepare_model(model)
+        if world > 1 and ds_config is None:
+            model = ray.train.torch.prepare_model(model)  # DDP; under DeepSpeed the engine does data parallelism
 
         fail = loop_cfg.get("fail_once") or ""
 
@@ -114,7 +124,7 @@ def train_worker(loop_cfg: dict) -> None:
             resumed_step = int(read_trainer_state(resume_from)["step"])
         out = Path(scratch) / "run"
         metrics = train(model, tokenizer, train_rows, valid_rows, train_cfg, out, resume_from=resume_from,
-                        report_fn=report, rank=rank, world_size=world, progress=False)
+                        report_fn=report, rank=rank, world_size=world, progress=False, deepspeed_config=ds_config)
         if rank == 0:
             from lm_lexicon.sft import read_trainer_state
 
@@ -173,6 +183,7 @@ def expert_trial(config: dict) -> dict:
     (target / "model" / FINAL_MARKER).unlink()
     for leftover in ("trainer_state.json", "optimizer.pt", "rng_state.pt"):
         (target / "model" / leftover).unlink(missing_ok=True)
+    shutil.rmtree(target / "model" / DEEPSPEED_STATE_DIR, ignore_errors=True)
     (target / "metrics.json").write_text(json.dumps(final, indent=2, default=str))
     return {k: v for k, v in final.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
@@ -228,6 +239,21 @@ class ExpertProgress(ray.tune.Callback):
         self._log(f"[experts] {trial.config['job']['name']} finished ({min(done, self.n_jobs)}/{self.n_jobs})")
 
 
+def worker_loop_config(cfg, partition_dir: Path, stage_dir: Path, storage: str) -> dict:
+    """What every Ray Train worker of the stage receives (plus its job). With DeepSpeed on GPUs it carries the
+    DeepSpeed config, resolved here on the driver (relative paths resolve against the job's working directory) for
+    ``workers_per_expert`` ranks, so a bad config fails before any GPU node starts."""
+    loop_cfg = {"cfg": cfg.model_dump(mode="json"), "partition_dir": str(partition_dir.resolve()),
+                "stage_dir": str(stage_dir.resolve()), "storage_path": storage,
+                "resources": cfg.resources.model_dump(mode="json"),
+                # read on the driver: workers do not see env vars set after Ray started
+                "fail_once": os.environ.get(FAIL_ONCE_ENV)}
+    if deepspeed_enabled(cfg):
+        loop_cfg["deepspeed"] = resolve_deepspeed_config(cfg.train.deepspeed, cfg.train,
+                                                         world_size=cfg.resources.workers_per_expert)
+    return loop_cfg
+
+
 def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_tag: str, log=print) -> dict:
     """Train ``jobs`` through Ray Tune (one TorchTrainer each); returns final metrics by job name."""
     import ray.tune
@@ -241,11 +267,7 @@ def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_ta
     storage = cfg.resources.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    loop_cfg = {"cfg": cfg.model_dump(mode="json"), "partition_dir": str(partition_dir.resolve()),
-                "stage_dir": str(stage_dir.resolve()), "storage_path": storage,
-                "resources": cfg.resources.model_dump(mode="json"),
-                # read on the driver: workers do not see env vars set after Ray started
-                "fail_once": os.environ.get(FAIL_ONCE_ENV)}
+    loop_cfg = worker_loop_config(cfg, partition_dir, stage_dir, storage)
     concurrency = max_concurrent(cfg.resources, cluster)
     log(f"[experts] {len(jobs)} jobs ({', '.join(j['name'] for j in jobs)}); {concurrency} at a time; "
         f"checkpoints under {storage}")
@@ -264,35 +286,48 @@ def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_ta
     return {r.config["job"]["name"]: r.metrics for r in grid}
 
 
-def own_domain_losses(cfg, stage_dir: Path, partition_dir: Path, jobs: list[dict]) -> list[dict]:
-    """Validation loss of each expert on its own domain's rows beside the dense model's loss on the same rows."""
+def own_domain_losses(cfg, stage_dir: Path, partition_dir: Path, jobs: list[dict], device: str = "cpu") -> list[dict]:
+    """Validation loss of each expert on its own domain's rows beside the dense model's loss on the same rows.
+
+    ``device="cuda"``: the models load in ``seed_model.dtype`` on the GPU (the stage runs this in a one-GPU Ray task
+    when ``resources.use_gpu``: 8B models cannot be scored on the driver's CPU)."""
     import torch
 
     from lm_lexicon.seed_models import load_causal_lm
     from lm_lexicon.sft import evaluate_loss, resolve_precision
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    precision = resolve_precision(cfg.train.precision, torch.device("cpu"))
-    rows = []
-    dense = None
-    if (stage_dir / "dense" / "model").exists():
-        dense = load_causal_lm(stage_dir / "dense" / "model")
+    on_gpu = device != "cpu"
+    if not on_gpu:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    precision = resolve_precision(cfg.train.precision, torch.device(device))
+
+    def load(path: Path):
+        if not on_gpu:
+            return load_causal_lm(path)
+        model, tok = load_causal_lm(path, dtype=cfg.seed_model.dtype)
+        return model.to(device), tok
+
+    # one model in memory at a time (two 8B models do not fit a 24 GB GPU): the experts first, then the dense model
+    rows, valid_rows = [], []
     for job in jobs:
         if job["domain"] is None:
             continue
         valid = _job_records(partition_dir, job, "valid")
         if not valid:
             continue
-        model, tok = load_causal_lm(stage_dir / job["name"] / "model")
-        row = {"domain": job["domain"], "n_valid": len(valid),
-               "expert_loss": evaluate_loss(model, tok, valid, max_length=cfg.train.max_length,
-                                            batch_size=cfg.train.batch_size, precision=precision)}
-        if dense is not None:
-            row["dense_loss"] = evaluate_loss(dense[0], dense[1], valid, max_length=cfg.train.max_length,
+        model, tok = load(stage_dir / job["name"] / "model")
+        rows.append({"domain": job["domain"], "n_valid": len(valid),
+                     "expert_loss": evaluate_loss(model, tok, valid, max_length=cfg.train.max_length,
+                                                  batch_size=cfg.train.batch_size, precision=precision)})
+        valid_rows.append(valid)
+        del model
+    if (stage_dir / "dense" / "model").exists():
+        dense, tok = load(stage_dir / "dense" / "model")
+        for row, valid in zip(rows, valid_rows):
+            row["dense_loss"] = evaluate_loss(dense, tok, valid, max_length=cfg.train.max_length,
                                               batch_size=cfg.train.batch_size, precision=precision)
             row["expert_better"] = row["expert_loss"] < row["dense_loss"]
-        rows.append(row)
-        del model
+        del dense
     return rows
 
 
@@ -305,7 +340,13 @@ def experts_stage_fn(cfg, partition_dir: Path, run_tag: str, with_dense: bool = 
         t0 = time.perf_counter()
         finals = run_jobs(cfg, jobs, partition_dir, work, run_tag, log)
         seconds = time.perf_counter() - t0
-        comparison = own_domain_losses(cfg, work, partition_dir, jobs)
+        if cfg.resources.use_gpu:
+            import ray
+
+            task = ray.remote(num_gpus=1, num_cpus=1)(own_domain_losses)
+            comparison = ray.get(task.remote(cfg, work, partition_dir, jobs, "cuda"))
+        else:
+            comparison = own_domain_losses(cfg, work, partition_dir, jobs)
         for job in jobs:
             metrics = json.loads((work / job["name"] / "metrics.json").read_text())
             with tracked_run(cfg.tracking, cfg.output_dir, f"{cfg.name}-{job['name']}",
