@@ -62,7 +62,11 @@ def test_two_experts_and_dense_produce_distinct_checkpoints_and_a_manifest(tmp_p
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["lm-lexicon"])
-    assert sorted(runs["tags.job"]) == ["dense", "expert_0", "expert_1"]
+    assert sorted(runs["tags.job"].dropna()) == ["dense", "expert_0", "expert_1"]
+    stage_runs = runs[runs["tags.kind"] == "stage"]  # children of the one pipeline run
+    assert set(stage_runs["tags.stage"]) == {"data", "partition", "experts"}
+    pipeline_id = runs[runs["tags.kind"] == "pipeline"]["run_id"].tolist()
+    assert len(pipeline_id) == 1 and set(stage_runs["tags.mlflow.parentRunId"]) == set(pipeline_id)
 
 
 def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_seed, ray_local, monkeypatch):

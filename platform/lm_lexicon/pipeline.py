@@ -1,7 +1,8 @@
 """The whole pipeline as a sequence of resumable stages (data -> partition -> experts -> merge -> evaluate -> export).
 
-Stages that later issues add plug in here; each is skipped when its artifact directory is already finished with the
-same fingerprint.
+Each stage is skipped when its artifact directory is already finished with the same fingerprint. Tracking: one MLflow
+parent run per pipeline (the whole config as params, the evaluation's headline metrics at the end) with a child run per
+stage (fingerprint, reused or not, seconds); the stages' own runs (an expert's training, the evaluation) nest below.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, .
     from lm_lexicon.stages.export import run_export_stage
     from lm_lexicon.stages.merge import run_merge_stage
     from lm_lexicon.stages.partition import run_partition_stage
+    from lm_lexicon.tracking import tracked_run
 
     wanted = stages or STAGES
     unknown = set(wanted) - set(STAGES)
@@ -29,18 +31,28 @@ def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, .
     results = {}
     # Every stage runs (or is reused) when a later one needs it: its fingerprint feeds the later one's.
     last = max(STAGES.index(s) for s in wanted)
-    results["data"] = run_data_stage(cfg, force="data" in force, log=log)
-    if last >= STAGES.index("partition"):
-        results["partition"] = run_partition_stage(cfg, results["data"], force="partition" in force, log=log)
-    if last >= STAGES.index("experts"):
-        results["experts"] = run_experts_stage(cfg, results["partition"], force="experts" in force, log=log)
-    if last >= STAGES.index("merge"):
-        results["merge"] = run_merge_stage(cfg, results["partition"], results["experts"], force="merge" in force,
-                                           log=log)
-    if last >= STAGES.index("evaluate"):
-        results["evaluate"] = run_evaluate_stage(cfg, results["data"], results["partition"], results["experts"],
-                                                 results["merge"], force="evaluate" in force, log=log)
-    if last >= STAGES.index("export"):
-        results["export"] = run_export_stage(cfg, results["merge"], force="export" in force, log=log)
-    results["_seconds"] = time.perf_counter() - t0
+    steps = {
+        "data": lambda: run_data_stage(cfg, force="data" in force, log=log),
+        "partition": lambda: run_partition_stage(cfg, results["data"], force="partition" in force, log=log),
+        "experts": lambda: run_experts_stage(cfg, results["partition"], force="experts" in force, log=log),
+        "merge": lambda: run_merge_stage(cfg, results["partition"], results["experts"], force="merge" in force,
+                                         log=log),
+        "evaluate": lambda: run_evaluate_stage(cfg, results["data"], results["partition"], results["experts"],
+                                               results["merge"], force="evaluate" in force, log=log),
+        "export": lambda: run_export_stage(cfg, results["merge"], force="export" in force, log=log),
+    }
+    with tracked_run(cfg.tracking, cfg.output_dir, f"{cfg.name}-pipeline", tags={"kind": "pipeline"}) as parent:
+        parent.log_params(cfg.model_dump(mode="json"))
+        for name in STAGES[:last + 1]:
+            with tracked_run(cfg.tracking, cfg.output_dir, f"{cfg.name}-stage-{name}",
+                             tags={"kind": "stage", "stage": name}) as run:
+                results[name] = steps[name]()
+                run.set_tags({"fingerprint": results[name].fingerprint, "reused": results[name].reused})
+                run.log_metrics({"seconds": results[name].seconds, "reused": int(results[name].reused)})
+        results["_seconds"] = time.perf_counter() - t0
+        parent.log_metrics({"seconds": results["_seconds"],
+                            "stages_reused": sum(int(results[s].reused) for s in STAGES[:last + 1])})
+        if "evaluate" in results:
+            parent.log_metrics({f"{model}.{m}": v for model, res in results["evaluate"].summary["headline"].items()
+                                for m, v in res.items() if v is not None})
     return results

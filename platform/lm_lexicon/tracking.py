@@ -2,6 +2,11 @@
 for and configured (``COMET_API_KEY``, or ``COMET_OFFLINE_DIRECTORY`` for offline mode), Comet.
 
 Tracking never breaks a training run: a tracking backend that fails is reported once and then left alone.
+
+Run hierarchy: :func:`lm_lexicon.pipeline.run_pipeline` opens one parent run per pipeline and one child run per stage;
+runs opened inside them (an expert's training run, the evaluation) nest under the run that is active. A process that
+has no active run but is part of a larger experiment (a Ray Tune trial running a whole pipeline) attaches its runs to
+the run named by the ``LM_LEXICON_MLFLOW_PARENT_RUN_ID`` environment variable (:func:`parent_env`).
 """
 from __future__ import annotations
 
@@ -13,6 +18,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
+
+PARENT_ENV = "LM_LEXICON_MLFLOW_PARENT_RUN_ID"
+
+
+def parent_env(run: "Run | None") -> dict[str, str]:
+    """Environment that makes another process's runs children of ``run`` (empty when it is not tracked)."""
+    run_id = run.run_id if run is not None else None
+    return {PARENT_ENV: run_id} if run_id else {}
 
 
 def mlflow_uri(tracking_cfg, output_dir: str | Path) -> str:
@@ -49,6 +62,16 @@ class Run:
         self._mlflow = mlflow_run
         self._comet = comet_experiment
 
+    @property
+    def run_id(self) -> str | None:
+        return self._mlflow.info.run_id if self._mlflow is not None else None
+
+    def set_tags(self, tags: dict) -> None:
+        if self._mlflow is not None:
+            import mlflow
+
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
     def log_params(self, params: dict) -> None:
         flat = {k: v for k, v in _flatten(params).items() if v is not None}
         if self._mlflow is not None:
@@ -84,15 +107,23 @@ class Run:
 
 @contextmanager
 def tracked_run(tracking_cfg, output_dir: str | Path, run_name: str, tags: dict | None = None,
-                nested: bool = False) -> Iterator[Run]:
-    """Open a run; yields a :class:`Run` whose methods are no-ops for a backend that could not start."""
+                nested: bool | None = None) -> Iterator[Run]:
+    """Open a run; yields a :class:`Run` whose methods are no-ops for a backend that could not start.
+
+    ``nested=None`` (default): a child of the active run if there is one, else of the run named by
+    ``LM_LEXICON_MLFLOW_PARENT_RUN_ID``, else a top-level run.
+    """
     mlflow_run = None
     try:
         import mlflow
 
         mlflow.set_tracking_uri(mlflow_uri(tracking_cfg, output_dir))
         _set_experiment(mlflow, tracking_cfg.experiment, output_dir, local=not tracking_cfg.mlflow_uri)
-        mlflow_run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags or {})
+        active = mlflow.active_run() is not None
+        tags = dict(tags or {})
+        if not active and os.environ.get(PARENT_ENV):
+            tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+        mlflow_run = mlflow.start_run(run_name=run_name, nested=active if nested is None else nested, tags=tags)
     except Exception as e:  # tracking is an aid, never a reason to lose a training run
         log.warning("MLflow tracking disabled for %s: %s", run_name, e)
         mlflow_run = None

@@ -76,7 +76,9 @@ def run_stage(name: str, path: str | Path, fp: str, fn: Callable[[Path], dict], 
         dump_config(cfg, tmp / "config.yaml")
     (tmp / MARKER).write_text(json.dumps({"stage": name, "fingerprint": fp, "seconds": round(seconds, 2),
                                           "summary": summary, "provenance": _provenance()}, indent=2))
-    if path.exists():
+    if path.is_symlink():  # a stage shared from another run (ablations link unchanged upstream stages): unlink only
+        path.unlink()
+    elif path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
     log(f"[{name}] done in {seconds:.1f}s")
