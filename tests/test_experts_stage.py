@@ -93,3 +93,20 @@ def test_ray_train_retries_a_failed_worker_from_its_checkpoint(tmp_path, tiny_se
     res = run_pipeline(cfg, stages=("experts",), log=lambda m: None)["experts"]
     m = json.loads((res.path / marker.read_text() / "metrics.json").read_text())
     assert m["resumed_from_step"] == 2 and m["steps"] == 4
+
+
+def test_deepspeed_json_contents_are_part_of_the_experts_fingerprint(tmp_path, monkeypatch):
+    import lm_lexicon.stages.experts as experts
+    from lm_lexicon.stages.artifacts import StageResult
+
+    seen = []
+    monkeypatch.setattr(experts, "run_stage", lambda name, path, fp, *a, **k: seen.append(fp))
+    zero = tmp_path / "zero.json"
+    zero.write_text('{"zero_optimization": {"stage": 3}}')
+    cfg = load_config("configs/llama3-8b-3dex.yaml", [f"train.deepspeed={zero}"])
+    partition = StageResult("partition", tmp_path, "p" * 16, False, 0.0, {})
+    experts.run_experts_stage(cfg, partition)
+    experts.run_experts_stage(cfg, partition)
+    zero.write_text('{"zero_optimization": {"stage": 2}}')  # same path, different contents
+    experts.run_experts_stage(cfg, partition)
+    assert seen[0] == seen[1] != seen[2]

@@ -372,6 +372,11 @@ def experts_stage_fn(cfg, partition_dir: Path, run_tag: str, with_dense: bool = 
 
 
 def run_experts_stage(cfg, partition_result: StageResult, force: bool = False, log=print) -> StageResult:
-    fp = fingerprint(cfg, ("seed_model", "train"), (partition_result.fingerprint,))
+    upstream = [partition_result.fingerprint]
+    if cfg.train.deepspeed and Path(cfg.train.deepspeed).is_file():
+        from lm_lexicon._util import sha256_file
+
+        upstream.append(sha256_file(cfg.train.deepspeed))  # the JSON's contents, not only its path, define the run
+    fp = fingerprint(cfg, ("seed_model", "train"), tuple(upstream))
     return run_stage("experts", Path(cfg.output_dir) / "experts", fp,
                      experts_stage_fn(cfg, partition_result.path, fp[:8], log=log), cfg, force, log)
