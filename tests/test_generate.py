@@ -266,3 +266,16 @@ def test_generate_split_with_given_prompts(llama_dir):
     assert preds[0]["term"] == records[0].term
     with pytest.raises(ValueError, match="2 prompts for 3 records"):
         generate_split(records, llama_dir, GREEDY, use_ray=False, prompts=prompts[:2])
+
+
+def test_beam_search_returns_one_definition_per_prompt(llama, moe):
+    settings = GREEDY.replace(num_beams=3, repetition_penalty=1.0)
+    outs = llama.generate(PROMPTS, settings=settings)
+    assert len(outs) == len(PROMPTS) and all(len(o) == 1 and isinstance(o[0], str) for o in outs)
+    # one prompt alone gives the same beam result as inside the batch (left padding + per-row processors)
+    assert llama.generate(PROMPTS[:1], settings=settings)[0] == outs[0]
+    mixed = moe.generate(PROMPTS[:2], [0, 1], settings=settings)
+    assert mixed == [moe.generate(PROMPTS[:1], [0], settings=settings)[0],
+                     moe.generate(PROMPTS[1:2], [1], settings=settings)[0]]
+    with pytest.raises(ValueError, match="beam search"):
+        GenerationSettings(do_sample=True, num_beams=2)

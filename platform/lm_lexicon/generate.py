@@ -71,6 +71,8 @@ class GenerationSettings:
     * ``no_repeat_ngram_size``: n > 0 forbids any n-gram from occurring twice in a row's GENERATED tokens (the
       prompt is not counted, so a definition may reuse the context's words). 0: off (the paper's setting). Small
       under-trained models loop ("a process of a process of ..."); 3 stops that without touching fluent output.
+    * ``num_beams > 1`` (greedy mode only): beam search, the highest-scoring beam returned (length penalty 1.0);
+      the processors above apply to every beam.
     """
 
     do_sample: bool = False
@@ -84,6 +86,7 @@ class GenerationSettings:
     seed: int = 0
     max_prompt_tokens: Optional[int] = None
     no_repeat_ngram_size: int = 0
+    num_beams: int = 1
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -94,7 +97,9 @@ class GenerationSettings:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("max_new_tokens", "num_return_sequences", "batch_size"):
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("num_beams > 1 is beam search: it needs do_sample=False")
+        for name in ("max_new_tokens", "num_return_sequences", "batch_size", "num_beams"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.no_repeat_ngram_size < 0:
@@ -360,7 +365,8 @@ class DefinitionGenerator:
         # generation_config (which fills fields left at None) cannot switch sampling or a penalty on. The sampling
         # warpers of transformers run only with do_sample=True, so temperature/top-k/top-p are left alone here.
         return GenerationConfig(
-            do_sample=False, num_beams=1, num_return_sequences=1, max_new_tokens=int(settings.max_new_tokens),
+            do_sample=False, num_beams=int(settings.num_beams), num_return_sequences=1,
+            max_new_tokens=int(settings.max_new_tokens),
             min_new_tokens=None, min_length=0, repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True,
             eos_token_id=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id, bos_token_id=self.tokenizer.bos_token_id,
@@ -414,9 +420,11 @@ class DefinitionGenerator:
                 if domains is not None:
                     kwargs["domain_labels"] = torch.as_tensor(
                         [int(domains[i]) for i in idx for _ in range(copies)], dtype=torch.long, device=self.device)
+                beams = int(settings.num_beams)  # beam search expands every row into `beams` rows
+                row_pads = [p for p in pad_lengths for _ in range(beams)]
                 out = self.model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
-                    logits_processor=_processors(settings, pad_lengths, seeds, input_ids.shape[1]), **kwargs)
+                    logits_processor=_processors(settings, row_pads, seeds, input_ids.shape[1]), **kwargs)
                 generated = out[:, input_ids.shape[1]:]
                 texts = self._decode(generated)
                 new_tokens += int(sum(min(len(r), _first_eos(r, self.eos_ids) + 1) for r in generated.tolist()))
