@@ -110,3 +110,17 @@ def test_deepspeed_json_contents_are_part_of_the_experts_fingerprint(tmp_path, m
     zero.write_text('{"zero_optimization": {"stage": 2}}')  # same path, different contents
     experts.run_experts_stage(cfg, partition)
     assert seen[0] == seen[1] != seen[2]
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_dense_baseline_switch_reaches_the_stage(tmp_path, monkeypatch, dense):
+    import lm_lexicon.stages.experts as experts
+    from lm_lexicon.stages.artifacts import StageResult
+
+    seen = {}
+    monkeypatch.setattr(experts, "experts_stage_fn", lambda *a, with_dense=True, **k: seen.setdefault("dense", with_dense))
+    monkeypatch.setattr(experts, "run_stage", lambda *a, **k: None)
+    cfg = load_config("configs/tiny.yaml", [f"train.dense_baseline={str(dense).lower()}"])
+    experts.run_experts_stage(cfg, StageResult("partition", tmp_path, "p" * 16, False, 0.0, {}))
+    assert seen["dense"] is dense
+    assert [j["name"] for j in plan_jobs(2, with_dense=dense)] == ["expert_0", "expert_1"] + (["dense"] if dense else [])

@@ -14,7 +14,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -68,12 +68,26 @@ class DataConfig(_Strict):
     max_valid_rows: Optional[int] = Field(None, ge=1, description="Seeded subsample of the validation split.")
     max_test_rows: Optional[int] = Field(None, ge=1, description="Seeded subsample of the test split.")
     seed: int = Field(0, description="Seed of the subsampling.")
+    prompt_templates: dict[str, Union[str, dict[str, str]]] = Field(
+        default_factory=dict,
+        description="Per-language prompt templates replacing the defaults (docs/MULTILINGUAL.md): "
+                    "{lang: template} or {lang: {context: ..., term_only: ...}}; fields {term} (required), "
+                    "{context}, {language}. Default: the paper's templates (en: context first; others: "
+                    "\"Define the {language} word '{term}'. Use only {language} to reply.\").")
 
     @field_validator("sources")
     @classmethod
     def _non_empty(cls, v: list[SourceSpec]) -> list[SourceSpec]:
         if not v:
             raise ValueError("at least one data source is required")
+        return v
+
+    @field_validator("prompt_templates")
+    @classmethod
+    def _templates(cls, v: dict) -> dict:
+        from lm_lexicon.data.prompts import parse_templates
+
+        parse_templates(v)  # unknown language, no {term}, unknown field ... -> ValueError naming the entry
         return v
 
 
@@ -138,6 +152,8 @@ class TrainConfig(_Strict):
     expert_budget: Literal["epochs", "steps"] = Field(
         "epochs", description="epochs: each expert trains `epochs` passes over its own domain (paper); steps: each "
                               "expert trains as many steps as the dense model (compute-matched: N times the passes).")
+    dense_baseline: bool = Field(True, description="Also train the dense baseline on all domains (off in ablations "
+                                                   "whose arms all share it).")
 
     @field_validator("adam_betas")
     @classmethod
@@ -226,7 +242,15 @@ class EvalConfig(_Strict):
     metrics: list[str] = Field(default_factory=lambda: ["bleu_a", "sacrebleu", "rouge_l", "bertscore", "meteor",
                                                         "exact_match", "distinct", "length"],
                                description="Metrics to compute.")
-    bertscore_model: str = Field("bundled-minilm", description="Encoder for BERTScore (stated in the report).")
+    bertscore_model: str = Field(
+        "bundled-minilm", description="Encoder for BERTScore (stated in the report): 'bundled-minilm' (English) or a "
+                                      "local directory / cached hub id, e.g. a local copy of "
+                                      "bert-base-multilingual-cased for non-English rows (docs/MULTILINGUAL.md).")
+    bertscore_layer: Optional[int] = Field(None, ge=0, description="BERTScore representation layer (None: the "
+                                                                  "encoder's last layer).")
+    language_compliance: Optional[bool] = Field(
+        None, description="Report language compliance (langid) overall and per language; None: when any evaluated "
+                          "row is not English.")
     baselines: list[Literal["constant", "retrieval", "seed", "dense", "icl-random", "icl-retrieval"]] = Field(
         default_factory=lambda: ["constant", "retrieval", "seed", "dense"],
         description="Baselines reported beside the model; icl-*: few-shot prompting of icl_model (paper Table 2).")
@@ -238,6 +262,9 @@ class EvalConfig(_Strict):
     best_of_n: int = Field(1, ge=1, le=64, description="Samples per input for Best-of-N with the reward model "
                                                       "(1: off; the table is always greedy).")
     bon_model: Literal["moe", "dense"] = Field("moe", description="The model whose samples Best-of-N reranks.")
+    bon_language_filter: Literal["non-english", "all", "off"] = Field(
+        "non-english", description="Best-of-N keeps the samples in the input's language before the reward model "
+                                   "picks (all samples when none is); applied to non-English inputs, all, or off.")
     bon_ns: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32],
                               description="N values of the BoN curve (those <= best_of_n are drawn).")
     reward: RewardConfig = Field(default_factory=lambda: RewardConfig(),
@@ -253,6 +280,12 @@ class EvalConfig(_Strict):
         if not v or any(n < 1 for n in v):
             raise ValueError(f"bon_ns must be a non-empty list of N >= 1, got {v}")
         return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _compliance_consistency(self) -> "EvalConfig":
+        if self.language_compliance is False and {"language_compliance", "language"} & set(self.metrics):
+            raise ValueError("evaluate.language_compliance is false but evaluate.metrics lists language_compliance")
+        return self
 
 
 class ServeConfig(_Strict):

@@ -379,4 +379,5 @@ def run_experts_stage(cfg, partition_result: StageResult, force: bool = False, l
         upstream.append(sha256_file(cfg.train.deepspeed))  # the JSON's contents, not only its path, define the run
     fp = fingerprint(cfg, ("seed_model", "train"), tuple(upstream))
     return run_stage("experts", Path(cfg.output_dir) / "experts", fp,
-                     experts_stage_fn(cfg, partition_result.path, fp[:8], log=log), cfg, force, log)
+                     experts_stage_fn(cfg, partition_result.path, fp[:8], with_dense=cfg.train.dense_baseline,
+                                      log=log), cfg, force, log)
