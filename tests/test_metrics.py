@@ -362,3 +362,56 @@ def test_mauve_identical_sets_score_100(one_torch_thread):
     assert r["settings"]["encoder"] == "bundled-minilm" and r["std"] is None
     shifted = compute_metrics([P("zzz qqq", [d]) for d in defs], ["mauve"])["mauve"]
     assert shifted["value"] < 90.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Multilingual: compliance per language, the rule Best-of-N filters with, the BERTScore encoder option
+# --------------------------------------------------------------------------------------------------------------
+
+def test_language_compliance_per_language_counts_and_share():
+    preds = [P("el perro es un animal doméstico que ladra a los desconocidos", ["x"], lang="es"),
+             P("the dog is a domestic animal that barks at strangers", ["x"], lang="es"),
+             P("le chien est un animal domestique qui aboie", ["x"], lang="fr")]
+    full = compute_metrics(preds, ["language_compliance"])
+    r = full["language_compliance"]
+    per = r["settings"]["per_language"]
+    assert per["es"] == {"n": 2, "compliant": 1, "share": 0.5, "compliance": 50.0}
+    assert per["fr"] == {"n": 1, "compliant": 1, "share": 1.0, "compliance": 100.0}
+    assert r["settings"]["detected"]["es"] == {"es": 1, "en": 1}
+    by = breakdown(preds, ["language_compliance"], by="lang", results=full)
+    assert by["es"]["language_compliance"]["value"] == pytest.approx(50.0) and by["fr"]["language_compliance"]["n"] == 1
+
+
+def test_complies_is_the_metric_rule():
+    from lm_lexicon.metrics.language import complies
+
+    texts = ["el perro es un animal doméstico que ladra", "", "the dog is a domestic animal that barks"]
+    assert complies(texts, ["es", "es", "es"]) == [True, False, False]
+    assert complies([], []) == []
+    with pytest.raises(ValueError):
+        complies(["a"], [])
+
+
+def test_settings_from_eval_config_carry_the_bertscore_layer():
+    from lm_lexicon.config import EvalConfig
+
+    s = MetricSettings.from_any(EvalConfig(bertscore_model="/models/bert-base-multilingual-cased", bertscore_layer=9))
+    assert (s.bertscore_model, s.bertscore_layer) == ("/models/bert-base-multilingual-cased", 9)
+    assert MetricSettings.from_any(EvalConfig()).bertscore_layer is None
+
+
+def test_bertscore_encoder_from_a_local_directory_is_stated(tmp_path, one_torch_thread):
+    """The multilingual option is a local encoder directory (here a link to the bundled MiniLM standing in for a
+    local copy of bert-base-multilingual-cased): the settings name the model and the path used."""
+    from pathlib import Path
+
+    from lm_lexicon.embed import resolve_encoder
+
+    local = tmp_path / "encoder"
+    local.symlink_to(resolve_encoder("bundled-minilm"), target_is_directory=True)
+    preds = [P("animal doméstico que ladra", ["mamífero doméstico que ladra"], lang="es"),
+             P("animal doméstico que ladra", ["animal doméstico que ladra"], lang="es")]
+    r = compute_metrics(preds, ["bertscore"], {"bertscore_model": str(local), "bertscore_layer": 2})["bertscore"]
+    assert r["skipped_reason"] is None and r["settings"]["model"] == str(local)
+    assert r["settings"]["layer"] == "2 of 6" and Path(r["settings"]["model_path"]).is_dir()
+    assert r["per_item"][1] == pytest.approx(100.0, abs=1e-3) and r["per_item"][0] < 100.0

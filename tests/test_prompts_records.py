@@ -47,3 +47,11 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
     p.write_text('{"term": "a", "context": "", "definition": "d", "source": "s"}\nnot json\n')
     with pytest.raises(LoadError, match=r"r.jsonl:2"):
         list(read_jsonl(p))
+
+
+def test_prompt_templates_argument_and_missing_context():
+    assert format_prompt("bank", None) == 'What is the definition of "bank"?'
+    assert format_prompt("banco", "", lang="es", templates={"es": "¿Qué es '{term}'?"}) == "¿Qué es 'banco'?"
+    assert format_prompt("bank", "x", templates={"es": "¿Qué es '{term}'?"}) == '"x" What is the definition of "bank"?'
+    with pytest.raises(ValueError, match="must contain"):
+        format_prompt("bank", "", templates={"en": "Define it."})

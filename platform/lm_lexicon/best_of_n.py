@@ -9,6 +9,10 @@
 3. **Reranking**: ``best_of_n`` samples per test input; the reward model picks one. The BoN curve (mean Protocol A
    BLEU of the pick among the first N samples) is drawn for the reward model, for no selection (sample 1: the N = 1
    baseline) and for the oracle (the sample closest to the references: an UPPER BOUND, labelled as such).
+4. **Language filter** (``evaluate.bon_language_filter``, on for non-English inputs by default): before the reward
+   model picks, the samples not identified as the input's language (:func:`lm_lexicon.metrics.language.complies`)
+   are set aside; when none of an input's first N samples complies, all N stay (the fallback, counted and reported).
+   The oracle is not filtered. With the filter on, the curves gain "language filter (first compliant)".
 """
 from __future__ import annotations
 
@@ -81,19 +85,82 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
     return model, report
 
 
+FILTER_MODES = ("non-english", "all", "off")
+
+
+def language_keep_mask(candidates: Sequence[Sequence[str]], langs: Sequence[str], mode: str = "non-english",
+                       languages: Optional[Sequence[str]] = None) -> Optional[list[list[bool]]]:
+    """Per input and sample: does the language filter keep it? ``None`` when the filter is off (``mode="off"``) or
+    applies to no input (``"non-english"`` and every input is English). Inputs the filter does not apply to keep
+    every sample. The rule is the language-compliance metric's (langid restricted to the prompts' languages)."""
+    from lm_lexicon.metrics.language import complies
+
+    if mode not in FILTER_MODES:
+        raise ValueError(f"language filter mode must be one of {FILTER_MODES}, got {mode!r}")
+    if len(candidates) != len(langs):
+        raise ValueError(f"{len(candidates)} candidate lists for {len(langs)} languages")
+    applies = [mode == "all" or (mode == "non-english" and (lang or "en") != "en") for lang in langs]
+    if mode == "off" or not any(applies):
+        return None
+    flat = [c for cs, a in zip(candidates, applies) if a for c in cs]
+    flat_langs = [lang or "en" for cs, lang, a in zip(candidates, langs, applies) if a for _ in cs]
+    ok = iter(complies(flat, flat_langs, languages))
+    return [[next(ok) for _ in cs] if a else [True] * len(cs) for cs, a in zip(candidates, applies)]
+
+
+def filter_scores(scores: Sequence[Sequence[float]], keep: Sequence[Sequence[bool]]) -> list[list[float]]:
+    """Scores under which the argmax over ANY first-N prefix is the best kept sample of that prefix, or the best of
+    all of them when none is kept (the fallback): dropped samples lose a constant larger than the scores' range."""
+    flat = [float(x) for ss in scores for x in ss]
+    penalty = 2.0 * max((abs(x) for x in flat), default=0.0) + 1.0
+    return [[float(x) if k else float(x) - penalty for x, k in zip(ss, ks)] for ss, ks in zip(scores, keep)]
+
+
+def language_filter_report(keep: Sequence[Sequence[bool]], langs: Sequence[str], n: int, mode: str) -> dict:
+    """What the filter did among the first ``n`` samples: inputs it applied to, inputs with no compliant sample
+    (``fallback``: all samples stayed), mean share of compliant samples; overall and per language."""
+    per: dict[str, dict] = {}
+    for ks, lang in zip(keep, langs):
+        lang = lang or "en"
+        applied = mode == "all" or (mode == "non-english" and lang != "en")
+        row = per.setdefault(lang, {"inputs": 0, "filtered": 0, "fallback": 0, "compliant_samples": 0,
+                                    "samples": 0})
+        row["inputs"] += 1
+        if not applied:
+            continue
+        first = list(ks[:n])
+        row["filtered"] += 1
+        row["fallback"] += int(not any(first))
+        row["compliant_samples"] += sum(first)
+        row["samples"] += len(first)
+    total = {k: sum(r[k] for r in per.values()) for k in ("inputs", "filtered", "fallback", "compliant_samples",
+                                                          "samples")}
+    for r in [*per.values(), total]:
+        r["compliant_sample_share"] = r["compliant_samples"] / r["samples"] if r["samples"] else None
+    return {"mode": mode, "n": n, **total, "by_language": dict(sorted(per.items()))}
+
+
 def rerank(model, prompts: Sequence[str], candidates: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
-           ns: Sequence[int]) -> dict:
-    """Reward-model picks at the largest N, and BoN curves (Protocol A BLEU x 100) for ORM / first / oracle."""
+           ns: Sequence[int], keep: Optional[Sequence[Sequence[bool]]] = None) -> dict:
+    """Reward-model picks at the largest N, and BoN curves (Protocol A BLEU x 100) for ORM / first / oracle.
+
+    ``keep`` (from :func:`language_keep_mask`): the language filter -- the reward model picks among the kept samples
+    of the first N (all of them when none is kept), and a "language filter (first compliant)" curve is added.
+    """
     from lm_lexicon.reward import best_of_n, bon_curve
 
-    scores = model.score_candidates(list(prompts), [list(c) for c in candidates])
+    raw = model.score_candidates(list(prompts), [list(c) for c in candidates])
+    scores = raw if keep is None else filter_scores(raw, keep)
     available = min(len(c) for c in candidates)
     ns = [n for n in ns if n <= available] or [available]
     curves = {"reward model": bon_curve(candidates, references, scorer=scores, ns=ns),
               "no selection (sample 1)": bon_curve(candidates, references, scorer="first", ns=ns),
               "oracle (upper bound)": bon_curve(candidates, references, scorer="oracle", ns=ns)}
+    if keep is not None:  # no reward model: the first kept sample (sample 1 when none is kept)
+        first_kept = filter_scores([[-float(j) for j in range(len(cs))] for cs in candidates], keep)
+        curves["language filter (first compliant)"] = bon_curve(candidates, references, scorer=first_kept, ns=ns)
     picks = best_of_n(candidates, scores)
-    return {"picks": picks, "scores": scores, "curves": curves, "n": available}
+    return {"picks": picks, "scores": scores, "raw_scores": raw, "curves": curves, "n": available}
 
 
 def curve_table(curves: dict) -> str:

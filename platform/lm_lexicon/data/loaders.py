@@ -447,12 +447,35 @@ def _load_ishiwatari_split(txt_path: Path, eg_path: Path, split: str, source: st
 # Multilingual dictionaries
 
 
+def _multilingual_split_files(directory: Path) -> list[tuple[Path, str]]:
+    """``(file, split)`` for every ``{split}.jsonl`` / ``{split}.jsonl.gz`` of a directory (split spellings as in
+    :func:`normalize_split`: train, valid / validation / dev, test), in train, valid, test order."""
+    found: dict[str, list[Path]] = defaultdict(list)
+    for f in sorted(directory.iterdir()):
+        name = f.name
+        stem = name[:-len(".jsonl.gz")] if name.endswith(".jsonl.gz") else \
+            name[:-len(".jsonl")] if name.endswith(".jsonl") else None
+        split = normalize_split(stem) if stem is not None and f.is_file() else None
+        if split is not None:
+            found[split].append(f)
+    for split, files in found.items():
+        if len(files) > 1:
+            raise LoadError(directory, f"several files for the {split} split: {[f.name for f in files]}")
+    if not found:
+        raise LoadError(directory, "no {train,valid,test}.jsonl file in the directory")
+    return [(found[s][0], s) for s in SPLITS if s in found]
+
+
 def load_multilingual(path: str | Path, lang: str, split: Optional[str] = None) -> tuple[list[Record], LoadReport]:
     """Load a monosemic dictionary: JSONL lines ``{"id", "translation": {"word", "definition"}}``.
 
     There is no usage context (``context=""``: term-only definition modeling). The language is the dataset's, so
     the caller states it (en/es/fr/pt/de; anything else is a ValueError). ``source`` is ``multilingual:{lang}``
     and ``sense_id`` the ``id`` (optional: a row without an id is still a usable definition).
+
+    ``path`` is one JSONL file (its rows get ``split``, default train) or a directory of per-split files
+    ``train.jsonl``, ``valid.jsonl`` (or ``validation`` / ``dev``), ``test.jsonl`` (optionally ``.gz``), whose rows
+    get the split of their file name (as rows that carry their own split, they ignore ``split``).
 
     Rejection reasons: "malformed json" (not JSON, or not an object), "missing field" (no ``translation`` object
     or no ``word`` / ``definition`` in it), then the shared checks ("empty term", "empty definition", ...).
@@ -464,6 +487,13 @@ def load_multilingual(path: str | Path, lang: str, split: Optional[str] = None) 
     split_name = _split_argument(split)
     source = f"multilingual:{code}"
     rows = _Rows(f"multilingual:{path}")
+    files = _multilingual_split_files(path) if path.is_dir() else [(path, split_name)]
+    for file, file_split in files:
+        _read_multilingual_file(rows, file, code, source, file_split)
+    return rows.finish()
+
+
+def _read_multilingual_file(rows: "_Rows", path: Path, code: str, source: str, split_name: str) -> None:
     for lineno, line in _iter_lines(path):
         if not line.strip():
             continue
@@ -482,7 +512,6 @@ def load_multilingual(path: str | Path, lang: str, split: Optional[str] = None) 
             continue
         rows.offer(where, term=translation["word"], definition=translation["definition"], context="",
                    source=source, lang=code, split=split_name, sense_id=obj.get("id"))
-    return rows.finish()
 
 
 # --------------------------------------------------------------------------------------------------------------

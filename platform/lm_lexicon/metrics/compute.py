@@ -71,7 +71,8 @@ class MetricSettings:
                 raise ValueError(f"unknown metric settings {unknown}; known: {sorted(known)}")
             return cls(**dict(settings))
         if hasattr(settings, "bertscore_model"):  # lm_lexicon.config.EvalConfig
-            return cls(bertscore_model=settings.bertscore_model)
+            return cls(bertscore_model=settings.bertscore_model,
+                       bertscore_layer=getattr(settings, "bertscore_layer", None))
         raise TypeError(f"settings must be MetricSettings, a dict or an EvalConfig, not {type(settings).__name__}")
 
 
@@ -213,10 +214,12 @@ def _compute_one(name: str, hyps: list[str], refs: list[list[str]], items: list[
 
         _need_references(refs, name)
         _set_threads(s.num_threads)
+        langs = {str(p.get("lang") or "en") for p in items}
         P, R, F, settings = bertscore(hyps, refs, model=s.bertscore_model, num_layers=s.bertscore_layer,
                                       batch_size=s.bertscore_batch_size, idf=s.bertscore_idf,
                                       rescale_with_baseline=s.bertscore_rescale,
-                                      baseline_path=s.bertscore_baseline_path, device=s.device)
+                                      baseline_path=s.bertscore_baseline_path, device=s.device,
+                                      lang=langs.pop() if len(langs) == 1 else "en")  # lang: baseline file only
         extra = {"precision": _mean_std(P)[0], "recall": _mean_std(R)[0]}
         if keep:
             extra.update(precision_per_item=P, recall_per_item=R)
@@ -256,11 +259,11 @@ def _compute_one(name: str, hyps: list[str], refs: list[list[str]], items: list[
                     "length of the line's own references"}
         return _per_item_result(name, [float(x) for x in hl], settings, keep, extra)
     if name == "language_compliance":
-        from lm_lexicon.metrics.language import language_compliance
+        from lm_lexicon.metrics.language import compliance_with_detections
 
         expected = [str(p.get("lang") or "en") for p in items]
-        scores, settings = language_compliance(hyps, expected, languages=s.languages)
-        return _per_item_result(name, scores, settings, keep)
+        scores, settings, detected = compliance_with_detections(hyps, expected, languages=s.languages)
+        return _per_item_result(name, scores, settings, keep, {"detected_per_item": detected} if keep else None)
     raise ValueError(f"unknown metric {name!r}")  # pragma: no cover - expand_metric_names guards
 
 

@@ -12,12 +12,20 @@ With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.best_of_n`): an outcome rewa
 reranked by it, and three more rows: ``{model}:sample`` (sample 1, the N = 1 baseline), ``{model}:bon-orm-nN`` and
 ``{model}:oracle-nN`` (an upper bound: it looks at the references).
 
+Multilingual (docs/MULTILINGUAL.md): prompts come from :mod:`lm_lexicon.data.prompts` under the recipe's
+``data.prompt_templates``; language compliance (langid) is added to the metrics when any evaluated row is not English
+(``evaluate.language_compliance``: None = that rule, true / false = always / never); with more than one language or
+with compliance on, a per-language table (BLEU-A, ROUGE-L, BERTScore, compliance, detected languages) is reported.
+Best-of-N keeps the samples in the input's language before the reward model picks (``evaluate.bon_language_filter``)
+and reports how many inputs had none (the fallback: all samples).
+
 Writes::
 
     evaluate/
       predictions/{model}.jsonl   term, context, reference(s), prediction, domain, model
-      metrics.json                model -> metric -> {value, std, n, settings, skipped_reason}
-      report.md                   model x metric table, per-domain and per-source breakdowns, settings
+      metrics.json                model -> metric -> {value, std, n, settings, skipped_reason}; by_language and
+                                  language_compliance (model -> lang -> {n, compliant, share in [0, 1], detected})
+      report.md                   model x metric table, per-domain, per-source and per-language breakdowns, settings
       metrics.png                 the headline metrics as bars
       bon.json, bon.png           Best-of-N curves (N = bon_ns) and the reward model's report (best_of_n > 1)
       reward_model/               the trained outcome reward model (safetensors; the serving Scorer loads it)
@@ -62,7 +70,55 @@ def _fmt(res: dict) -> str:
     return f"{res['value']:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
-def render_report(results: dict, by_domain: dict, by_source: dict, meta: dict) -> str:
+def compliance_summary(results: dict) -> dict:
+    """model -> lang -> {n, compliant, share (in [0, 1]), detected} from the language_compliance results."""
+    out = {}
+    for model, res in results.items():
+        r = res.get("language_compliance") or {}
+        st = r.get("settings") or {}
+        if r.get("value") is None or "per_language" not in st:
+            continue
+        out[model] = {lang: {"n": v["n"], "compliant": v["compliant"], "share": v["share"],
+                             "detected": st.get("detected", {}).get(lang, {})}
+                      for lang, v in st["per_language"].items()}
+    return out
+
+
+def render_language_section(by_language: dict, compliance: dict, meta: dict) -> list[str]:
+    if not by_language:
+        return []
+    first = next(iter(by_language.values()))
+    some = next(iter(first.values()), {})
+    cols = [m for m in ("bleu_a", "rouge_l", "bertscore") if m in some]
+    names = {"bleu_a": "BLEU-A", "rouge_l": "ROUGE-L", "bertscore": "BERTScore"}
+    has_compliance = "language_compliance" in some
+    header = ["model", "lang", "rows"] + [names[m] for m in cols]
+    if has_compliance:
+        header += ["compliance (share)", "compliant / n", "detected as"]
+    lines = ["", "## By language", ""]
+    if has_compliance:
+        lines += ["Language compliance: share of predictions that langid (restricted to "
+                  f"{', '.join(meta.get('compliance_languages') or [])}) identifies as the row's language; an empty "
+                  "prediction does not comply. Short definitions are hard to identify: read it with the detected "
+                  "languages.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for model, groups in by_language.items():
+        for lang, res in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            n = next((res[m].get("n") for m in res if res[m].get("n") is not None), "")
+            row = [model, str(lang), str(n)] + [_fmt(res[m]) for m in cols]
+            if has_compliance:
+                c = compliance.get(model, {}).get(lang)
+                if c is None:
+                    row += ["skipped", "", ""]
+                else:
+                    detected = ", ".join(f"{k} {v}" for k, v in sorted(c["detected"].items(), key=lambda kv: -kv[1]))
+                    row += [f"{c['share']:.2f}", f"{c['compliant']} / {c['n']}", detected]
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def render_report(results: dict, by_domain: dict, by_source: dict, meta: dict, by_language: dict | None = None,
+                  compliance: dict | None = None) -> str:
     metrics = [m for m in next(iter(results.values()))]
     lines = [f"# Evaluation: {meta['recipe']} on {meta['split']} ({meta['n_rows']} rows, seed {meta['seed']})", "",
              "Protocol A = Moses sentence BLEU with headword-grouped references (DESIGN §4); Protocol B = SacreBLEU "
@@ -83,6 +139,9 @@ def render_report(results: dict, by_domain: dict, by_source: dict, meta: dict) -
             for group, res in sorted(groups.items(), key=lambda kv: str(kv[0])):
                 lines.append(f"| {model} | {group} | {res['bleu_a'].get('n')} | {_fmt(res['bleu_a'])} | "
                              f"{_fmt(res['rouge_l'])} |")
+    lines += render_language_section(by_language or {}, compliance or {}, meta)
+    for note in meta.get("notes", []):
+        lines += ["", f"Note: {note}"]
     first = next(iter(results.values()))
     lines += ["", "## Metric settings", ""]
     for m, r in first.items():
@@ -112,9 +171,38 @@ def plot_metrics(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def evaluation_metrics(ev, records) -> list[str]:
+    """``evaluate.metrics`` plus language compliance when it is on (configured, or any row is not English)."""
+    from lm_lexicon.metrics import expand_metric_names
+
+    metrics = expand_metric_names(ev.metrics)  # aliases resolved (compute_metrics reports the expanded names)
+    wanted = ev.language_compliance
+    if wanted is None:
+        wanted = any((r.lang or "en") != "en" for r in records)
+    if wanted and "language_compliance" not in metrics:
+        metrics.append("language_compliance")
+    return metrics
+
+
+def bertscore_note(ev, metrics: list[str], records) -> str | None:
+    """A warning for the report when BERTScore scores non-English rows with the English-only bundled MiniLM."""
+    langs = sorted({r.lang or "en" for r in records} - {"en"})
+    if "bertscore" in metrics and langs and ev.bertscore_model == "bundled-minilm":
+        return (f"BERTScore uses the English-only bundled MiniLM on {', '.join(langs)} rows; set "
+                "evaluate.bertscore_model to a multilingual encoder (e.g. a local copy of "
+                "bert-base-multilingual-cased) for meaningful non-English scores (docs/MULTILINGUAL.md).")
+    return None
+
+
 def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Path | None, merge_dir: Path | None,
                       log=print):
     def build(work: Path) -> dict:
+        from lm_lexicon.data.prompts import prompt_templates
+
+        with prompt_templates(cfg):  # the recipe's templates, as in training (restored afterwards)
+            return _build(work)
+
+    def _build(work: Path) -> dict:
         import numpy as np
         import pandas as pd
 
@@ -197,22 +285,42 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             predictions.update(bon_rows)
         generate_s = time.perf_counter() - t0
 
-        results, by_domain, by_source = {}, {}, {}
+        metric_names = evaluation_metrics(ev, records)
+        langs = sorted({r.lang or "en" for r in records})
+        per_language = "language_compliance" in metric_names or len(langs) > 1
+        lang_metrics = [m for m in ("bleu_a", "rouge_l", "bertscore", "language_compliance") if m in metric_names]
+        results, by_domain, by_source, by_language = {}, {}, {}, {}
         for name, preds in predictions.items():
+            results[name] = compute_metrics(preds, metric_names, ev, reference_groups=reference_groups)
+            _annotate_compliance(preds, results[name].get("language_compliance"))
             _write_jsonl(preds, work / "predictions" / f"{name}.jsonl")
-            results[name] = compute_metrics(preds, ev.metrics, ev, reference_groups=reference_groups)
             by_domain[name] = breakdown(preds, ["bleu_a", "rouge_l"], ev, by="domain", results=results[name],
                                         reference_groups=reference_groups)
             if len({p.get("source") for p in preds}) > 1:
                 by_source[name] = breakdown(preds, ["bleu_a", "rouge_l"], ev, by="source", results=results[name],
                                             reference_groups=reference_groups)
-        meta = {"recipe": cfg.name, "split": split, "n_rows": len(records), "seed": cfg.data.seed,
-                "routing": cfg.merge.routing}
+            if per_language and lang_metrics:
+                by_language[name] = breakdown(preds, lang_metrics, ev, by="lang", results=results[name],
+                                              reference_groups=reference_groups)
+        notes = [n for n in (bertscore_note(ev, metric_names, records),) if n]
+        for n in notes:
+            log(f"[evaluate] note: {n}")
         compact = {m: {k: {kk: vv for kk, vv in v.items() if kk != "per_item"} for k, v in res.items()}
                    for m, res in results.items()}
-        (work / "metrics.json").write_text(json.dumps({"meta": meta, "results": compact, "best_of_n": bon_report},
+        compliance = compliance_summary(compact)
+        some = next((r["language_compliance"] for r in compact.values() if "language_compliance" in r), {})
+        meta = {"recipe": cfg.name, "split": split, "n_rows": len(records), "seed": cfg.data.seed,
+                "routing": cfg.merge.routing, "languages": {lang: sum(1 for r in records if (r.lang or "en") == lang)
+                                                            for lang in langs},
+                "compliance_languages": (some.get("settings") or {}).get("languages"), "notes": notes}
+        templates = _active_templates()
+        if templates.overrides:  # the recipe's non-default prompts, for the record
+            meta["prompt_templates"] = templates.to_config()
+        (work / "metrics.json").write_text(json.dumps({"meta": meta, "results": compact, "best_of_n": bon_report,
+                                                       "by_language": _strip(by_language),
+                                                       "language_compliance": compliance},
                                                       indent=2, default=str))
-        report = render_report(compact, _strip(by_domain), _strip(by_source), meta)
+        report = render_report(compact, _strip(by_domain), _strip(by_source), meta, _strip(by_language), compliance)
         if bon_report:
             report += render_bon_section(bon_report)
         (work / "report.md").write_text(report)
@@ -230,9 +338,28 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         out = {"headline": headline, "n_rows": len(records), "split": split, "generate_seconds": round(generate_s, 1)}
         if bon_report:
             out["reward_model_valid_accuracy"] = bon_report["reward_model"]["valid_accuracy"]
+        if compliance:
+            out["language_compliance"] = {model: {lang: c["share"] for lang, c in by.items()}
+                                          for model, by in compliance.items()}
         return out
 
     return build
+
+
+def _annotate_compliance(preds: list[dict], result: dict | None) -> None:
+    """Per prediction: ``detected_lang`` and ``language_compliant`` (the metric's per-line values)."""
+    if not result or result.get("per_item") is None:
+        return
+    detected = (result.get("extra") or {}).get("detected_per_item") or [None] * len(preds)
+    for p, score, d in zip(preds, result["per_item"], detected):
+        p["detected_lang"] = d
+        p["language_compliant"] = score > 0
+
+
+def _active_templates():
+    from lm_lexicon.data.prompts import active_templates
+
+    return active_templates()
 
 
 def _max_positions(model_path: Path) -> int:
@@ -258,8 +385,10 @@ def _partition_rows(partition_dir: Path, split: str, n: int, seed: int):
 def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,
                reference_groups, threads: int, log):
     """Reward model on the policy's own samples, then BoN on the test sample; returns (prediction rows, report)."""
-    from lm_lexicon.best_of_n import rerank, sample_definitions, train_outcome_reward_model
+    from lm_lexicon.best_of_n import (language_filter_report, language_keep_mask, rerank, sample_definitions,
+                                      train_outcome_reward_model)
     from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, generate_split
+    from lm_lexicon.metrics import MetricUnavailable
     from lm_lexicon.reward import oracle_best_of_n, plot_bon_curve
     from lm_lexicon.sft import record_prompt
 
@@ -287,8 +416,19 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     log(f"[evaluate] {ev.best_of_n} samples per input from {name} in {time.perf_counter() - t:.1f}s")
     candidates = [p["predictions"] for p in sampled]
     references = [list(reference_groups.get((r.split, r.term)) or [r.definition]) for r in records]
-    result = rerank(reward_model, [record_prompt(r) for r in records], candidates, references, ev.bon_ns)
+    langs = [r.lang or "en" for r in records]
+    language_filter = {"mode": ev.bon_language_filter, "applied": False}
+    try:
+        keep = language_keep_mask(candidates, langs, ev.bon_language_filter)
+    except MetricUnavailable as e:  # no language identifier: rerank unfiltered, and say so
+        keep, language_filter["skipped_reason"] = None, str(e)
+        log(f"[evaluate] BoN language filter skipped: {e}")
+    result = rerank(reward_model, [record_prompt(r) for r in records], candidates, references, ev.bon_ns, keep=keep)
     n = result["n"]
+    if keep is not None:
+        language_filter = {**language_filter_report(keep, langs, n, ev.bon_language_filter), "applied": True}
+        log(f"[evaluate] BoN language filter ({ev.bon_language_filter}): {language_filter['filtered']} inputs "
+            f"filtered, {language_filter['fallback']} with no sample in their language (fallback: all {n})")
     oracle = oracle_best_of_n(candidates, references)
     rows = {}
     for label, picks in ((f"{name}:sample", [c[0] for c in candidates]), (f"{name}:bon-orm-n{n}", result["picks"]),
@@ -299,7 +439,7 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     plot_bon_curve(curves, work / "bon.png", title=f"Best-of-N: {name} on {ev.split} ({len(records)} rows)")
     report = {"model": name, "n": n, "ns": sorted(curves["reward model"]), "curves": curves,
               "reward_model": orm_report, "seconds": round(time.perf_counter() - t0, 1),
-              "sampling": sampling.to_dict()}
+              "sampling": sampling.to_dict(), "language_filter": language_filter}
     (work / "bon.json").write_text(json.dumps(report, indent=2))
     _write_jsonl(sampled, work / "predictions" / f"{name}-samples.jsonl")
     log(f"[evaluate] BoN Protocol A BLEU at N={n}: reward model {curves['reward model'][n]:.2f}, sample 1 "
@@ -319,8 +459,28 @@ def render_bon_section(bon: dict) -> str:
         f"held-out pairwise accuracy **{orm['valid_accuracy']:.3f}** on {orm['valid_pairs']} pairs from "
         f"{orm['valid_records']} validation records (untrained head: {orm['valid_accuracy_untrained']:.3f}; "
         "chance: 0.5).", "",
+        *_language_filter_lines(bon.get("language_filter") or {}),
         "Mean Protocol A BLEU of the selected sample among the first N (oracle = an upper bound that reads the "
         "references, not a method):", "", curve_table(bon["curves"]), "", "![BoN curve](bon.png)", ""])
+
+
+def _language_filter_lines(lf: dict) -> list[str]:
+    if not lf.get("applied"):
+        mode = lf.get("mode", "off")
+        if not lf:
+            return []
+        if lf.get("skipped_reason"):
+            return [f"Language filter ({mode}): skipped ({lf['skipped_reason']}); the reward model picked among all "
+                    "samples.", ""]
+        return [f"Language filter: {mode} (no input it applies to)." if mode != "off" else "Language filter: off.",
+                ""]
+    share = lf.get("compliant_sample_share")
+    per = "; ".join(f"{lang}: {r['fallback']} of {r['filtered']}" for lang, r in lf["by_language"].items()
+                    if r["filtered"])
+    return [f"Language filter ({lf['mode']}): among each input's {lf['n']} samples the reward model picks among "
+            f"those in the input's language; **{lf['fallback']} of {lf['filtered']}** filtered inputs had none "
+            f"(fallback: all {lf['n']} samples) ({per}). Compliant samples: "
+            + (f"{share:.2f}" if share is not None else "-") + " of all. The oracle is not filtered.", ""]
 
 
 def _strip(table: dict) -> dict:

@@ -71,6 +71,9 @@ def train_worker(loop_cfg: dict) -> None:
     from lm_lexicon.sft import train
 
     cfg = PipelineConfig.model_validate(loop_cfg["cfg"])
+    from lm_lexicon.data.prompts import configure_prompts
+
+    configure_prompts(cfg)  # this worker builds training prompts: the recipe's templates, not the defaults
     job = loop_cfg["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -46,6 +46,9 @@ def finetune_worker(loop_cfg: dict) -> None:
     from lm_lexicon.sft import train
 
     cfg = PipelineConfig.model_validate(loop_cfg["cfg"])
+    from lm_lexicon.data.prompts import configure_prompts
+
+    configure_prompts(cfg)  # this worker builds training prompts: the recipe's templates, not the defaults
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
