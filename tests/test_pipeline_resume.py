@@ -1,0 +1,267 @@
+"""Acceptance: the whole pipeline resumes where it stopped, and its results do not depend on the interruption.
+
+* test A runs the micro recipe in-process to the end and records every stage's ``_SUCCESS.json`` and the final
+  ``evaluate/metrics.json``;
+* test B runs the same recipe as a subprocess (``jobs/pipeline.py``), SIGKILLs its process group while the merge stage
+  is running (right after ``experts/_SUCCESS.json`` appeared), re-runs it and checks that the finished stages were
+  reused byte for byte, the rest recomputed, the ``.partial`` leftovers were not taken for finished stages, and the
+  final table equals test A's exactly;
+* test C changes a ``finetune.*`` value: data, partition and experts are reused, merge, evaluate and export recomputed.
+
+Two Ray instances. The re-runs run in-process on the session's Ray (``ray_local``: 2 CPUs, 200 MB object store),
+which is the same Ray test A used. The killed subprocess starts its own local Ray (``init_ray`` with
+``resources.num_cpus=2 resources.object_store_memory_mb=200``), never the session's: ``RAY_ADDRESS`` is removed from
+its environment and ``RAY_TMPDIR`` points at a private directory, so ``ray.init()`` neither finds an address to join
+(``<temp dir>/ray/ray_current_cluster``, which a ``ray start`` elsewhere on the machine may have written) nor shares a
+session directory with another Ray. Two local Rays on one host do not conflict (their ports are picked free and their
+sockets live in their own session directories); they do not deadlock either, because the session Ray is idle while
+the subprocess runs. Ray started by ``ray.init`` fate-shares with its driver (the kernel kills GCS and raylet when
+the driver dies), so the SIGKILL takes its Ray down with it; the test checks that nothing that belongs to the
+private temp dir survives and kills leftovers by pid if any.
+
+Determinism: training on CPU with fixed seeds, each Ray Train worker on ``cpus_per_worker`` = 1 torch thread and
+generation actors on a fixed thread count, gives the same weights in a fresh process; the test compares the metrics
+table exactly (and the MoE weights and predictions), with no tolerance.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from lm_lexicon.config import load_config
+from lm_lexicon.pipeline import STAGES, run_pipeline
+from lm_lexicon.stages.artifacts import MARKER
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+KILL_TIMEOUT_S = 900  # generous: the machine may be shared with other heavy jobs
+
+
+def micro_overrides(out: Path, seed: Path, *extra: str) -> list[str]:
+    """The smallest recipe that still runs every stage for real: 2 domains, 2 training steps per expert and for the
+    MoE fine-tune, 6 greedy test rows of 4 new tokens, the constant baseline, cheap metrics."""
+    return [f"output_dir={out}", f"resources.storage_path={out}/ray", f"seed_model.name={seed}",
+            "resources.num_cpus=2", "resources.object_store_memory_mb=200",
+            "data.max_train_rows=32", "data.max_valid_rows=8", "data.max_test_rows=8",
+            "embed.num_actors=1", "partition.n_experts=2", "partition.plot_sample=16",
+            "resources.cpus_per_worker=0.5",  # the 3 expert runs (2 experts + dense) at once on 2 CPUs
+            "train.max_steps=2", "train.eval_every=2", "train.batch_size=4", "train.precision=fp32",
+            "finetune.max_steps=2", "finetune.batch_size=4",
+            "evaluate.max_rows=6", "evaluate.max_new_tokens=4", "evaluate.baselines=[constant]",
+            "evaluate.metrics=[bleu_a, rouge_l, length]", *extra]
+
+
+def markers(out: Path) -> dict[str, bytes]:
+    return {s: (out / s / MARKER).read_bytes() for s in STAGES if (out / s / MARKER).is_file()}
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def outcome(out: Path) -> dict:
+    """What must not depend on how the run got there: the metrics table, the MoE's weights and predictions."""
+    return {"results": json.loads((out / "evaluate" / "metrics.json").read_text())["results"],
+            "moe_weights": digest(out / "merge" / "model" / "model.safetensors"),
+            "moe_predictions": (out / "evaluate" / "predictions" / "moe.jsonl").read_text(),
+            "expert_weights": {j: digest(out / "experts" / j / "model" / "model.safetensors")
+                               for j in ("expert_0", "expert_1", "dense")}}
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory):
+    from lm_lexicon.seed_models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("seed") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, seed, ray_local):
+    """Test A's run: the micro recipe in-process, start to finish."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    results = run_pipeline(load_config("configs/tiny.yaml", micro_overrides(out, seed)), log=lines.append)
+    return {"out": out, "results": results, "lines": lines, "markers": markers(out), "outcome": outcome(out),
+            "seconds": time.perf_counter() - t0}
+
+
+def test_a_uninterrupted_run_finishes_every_stage(uninterrupted):
+    out, results = uninterrupted["out"], uninterrupted["results"]
+    assert list(uninterrupted["markers"]) == list(STAGES)
+    for stage in STAGES:
+        marker = json.loads(uninterrupted["markers"][stage])
+        assert marker["stage"] == stage and marker["fingerprint"] == results[stage].fingerprint
+        assert marker["seconds"] >= 0 and marker["provenance"]["finished_at"]
+        assert not results[stage].reused
+        assert f"[{stage}] running -> {out / stage}" in uninterrupted["lines"]
+    assert not list(out.glob("*.partial"))
+    table = uninterrupted["outcome"]["results"]
+    assert list(table) == ["constant", "moe"]
+    for res in table.values():
+        assert set(res) == {"bleu_a", "rouge_l", "length"}
+        assert res["bleu_a"]["n"] == 6 and res["bleu_a"]["value"] is not None
+    print(f"\nuninterrupted micro pipeline: {uninterrupted['seconds']:.1f}s")
+
+
+def _tree(pid: int) -> list:
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _ray_leftovers(private_dir: str) -> list:
+    """Processes of the subprocess's own Ray: their command lines name its private temp dir."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(private_dir in arg for arg in p.info["cmdline"] or ()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _kill(proc: subprocess.Popen, private_dir: str) -> list[int]:
+    """SIGKILL the subprocess's process group (and, by pid, any descendant or Ray process of its own that left the
+    group); returns the pids that were still alive after the group kill."""
+    import psutil
+
+    tree = _tree(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group id is the subprocess's pid
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(tree, timeout=20)
+    return _kill_leftovers(private_dir, alive)
+
+
+def _kill_leftovers(private_dir: str, alive: list = ()) -> list[int]:
+    """SIGKILL, by pid, ``alive`` and any process that names ``private_dir``; returns their pids."""
+    import psutil
+
+    survivors = list(alive) + [p for p in _ray_leftovers(private_dir) if p not in alive]
+    for p in survivors:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(survivors, timeout=20)
+    return [p.pid for p in survivors]
+
+
+def _wait_for(predicate, proc: subprocess.Popen, log_path: Path, what: str, timeout: float = KILL_TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"pipeline exited ({proc.returncode}) before {what}:\n"
+                                 + log_path.read_text()[-4000:])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n" + log_path.read_text()[-4000:])
+        time.sleep(0.2)
+
+
+def test_b_a_run_killed_during_merge_resumes_and_gives_the_same_table(tmp_path, seed, uninterrupted, ray_local):
+    out = tmp_path / "run"
+    log_path = tmp_path / "pipeline.log"
+    private = tempfile.mkdtemp(prefix="lmlx-ray-")  # short: Ray's socket paths live under it (108-byte limit)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=private, PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "jobs/pipeline.py", "--config", "configs/tiny.yaml",
+                                 *micro_overrides(out, seed)],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: (out / "experts" / MARKER).is_file(), proc, log_path, "experts/_SUCCESS.json")
+        partial = out / "merge.partial"
+        # merge has started: its work dir exists; give it until the merged MoE is being written (the fine-tune on
+        # Ray Train comes next), so the kill leaves a non-empty .partial directory behind
+        _wait_for(lambda: (partial / "merged").is_dir(), proc, log_path, "merge.partial/merged", timeout=300)
+    finally:
+        survivors = _kill(proc, private) if proc.poll() is None else _kill_leftovers(private)
+        killed_at = time.perf_counter() - t0
+        shutil.rmtree(private, ignore_errors=True)
+    first = log_path.read_text()
+    assert proc.returncode == -signal.SIGKILL, first[-3000:]
+    assert survivors == [], f"processes outlived the process-group kill: {survivors}"
+
+    # state after the kill: three finished stages, merge half-written, nothing later
+    before = markers(out)
+    assert list(before) == ["data", "partition", "experts"], first[-3000:]
+    assert "[merge] running" in first and "[merge] done" not in first
+    assert partial.is_dir() and not (out / "merge").exists()
+    assert not (out / "evaluate").exists() and not (out / "export").exists()
+    # The worst moment to die: merge had written its marker into the work dir but not renamed it yet. Plant that
+    # marker (same fingerprint: A's merge marker, the recipe is the same) to show a .partial is never taken as done.
+    (partial / MARKER).write_bytes(uninterrupted["markers"]["merge"])
+    for stage in before:  # same recipe, same fingerprints as the uninterrupted run
+        assert json.loads(before[stage])["fingerprint"] == json.loads(uninterrupted["markers"][stage])["fingerprint"]
+
+    lines: list[str] = []
+    t1 = time.perf_counter()
+    results = run_pipeline(load_config("configs/tiny.yaml", micro_overrides(out, seed)), log=lines.append)
+    resumed_s = time.perf_counter() - t1
+    reused = [s for s in STAGES if results[s].reused]
+    recomputed = [s for s in STAGES if not results[s].reused]
+    assert reused == ["data", "partition", "experts"] and len(recomputed) == 3
+    for stage in reused:
+        assert any(line.startswith(f"[{stage}] reusing {out / stage}") for line in lines), lines
+        finished_at = json.loads(before[stage])["provenance"]["finished_at"]
+        assert f"[{stage}] reusing {out / stage} (finished {finished_at})" in lines
+    for stage in recomputed:
+        assert f"[{stage}] running -> {out / stage}" in lines, lines
+    after = markers(out)
+    assert list(after) == list(STAGES)
+    assert {s: after[s] for s in reused} == before  # untouched, byte for byte (same finished_at, timings)
+    assert not list(out.glob("*.partial"))
+    assert after["merge"] != uninterrupted["markers"]["merge"]  # a fresh marker, not the planted one
+
+    # the interruption changes nothing in the results
+    resumed = outcome(out)
+    expected = uninterrupted["outcome"]
+    assert resumed["expert_weights"] == expected["expert_weights"]
+    assert resumed["moe_weights"] == expected["moe_weights"]
+    assert resumed["moe_predictions"] == expected["moe_predictions"]
+    assert resumed["results"] == expected["results"]
+    print(f"\nsubprocess killed after {killed_at:.1f}s (during merge); resumed run: {resumed_s:.1f}s, "
+          f"reused {reused}, recomputed {recomputed}")
+
+
+def test_c_a_finetune_change_recomputes_merge_and_everything_after(uninterrupted, seed, ray_local):
+    """``finetune.enabled=false`` (a ``finetune.*`` change that also skips the Ray Train fine-tune, to stay cheap):
+    the merge fingerprint changes, so merge, evaluate and export are recomputed; data, partition, experts are not."""
+    out = uninterrupted["out"]
+    before = markers(out)
+    lines: list[str] = []
+    results = run_pipeline(load_config("configs/tiny.yaml", micro_overrides(out, seed, "finetune.enabled=false")),
+                           log=lines.append)
+    after = markers(out)
+    for stage in ("data", "partition", "experts"):
+        assert results[stage].reused and after[stage] == before[stage]
+        assert any(line.startswith(f"[{stage}] reusing {out / stage}") for line in lines)
+    for stage in ("merge", "evaluate", "export"):
+        assert not results[stage].reused and after[stage] != before[stage]
+        assert json.loads(after[stage])["fingerprint"] != json.loads(before[stage])["fingerprint"]
+        assert f"[{stage}] running -> {out / stage}" in lines
+    assert sum(not results[s].reused for s in STAGES) == 3
+    assert json.loads((out / "merge" / "merge.json").read_text())["finetune"] is None
+    # the new config took effect: the served MoE is now the merge without fine-tune
+    assert digest(out / "merge" / "model" / "model.safetensors") == \
+        digest(out / "merge" / "merged" / "model.safetensors") != uninterrupted["outcome"]["moe_weights"]
+    assert not list(out.glob("*.partial"))
