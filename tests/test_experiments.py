@@ -68,7 +68,7 @@ def _micro(tmp_path, seed_dir) -> list[str]:
             "partition.plot_sample=30", "train.max_steps=2", "train.eval_every=2", "train.batch_size=4",
             "train.precision=fp32", "finetune.max_steps=1", "finetune.batch_size=4", "evaluate.max_rows=6",
             "evaluate.max_new_tokens=4", "evaluate.metrics=[bleu_a, rouge_l]", "evaluate.baselines=[constant, dense]",
-            "evaluate.no_repeat_ngram_size=0"]
+            "evaluate.no_repeat_ngram_size=0", "evaluate.best_of_n=1"]
 
 
 @pytest.mark.slow

@@ -138,7 +138,8 @@ def micro_overrides(out: Path, seed: Path) -> list[str]:
             "embed.num_actors=1", "partition.n_experts=2", "partition.plot_sample=16",
             "resources.cpus_per_worker=0.5", "train.max_steps=2", "train.eval_every=2", "train.batch_size=4",
             "train.precision=fp32", "finetune.max_steps=2", "finetune.batch_size=4", "evaluate.max_rows=6",
-            "evaluate.max_new_tokens=4", "evaluate.baselines=[constant]", "evaluate.metrics=[bleu_a, rouge_l, length]"]
+            "evaluate.max_new_tokens=4", "evaluate.baselines=[constant]", "evaluate.metrics=[bleu_a, rouge_l, length]",
+            "evaluate.best_of_n=1"]
 
 
 def test_pipeline_runs_as_a_ray_job_on_a_head_node(tmp_path, ray_head):
