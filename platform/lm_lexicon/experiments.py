@@ -232,7 +232,7 @@ class Variant:
 PARTITION_VARIANTS = [Variant("semantic", ["partition.method=semantic"], label="semantic (default)"),
                       Variant("lexical", ["partition.method=lexical"], label="lexical (TF-IDF)"),
                       Variant("random", ["partition.method=random"], label="random"),
-                      Variant("none", ["partition.method=none"], label="none (1 domain = dense)")]
+                      Variant("none", ["partition.method=none", "partition.n_experts=1"], label="none (1 domain = dense)")]
 ROUTING_VARIANTS = [Variant("domain", ["merge.routing=domain"], True, "domain (default)"),
                     Variant("token-top1", ["merge.routing=token", "merge.top_k=1"], True, "token top-1"),
                     Variant("token-top2", ["merge.routing=token", "merge.top_k=2"], True, "token top-2"),
