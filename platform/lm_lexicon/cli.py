@@ -246,5 +246,95 @@ def config_validate(paths: List[Path] = typer.Argument(..., help="Recipes to val
     raise typer.Exit(2 if bad else 0)
 
 
+@app.command("serve")
+def serve_cmd(
+        output_dir: Path = typer.Argument(..., help="Pipeline output directory (e.g. runs/tiny)."),
+        host: str = typer.Option("127.0.0.1", help="HTTP bind address."),
+        port: int = typer.Option(8000, help="HTTP port."),
+        args_file: Optional[Path] = typer.Option(None, "--args", help="YAML/JSON of ServeArgs fields (see "
+                                                                      "serve_app/serve_config.yaml's args)."),
+        max_batch_size: Optional[int] = typer.Option(None, help="@serve.batch size of every expert."),
+        auth_token_env: Optional[str] = typer.Option(None, help="Env var holding the bearer token (default "
+                                                                "LM_LEXICON_API_TOKEN; auth is off when unset)."),
+        address: Optional[str] = typer.Option(None, help="Connect to a running Ray cluster instead of starting one."),
+        reserve_cpus: bool = typer.Option(False, help="Keep the args' CPU reservations (default: 0 per replica "
+                                                      "locally, so every expert fits on a laptop).")) -> None:
+    """Serve a pipeline's experts over HTTP with Ray Serve (router + one expert per domain + scorer); Ctrl-C stops."""
+    import yaml
+
+    from lm_lexicon.serving.local import serve_local
+
+    overrides: dict = {}
+    if args_file is not None:
+        try:
+            overrides = yaml.safe_load(args_file.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            console.print(f"[red]cannot read {args_file}: {e}[/red]")
+            raise typer.Exit(2)
+        if not isinstance(overrides, dict):
+            console.print(f"[red]{args_file} must hold a mapping of ServeArgs fields[/red]")
+            raise typer.Exit(2)
+    if max_batch_size is not None:
+        overrides.setdefault("expert", {})["max_batch_size"] = max_batch_size
+    if auth_token_env is not None:
+        overrides["auth_token_env"] = auth_token_env
+    try:
+        serve_local(output_dir, host=host, port=port, overrides=overrides, address=address,
+                    local_resources=not reserve_cpus, log=lambda m: console.print(m, markup=False, highlight=False))
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
+        console.print(str(e), style="red", markup=False, highlight=False)
+        raise typer.Exit(2)
+
+
+@app.command("define")
+def define_cmd(
+        term: Optional[str] = typer.Argument(None, help="The term (omit with --input)."),
+        context: str = typer.Option("", "--context", "-c", help="A usage example of the term."),
+        lang: str = typer.Option("en", "--lang", "-l", help="Language code."),
+        n: int = typer.Option(1, "--n", "-n", help="Best-of-n (1: greedy)."),
+        scores: bool = typer.Option(False, "--scores", help="Return reward-model scores."),
+        input_path: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL of {term, context?, lang?}."),
+        output_path: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL out (batch mode; default "
+                                                                                "<input>.defined.jsonl)."),
+        batch_size: int = typer.Option(16, help="Rows per request (batch mode)."),
+        concurrency: int = typer.Option(2, help="Requests in flight (batch mode)."),
+        url: str = typer.Option("http://127.0.0.1:8000", envvar="LM_LEXICON_URL", help="Server URL."),
+        token: Optional[str] = typer.Option(None, envvar="LM_LEXICON_API_TOKEN", help="Bearer token."),
+        as_json: bool = typer.Option(False, "--json", help="Print the full JSON result."),
+        progress: bool = typer.Option(True, help="Progress bar (batch mode).")) -> None:
+    """Ask a running server (`lm-lexicon serve`) for a definition, or define every row of a JSONL file."""
+    from lm_lexicon.serving.client import ApiClientError, LexiconClient, define_file
+
+    if (term is None) == (input_path is None):
+        console.print("[red]give a TERM or --input FILE (not both)[/red]")
+        raise typer.Exit(2)
+    with LexiconClient(url, token=token) as client:
+        try:
+            if input_path is not None:
+                out = output_path or input_path.with_name(input_path.stem + ".defined.jsonl")
+                s = define_file(client, input_path, out, batch_size=batch_size, concurrency=concurrency, n=n,
+                                return_scores=scores, progress=progress)
+                console.print(f"{s.defined:,} of {s.rows:,} rows defined in {s.seconds:.1f} s -> {s.output}",
+                              markup=False, highlight=False)
+                if s.rejected:
+                    table = Table(title=f"{len(s.rejected)} rejected rows (all in {s.rejected_path})")
+                    table.add_column("line", justify="right")
+                    table.add_column("reason", overflow="fold")
+                    for r in s.rejected[:20]:
+                        table.add_row(str(r.line), r.reason)
+                    console.print(table)
+                raise typer.Exit(0 if s.defined or not s.rows else 1)
+            res = client.define_one(term, context, lang, n=n, return_scores=scores)
+        except ApiClientError as e:
+            console.print(str(e), style="red", markup=False, highlight=False)
+            raise typer.Exit(2 if 400 <= e.status < 500 else 1)
+    if as_json:
+        print(json.dumps(res, indent=2, ensure_ascii=False))
+        return
+    console.print(res["definition"], markup=False, highlight=False)
+    extra = f"domain {res['domain']}" + (f", score {res['score']:.3f}" if res.get("score") is not None else "")
+    console.print(f"({extra}; {res['timing_ms']['total']:.0f} ms)", style="dim", markup=False, highlight=False)
+
+
 if __name__ == "__main__":
     app()
