@@ -60,6 +60,7 @@ def test_micro_pipeline_through_evaluate_and_export(tmp_path, ray_local):
 
     exported = json.loads((results["export"].path / "export.json").read_text())
     assert exported["routing"] == "domain"
+    assert exported["collapsed"] == str(results["export"].path / "collapsed")  # the final path, not the .partial one
     from transformers import AutoModelForCausalLM
 
     dense_0 = AutoModelForCausalLM.from_pretrained(results["export"].path / "collapsed" / "domain-0")

@@ -28,8 +28,10 @@ def export_model(moe_dir: Path, out_dir: Path, routing: str, log=print, final_di
             written["mixtral_skipped"] = str(e)
     else:
         written["skipped"] = f"no standard export for {routing!r} routing; load the MoE with lm_lexicon.moe.load"
-    for kind, path in written.items():  # name where it will be once the stage is finished, not the work dir
-        log(f"[export] {kind}: {path.replace(str(out_dir), str(final_dir or out_dir))}")
+    final = str(final_dir or out_dir)  # record and log where it will be once the stage is finished, not the work dir
+    written = {k: v.replace(str(out_dir), final) if k in ("collapsed", "mixtral") else v for k, v in written.items()}
+    for kind, path in written.items():
+        log(f"[export] {kind}: {path}")
     (out_dir / "export.json").write_text(json.dumps({"routing": routing, **written}, indent=2))
     return written
 
