@@ -155,7 +155,11 @@ def _kill_leftovers(private_dir: str, alive: list = ()) -> list[int]:
     """SIGKILL, by pid, ``alive`` and any process that names ``private_dir``; returns their pids."""
     import psutil
 
-    survivors = list(alive) + [p for p in _ray_leftovers(private_dir) if p not in alive]
+    leftovers = [p for p in _ray_leftovers(private_dir) if p not in alive]
+    # a local Ray's daemons (started in sessions of their own) exit by themselves once their driver is gone, after
+    # a few seconds: only those still alive after a grace period outlived the kill
+    _, still_running = psutil.wait_procs(leftovers, timeout=30)
+    survivors = list(alive) + list(still_running)
     for p in survivors:
         try:
             p.kill()
