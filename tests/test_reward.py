@@ -14,6 +14,7 @@ import pytest
 from lm_lexicon.data.records import Record
 from lm_lexicon.metrics import sentence_bleu_a
 from lm_lexicon.reward import (PreferencePair, RewardModel, best_of_n, bon_curve, build_preference_pairs,
+                               build_ranked_sample_pairs,
                                oracle_best_of_n, pairwise_accuracy, plot_bon_curve)
 from lm_lexicon.sft import record_prompt
 
@@ -116,6 +117,29 @@ def test_build_preference_pairs_keeps_the_most_likely_non_gold_samples():
     assert sub == build_preference_pairs(records, samples, logprobs, top_k=8, ratio=1, seed=3)
     with pytest.raises(ValueError, match="sample lists"):
         build_preference_pairs(records, samples[:1])
+
+
+def test_ranked_sample_pairs_prefer_the_sample_closer_to_the_references():
+    records = [Record(term="t", context="", definition="a b c d", source="t"),
+               Record(term="u", context="", definition="e f", source="t")]
+    # Protocol A vs "a b c d": "a b c d" 1.0; "a b c x" (0.8*0.75*(2/3)*0.5)^(1/4) = 0.6687;
+    # "q r s t" (1/5*1/4*1/3*1/2)^(1/4) = 0.3021; "a b c d." is "a b c d" again; "" is dropped
+    samples = [["a b c x", "a b c d", "q r s t", "a b c d.", ""], ["e f", "E F."]]  # record 1: one distinct sample
+    references = [["a b c d"], ["e f"]]
+    pairs = build_ranked_sample_pairs(records, samples, references, per_record=8, margin=0.05)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("a b c x", "q r s t"), ("a b c d", "a b c x"),
+                                                       ("a b c d", "q r s t")]
+    assert all(p.index == 0 and p.prompt == record_prompt(records[0]) for p in pairs)
+    wide = build_ranked_sample_pairs(records, samples, references, per_record=8, margin=0.35)  # gaps .331/.367/.698
+    assert [(p.chosen, p.rejected) for p in wide] == [("a b c x", "q r s t"), ("a b c d", "q r s t")]
+    two = build_ranked_sample_pairs(records, samples, references, per_record=2, margin=0.05, seed=5)
+    assert len(two) == 2 and set(two) <= set(pairs)
+    assert two == build_ranked_sample_pairs(records, samples, references, per_record=2, margin=0.05, seed=5)
+    assert build_ranked_sample_pairs(records, samples, references, per_record=0) == []
+    with pytest.raises(ValueError, match="reference lists"):
+        build_ranked_sample_pairs(records, samples, references[:1])
+    with pytest.raises(ValueError, match="margin"):
+        build_ranked_sample_pairs(records, samples, references, margin=1.0)
 
 
 # =================================================================================================== selection

@@ -29,12 +29,15 @@ class SampledSet:
     domains: Optional[list[int]]
     samples: list[list[str]]
     logprobs: list[list[float]] = field(default_factory=list)
+    references: Optional[list[list[str]]] = None  # per record: every definition of its headword in its split
 
 
 def sample_definitions(generator, records: Sequence, domains: Optional[Sequence[int]], settings,
-                       with_logprobs: bool = True) -> SampledSet:
+                       with_logprobs: bool = True,
+                       references: Optional[Sequence[Sequence[str]]] = None) -> SampledSet:
     """Draw ``settings.num_return_sequences`` samples per record in process (``generator``: a loaded
-    :class:`lm_lexicon.generate.DefinitionGenerator`), and their log-probabilities when asked."""
+    :class:`lm_lexicon.generate.DefinitionGenerator`), and their log-probabilities when asked. ``references``
+    (per record) are carried along for the ranked sample pairs."""
     from lm_lexicon.sft import record_prompt
 
     records = list(records)
@@ -50,7 +53,10 @@ def sample_definitions(generator, records: Sequence, domains: Optional[Sequence[
         for ss in samples:
             logprobs.append(flat[k:k + len(ss)])
             k += len(ss)
-    return SampledSet(records, None if domains is None else list(domains), samples, logprobs)
+    refs = None if references is None else [list(r) for r in references]
+    if refs is not None and len(refs) != len(records):
+        raise ValueError(f"{len(refs)} reference lists for {len(records)} records")
+    return SampledSet(records, None if domains is None else list(domains), samples, logprobs, refs)
 
 
 def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg, seed: int = 0,
@@ -60,25 +66,51 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
     ``report``: pair counts, training metrics, and ``valid_accuracy`` (fraction of held-out pairs where the gold
     definition outscores the sample) next to the accuracy before training (the random head), so the gain is visible.
     """
-    from lm_lexicon.reward import RewardModel, build_preference_pairs, pairwise_accuracy
+    from lm_lexicon.reward import RewardModel, build_preference_pairs, build_ranked_sample_pairs, pairwise_accuracy
 
-    train_pairs = build_preference_pairs(train.records, train.samples, train.logprobs, top_k=reward_cfg.top_k,
-                                         ratio=reward_cfg.ratio, seed=seed)
-    valid_pairs = build_preference_pairs(valid.records, valid.samples, valid.logprobs, top_k=reward_cfg.top_k,
-                                         ratio=reward_cfg.ratio, seed=seed)
+    def pairs_of(sampled: SampledSet):
+        gold = build_preference_pairs(sampled.records, sampled.samples, sampled.logprobs, top_k=reward_cfg.top_k,
+                                      ratio=reward_cfg.ratio, seed=seed)
+        ranked = []
+        if reward_cfg.sample_pairs:
+            if sampled.references is None:
+                raise ValueError("reward.sample_pairs > 0 needs the records' references (sample_definitions("
+                                 "references=...))")
+            ranked = build_ranked_sample_pairs(sampled.records, sampled.samples, sampled.references,
+                                               per_record=reward_cfg.sample_pairs, margin=reward_cfg.sample_margin,
+                                               seed=seed)
+        return gold, ranked
+
+    train_gold, train_ranked = pairs_of(train)
+    valid_gold, valid_ranked = pairs_of(valid)
+    train_pairs = train_gold + train_ranked
     if not train_pairs:
         raise ValueError("no preference pairs: every sample equals its gold definition")
     model = RewardModel.from_encoder(reward_cfg.encoder, max_length=reward_cfg.max_length, seed=seed,
                                      num_hidden_layers=reward_cfg.num_hidden_layers)
-    before = pairwise_accuracy(model, valid_pairs) if valid_pairs else float("nan")
+
+    def accuracies() -> tuple[float, float]:
+        nan = float("nan")
+        return (pairwise_accuracy(model, valid_gold) if valid_gold else nan,
+                pairwise_accuracy(model, valid_ranked) if valid_ranked else nan)
+
+    before_gold, before_ranked = accuracies()
     t0 = time.perf_counter()
     metrics = model.train(train_pairs, epochs=reward_cfg.epochs, lr=reward_cfg.lr, batch_size=reward_cfg.batch_size,
                           seed=seed)
-    after = pairwise_accuracy(model, valid_pairs) if valid_pairs else float("nan")
-    log(f"[evaluate] reward model: {len(train_pairs)} training pairs in {time.perf_counter() - t0:.0f}s; "
-        f"held-out pairwise accuracy {after:.3f} (untrained head {before:.3f}, chance 0.5) on {len(valid_pairs)} pairs")
-    report = {"train_pairs": len(train_pairs), "valid_pairs": len(valid_pairs), "valid_accuracy": after,
-              "valid_accuracy_untrained": before, "train_records": len(train.records),
+    after_gold, after_ranked = accuracies()
+    ranked_note = (f"; sample-vs-sample {after_ranked:.3f} (untrained {before_ranked:.3f}) on {len(valid_ranked)}"
+                   if valid_ranked else "")
+    log(f"[evaluate] reward model: {len(train_gold)} gold + {len(train_ranked)} sample-vs-sample training pairs in "
+        f"{time.perf_counter() - t0:.0f}s; held-out pairwise accuracy gold-vs-sample {after_gold:.3f} (untrained head "
+        f"{before_gold:.3f}, chance 0.5) on {len(valid_gold)} pairs{ranked_note}")
+    # valid_accuracy / valid_pairs: gold vs sample (the paper's check); *_samples: sample vs sample (what BoN needs)
+    report = {"train_pairs": len(train_pairs), "train_gold_pairs": len(train_gold),
+              "train_sample_pairs": len(train_ranked), "valid_pairs": len(valid_gold),
+              "valid_accuracy": after_gold, "valid_accuracy_untrained": before_gold,
+              "valid_sample_pairs": len(valid_ranked), "valid_accuracy_samples": after_ranked,
+              "valid_accuracy_samples_untrained": before_ranked,
+              "sample_margin": reward_cfg.sample_margin, "train_records": len(train.records),
               "valid_records": len(valid.records), "loss_first": metrics["loss_first"],
               "loss_last": metrics["loss_last"], "train_accuracy": metrics["epoch_accuracy"][-1],
               "seconds": round(metrics["seconds"], 1)}

@@ -226,6 +226,12 @@ class RewardConfig(_Strict):
     samples: int = Field(16, ge=1, le=64, description="Definitions sampled per record.")
     top_k: int = Field(8, ge=1, description="Keep the k most likely samples (by the generator) as negatives.")
     ratio: Optional[int] = Field(None, ge=1, description="At most this many negatives per gold (None: all top_k).")
+    sample_pairs: int = Field(4, ge=0, le=64, description="Also up to this many (better, worse) pairs of the "
+                                                          "record's own samples, ranked by Protocol A BLEU against "
+                                                          "the headword's references (0: gold-vs-sample pairs only, "
+                                                          "the paper's data).")
+    sample_margin: float = Field(0.05, ge=0, lt=1, description="Minimum BLEU gap (in [0, 1]) between the two "
+                                                               "samples of a ranked pair.")
     epochs: int = Field(1, ge=1, description="Passes over the preference pairs.")
     lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate.")
     batch_size: int = Field(16, ge=1, description="Pairs per step.")

@@ -133,6 +133,53 @@ def build_preference_pairs(records: Sequence[Any], samples_per_record: Sequence[
     return pairs
 
 
+def build_ranked_sample_pairs(records: Sequence[Any], samples_per_record: Sequence[Sequence[str]],
+                              references: Sequence[Sequence[str] | str], per_record: int = 4,
+                              margin: float = 0.05, *, seed: int = 0) -> list[PreferencePair]:
+    """(better sample, worse sample) pairs of the same prompt, ranked by Protocol A BLEU against ``references[i]``.
+
+    Gold-vs-sample pairs teach the reward model to tell a dictionary definition from the policy's samples; Best-of-N
+    needs it to rank the samples among themselves, which those pairs never show it. Here the reference decides which
+    of two samples is better: every pair of distinct (normalised) samples whose BLEU differs by at least ``margin``
+    (in [0, 1]) is a candidate, and at most ``per_record`` of them are drawn (seeded, uniformly). Records with
+    fewer than two distinct samples, or no pair that far apart, contribute nothing.
+    """
+    if len(samples_per_record) != len(records) or len(references) != len(records):
+        raise ValueError(f"{len(records)} records, {len(samples_per_record)} sample lists, "
+                         f"{len(references)} reference lists")
+    if per_record < 0:
+        raise ValueError(f"per_record must be >= 0, got {per_record}")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    pairs: list[PreferencePair] = []
+    if per_record == 0:
+        return pairs
+    rng = np.random.default_rng(seed)
+    for i, (record, samples, refs) in enumerate(zip(records, samples_per_record, references)):
+        if isinstance(samples, str):
+            raise TypeError(f"samples_per_record[{i}] is a string; expected a list of strings")
+        prompt, _ = _gold_and_prompt(record)
+        distinct: dict[str, str] = {}
+        for text in samples:
+            text = str(text).strip()
+            key = normalize_definition(text)
+            if key and key not in distinct:
+                distinct[key] = text
+        texts = list(distinct.values())
+        if len(texts) < 2:
+            continue
+        scores = _bleu_a_scores(texts, refs)
+        candidates = [(scores[a] - scores[b], a, b) for a in range(len(texts)) for b in range(len(texts))
+                      if scores[a] - scores[b] >= max(margin, 1e-12)]
+        if not candidates:
+            continue
+        if len(candidates) > per_record:  # a seeded random subset: every sample can appear, not just the extremes
+            chosen = sorted(rng.choice(len(candidates), size=per_record, replace=False).tolist())
+            candidates = [candidates[k] for k in chosen]
+        pairs.extend(PreferencePair(prompt, texts[a], texts[b], i) for _, a, b in candidates)
+    return pairs
+
+
 # =================================================================================================== the model
 def _torch_modules():
     import torch

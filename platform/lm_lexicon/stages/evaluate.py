@@ -233,13 +233,17 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         predictions: dict[str, list[dict]] = {}
         t0 = time.perf_counter()
         retrieval = None
-        embedder = Embedder(cfg.embed.model, batch_size=cfg.embed.batch_size, max_length=cfg.embed.max_length)
+
+        def fit_retrieval():  # the encoder loads only when a retrieval baseline needs it
+            embedder = Embedder(cfg.embed.model, batch_size=cfg.embed.batch_size, max_length=cfg.embed.max_length)
+            # the partition stage already embedded train.jsonl, row for row, with this same encoder
+            return RetrievalBaseline().fit(train, embedder, embeddings=np.load(partition_dir / "embeddings.npy"))
+
         if "constant" in ev.baselines:
             constant = ConstantBaseline().fit(train)
             predictions["constant"] = _baseline_predictions("constant", constant.predict(records), records, domains)
         if "retrieval" in ev.baselines:
-            # the partition stage already embedded train.jsonl, row for row, with this same encoder
-            retrieval = RetrievalBaseline().fit(train, embedder, embeddings=np.load(partition_dir / "embeddings.npy"))
+            retrieval = fit_retrieval()
             predictions["retrieval"] = _baseline_predictions("retrieval", retrieval.predict(records), records,
                                                              domains)
         settings = GenerationSettings.from_eval_config(ev, sample=False)  # the table is greedy; BoN samples below
@@ -256,7 +260,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             if ev.icl_model not in paths:
                 raise ValueError(f"evaluate.icl_model={ev.icl_model!r} but the run has no {ev.icl_model} model")
             if method == "retrieval" and retrieval is None:
-                retrieval = RetrievalBaseline().fit(train, embedder, embeddings=np.load(partition_dir / "embeddings.npy"))
+                retrieval = fit_retrieval()
             prompts = build_icl_prompts(records, train, k=ev.icl_shots, method=method, seed=cfg.data.seed,
                                         retriever=retrieval if method == "retrieval" else None)
             models.append((f"icl-{method}", paths[ev.icl_model], None, prompts))
@@ -370,7 +374,9 @@ def _max_positions(model_path: Path) -> int:
 
 
 def _partition_rows(partition_dir: Path, split: str, n: int, seed: int):
-    """A seeded sample of ``n`` rows of a split with their domains (train: the domain files; else split.parquet)."""
+    """A seeded sample of ``n`` rows of a split: (records, domains, references), the references of a record being
+    every definition of its headword in the split (Protocol A's grouping). Train: the domain files; else
+    split.parquet."""
     import pandas as pd
 
     from lm_lexicon.data.records import Record
@@ -379,7 +385,13 @@ def _partition_rows(partition_dir: Path, split: str, n: int, seed: int):
     frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     rows = [Record.from_dict({k: (None if v != v else v) for k, v in row.items()})
             for row in frame.drop(columns=["domain"]).to_dict("records")]
-    return _sample(rows, frame["domain"].astype(int).tolist(), n, seed)
+    by_term: dict[str, list[str]] = {}
+    for r in rows:
+        group = by_term.setdefault(r.term, [])
+        if r.definition not in group:
+            group.append(r.definition)
+    records, domains = _sample(rows, frame["domain"].astype(int).tolist(), n, seed)
+    return records, domains, [by_term[r.term] for r in records]
 
 
 def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,
@@ -400,12 +412,14 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     sampling = GenerationSettings.from_eval_config(ev, sample=True, seed=cfg.data.seed)
     generator = DefinitionGenerator(model_path, torch_threads=threads, settings=sampling, model_name=name)
     orm_sampling = sampling.replace(num_return_sequences=rc.samples)
-    train_rows, train_domains = _partition_rows(partition_dir, "train", rc.train_rows, cfg.data.seed)
-    valid_rows, valid_domains = _partition_rows(partition_dir, "valid", rc.valid_rows, cfg.data.seed)
+    train_rows, train_domains, train_refs = _partition_rows(partition_dir, "train", rc.train_rows, cfg.data.seed)
+    valid_rows, valid_domains, valid_refs = _partition_rows(partition_dir, "valid", rc.valid_rows, cfg.data.seed)
     log(f"[evaluate] reward model data: {rc.samples} samples from {name} for {len(train_rows)} train and "
         f"{len(valid_rows)} valid records")
-    train_set = sample_definitions(generator, train_rows, train_domains if is_moe else None, orm_sampling)
-    valid_set = sample_definitions(generator, valid_rows, valid_domains if is_moe else None, orm_sampling)
+    train_set = sample_definitions(generator, train_rows, train_domains if is_moe else None, orm_sampling,
+                                   references=train_refs)
+    valid_set = sample_definitions(generator, valid_rows, valid_domains if is_moe else None, orm_sampling,
+                                   references=valid_refs)
     del generator
     reward_model, orm_report = train_outcome_reward_model(train_set, valid_set, rc, seed=cfg.data.seed, log=log)
     reward_model.save(work / "reward_model")
@@ -455,13 +469,28 @@ def render_bon_section(bon: dict) -> str:
         "", f"## Best-of-N ({bon['model']})", "",
         f"Outcome reward model (`{bon['sampling']['num_return_sequences']}` samples per input, T "
         f"{bon['sampling']['temperature']}, top-k {bon['sampling']['top_k']}, top-p {bon['sampling']['top_p']}): "
-        f"trained on {orm['train_pairs']} (gold, sample) pairs from {orm['train_records']} training records; "
-        f"held-out pairwise accuracy **{orm['valid_accuracy']:.3f}** on {orm['valid_pairs']} pairs from "
-        f"{orm['valid_records']} validation records (untrained head: {orm['valid_accuracy_untrained']:.3f}; "
-        "chance: 0.5).", "",
+        f"trained on {orm.get('train_gold_pairs', orm['train_pairs'])} (gold, sample) pairs"
+        f"{_ranked_pairs_note(orm)} from {orm['train_records']} training records; "
+        f"held-out pairwise accuracy gold vs sample **{orm['valid_accuracy']:.3f}** on {orm['valid_pairs']} pairs "
+        f"from {orm['valid_records']} validation records (untrained head: {orm['valid_accuracy_untrained']:.3f}; "
+        f"chance: 0.5){_ranked_accuracy_note(orm)}.", "",
         *_language_filter_lines(bon.get("language_filter") or {}),
         "Mean Protocol A BLEU of the selected sample among the first N (oracle = an upper bound that reads the "
         "references, not a method):", "", curve_table(bon["curves"]), "", "![BoN curve](bon.png)", ""])
+
+
+def _ranked_pairs_note(orm: dict) -> str:
+    if not orm.get("train_sample_pairs"):
+        return ""
+    return (f" and {orm['train_sample_pairs']} (better, worse) pairs of samples ranked by Protocol A BLEU (gap >= "
+            f"{100 * orm['sample_margin']:.0f} points)")
+
+
+def _ranked_accuracy_note(orm: dict) -> str:
+    if not orm.get("valid_sample_pairs"):
+        return ""
+    return (f"; sample vs sample **{orm['valid_accuracy_samples']:.3f}** on {orm['valid_sample_pairs']} held-out "
+            f"pairs (untrained head: {orm['valid_accuracy_samples_untrained']:.3f})")
 
 
 def _language_filter_lines(lf: dict) -> list[str]:
