@@ -54,7 +54,15 @@ def test_micro_pipeline_through_evaluate_and_export(tmp_path, ray_local):
     assert RewardModel.load(ev / "reward_model").score(["p"], ["d"]).shape == (1,)
     assert metrics["moe:bon-orm-n2"]["bleu_a"]["value"] == pytest.approx(curves["reward model"]["2"], abs=1e-6)
 
+    vs_floor = json.loads((ev / "metrics.json").read_text())["vs_floor"]
+    assert set(vs_floor) == set(metrics) - {"constant"} and "length" not in vs_floor["moe"]
+    for model, by in vs_floor.items():
+        for m, c in by.items():
+            assert c["delta"] == pytest.approx(metrics[model][m]["value"] - metrics["constant"][m]["value"], abs=1e-6)
+            assert 0.0 < c["p_value"] <= 1.0 and c["n"] == 8
+
     report = (ev / "report.md").read_text()
+    assert "## Against the constant floor" in report
     assert "## Best-of-N (moe)" in report and "held-out pairwise accuracy" in report
     assert "| moe |" in report and "By domain" in report and (ev / "metrics.png").stat().st_size > 1000
 
@@ -65,3 +73,18 @@ def test_micro_pipeline_through_evaluate_and_export(tmp_path, ray_local):
 
     dense_0 = AutoModelForCausalLM.from_pretrained(results["export"].path / "collapsed" / "domain-0")
     assert type(dense_0).__name__ == "LlamaForCausalLM"
+
+
+def test_compare_with_floor_gives_paired_differences_and_p_values():
+    from lm_lexicon.stages.evaluate import compare_with_floor, render_floor_section
+
+    floor = {"bleu_a": {"per_item": [10.0, 20.0, 30.0, 40.0]}, "length": {"per_item": [3, 3, 3, 3]}}
+    better = {"bleu_a": {"per_item": [12.0, 22.0, 32.0, 42.0]}, "length": {"per_item": [7, 8, 6, 9]}}
+    same = {"bleu_a": {"per_item": [10.0, 20.0, 30.0, 40.0]}, "rouge_l": {"per_item": [1.0, 2.0, 3.0, 4.0]}}
+    out = compare_with_floor({"constant": floor, "dense": better, "moe": same})
+    # 4 lines, every difference +2: of the 16 sign flips only all-plus and all-minus reach |mean| 2 -> p = 2/16
+    assert out["dense"] == {"bleu_a": {"delta": pytest.approx(2.0), "p_value": pytest.approx(2 / 16), "n": 4}}
+    assert out["moe"] == {"bleu_a": {"delta": 0.0, "p_value": 1.0, "n": 4}}  # rouge_l: the floor has none
+    assert compare_with_floor({"dense": better}) == {}
+    text = render_floor_section(out)
+    assert "| dense | +2.00 (0.125) |" in text and "| moe | +0.00 (1.000) |" in text

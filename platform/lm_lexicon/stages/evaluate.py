@@ -118,7 +118,7 @@ def render_language_section(by_language: dict, compliance: dict, meta: dict) -> 
 
 
 def render_report(results: dict, by_domain: dict, by_source: dict, meta: dict, by_language: dict | None = None,
-                  compliance: dict | None = None) -> str:
+                  compliance: dict | None = None, vs_floor: dict | None = None) -> str:
     metrics = [m for m in next(iter(results.values()))]
     lines = [f"# Evaluation: {meta['recipe']} on {meta['split']} ({meta['n_rows']} rows, seed {meta['seed']})", "",
              "Protocol A = Moses sentence BLEU with headword-grouped references (DESIGN §4); Protocol B = SacreBLEU "
@@ -130,6 +130,8 @@ def render_report(results: dict, by_domain: dict, by_source: dict, meta: dict, b
     skipped = {m: r["skipped_reason"] for res in results.values() for m, r in res.items() if r.get("skipped_reason")}
     if skipped:
         lines += ["", "Skipped metrics: " + "; ".join(f"{m}: {why}" for m, why in skipped.items())]
+    if vs_floor:
+        lines += render_floor_section(vs_floor).rstrip("\n").split("\n")
     for title, table in (("domain", by_domain), ("source", by_source)):
         if not table:
             continue
@@ -146,6 +148,55 @@ def render_report(results: dict, by_domain: dict, by_source: dict, meta: dict, b
     lines += ["", "## Metric settings", ""]
     for m, r in first.items():
         lines.append(f"- **{m}**: `{json.dumps(r.get('settings', {}), default=str)}`")
+    return "\n".join(lines) + "\n"
+
+
+FLOOR = "constant"
+
+
+def compare_with_floor(results: dict, floor: str = FLOOR, n_permutations: int = 10000, seed: int = 0) -> dict:
+    """Every other model against the floor baseline, per metric with per-line scores: the mean difference and the
+    two-sided paired sign-flip permutation p-value (same test lines). ``results``: model -> metric -> result with
+    ``per_item``. ``{}`` when the floor was not evaluated."""
+    import numpy as np
+
+    from lm_lexicon.experiments import paired_permutation_test
+
+    if floor not in results:
+        return {}
+    out: dict[str, dict] = {}
+    for model, res in results.items():
+        if model == floor:
+            continue
+        for m, r in res.items():
+            a, b = r.get("per_item"), (results[floor].get(m) or {}).get("per_item")
+            if a is None or b is None or len(a) != len(b) or m == "length":
+                continue
+            out.setdefault(model, {})[m] = {
+                "delta": float(np.mean(a) - np.mean(b)) if len(a) else float("nan"),
+                "p_value": paired_permutation_test(a, b, n_permutations=n_permutations, seed=seed) if len(a) else 1.0,
+                "n": len(a)}
+    return out
+
+
+def render_floor_section(comparison: dict, floor: str = FLOOR) -> str:
+    if not comparison:
+        return ""
+    metrics = list(dict.fromkeys(m for by in comparison.values() for m in by))
+    lines = ["", f"## Against the {floor} floor", "",
+             f"Mean difference to the {floor} baseline on the same lines (points ×100), with the two-sided paired "
+             "sign-flip permutation test's p-value in brackets; **bold**: above the floor at p < 0.05.", "",
+             "| model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for model, by in comparison.items():
+        cells = []
+        for m in metrics:
+            c = by.get(m)
+            if c is None:
+                cells.append("")
+                continue
+            text = f"{c['delta']:+.2f} ({c['p_value']:.3f})"
+            cells.append(f"**{text}**" if c["delta"] > 0 and c["p_value"] < 0.05 else text)
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -309,6 +360,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         notes = [n for n in (bertscore_note(ev, metric_names, records),) if n]
         for n in notes:
             log(f"[evaluate] note: {n}")
+        floor = compare_with_floor(results)
         compact = {m: {k: {kk: vv for kk, vv in v.items() if kk != "per_item"} for k, v in res.items()}
                    for m, res in results.items()}
         compliance = compliance_summary(compact)
@@ -322,9 +374,11 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             meta["prompt_templates"] = templates.to_config()
         (work / "metrics.json").write_text(json.dumps({"meta": meta, "results": compact, "best_of_n": bon_report,
                                                        "by_language": _strip(by_language),
+                                                       "vs_floor": floor,
                                                        "language_compliance": compliance},
                                                       indent=2, default=str))
-        report = render_report(compact, _strip(by_domain), _strip(by_source), meta, _strip(by_language), compliance)
+        report = render_report(compact, _strip(by_domain), _strip(by_source), meta, _strip(by_language), compliance,
+                               vs_floor=floor)
         if bon_report:
             report += render_bon_section(bon_report)
         (work / "report.md").write_text(report)
