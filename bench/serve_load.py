@@ -1,7 +1,7 @@
 """Load test of the Serve application on loopback: concurrency sweep, dynamic batching vs max_batch_size=1, and
 served throughput vs offline batch generation of the same checkpoints on the same prompts.
 
-    python bench/serve_load.py [--output-dir runs/tiny] [--prompts 128] [--concurrency 1,8,32,64] [--rounds 2] [--write]
+    python bench/serve_load.py [--output-dir runs/tiny] [--prompts 384] [--concurrency 1,8,32,128] [--rounds 3] [--write]
 
 Bounded: a sweep point with concurrency c sends min(--prompts, max(16, 8c)) test prompts once
 (``--items-per-request`` per request), with at most c requests in flight. Reported: throughput (definitions/s),
@@ -157,11 +157,11 @@ def app_args(output_dir: Path, max_batch_size: int, wait_s: float, generation: d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output-dir", default=str(REPO / "runs" / "tiny"))
-    ap.add_argument("--prompts", type=int, default=128)
-    ap.add_argument("--concurrency", default="1,8,32,64")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved offline / batched / unbatched rounds")
+    ap.add_argument("--prompts", type=int, default=384)
+    ap.add_argument("--concurrency", default="1,8,32,128")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved offline / batched / unbatched rounds")
     ap.add_argument("--items-per-request", type=int, default=1)
-    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-s", type=float, default=0.02)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="override the pipeline's (default: its)")
     ap.add_argument("--offline-threads", type=int, default=1)

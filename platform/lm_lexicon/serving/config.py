@@ -56,7 +56,7 @@ class DeploymentOptions(BaseModel):
     max_queued_requests: int = Field(-1, ge=-1, description="-1: unbounded queue at the callers' handles.")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    max_batch_size: int = Field(16, ge=1, description="@serve.batch size.")
+    max_batch_size: int = Field(32, ge=1, description="@serve.batch size.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch wait for a fuller batch.")
     torch_threads: Optional[int] = Field(1, ge=1, description="torch intra-op threads per replica (None: torch's "
                                                                "default, every core).")
