@@ -57,6 +57,10 @@ def test_two_experts_and_dense_produce_distinct_checkpoints_and_a_manifest(tmp_p
     assert not torch.equal(weights["expert_0"][name], weights["dense"][name])
     table = manifest["own_domain_validation"]
     assert [r["domain"] for r in table] == [0, 1] and all("dense_loss" in r for r in table)
+    # the finished stage released its Ray Train checkpoints; the runs' directories (logs) stay
+    runs_dirs = sorted(p.name for p in (tmp_path / "ray").glob(f"{cfg.name}-*-{res.fingerprint[:8]}"))
+    assert {f"{cfg.name}-{j}-{res.fingerprint[:8]}" for j in ("expert_0", "expert_1", "dense")} <= set(runs_dirs)
+    assert not [p for p in (tmp_path / "ray").rglob("checkpoint_*") if p.is_dir()]
 
     import mlflow
 
@@ -101,6 +105,7 @@ def test_deepspeed_json_contents_are_part_of_the_experts_fingerprint(tmp_path, m
 
     seen = []
     monkeypatch.setattr(experts, "run_stage", lambda name, path, fp, *a, **k: seen.append(fp))
+    monkeypatch.setattr(experts, "release_checkpoints", lambda *a, **k: None)
     zero = tmp_path / "zero.json"
     zero.write_text('{"zero_optimization": {"stage": 3}}')
     cfg = load_config("configs/llama3-8b-3dex.yaml", [f"train.deepspeed={zero}"])
@@ -120,6 +125,7 @@ def test_dense_baseline_switch_reaches_the_stage(tmp_path, monkeypatch, dense):
     seen = {}
     monkeypatch.setattr(experts, "experts_stage_fn", lambda *a, with_dense=True, **k: seen.setdefault("dense", with_dense))
     monkeypatch.setattr(experts, "run_stage", lambda *a, **k: None)
+    monkeypatch.setattr(experts, "release_checkpoints", lambda *a, **k: None)
     cfg = load_config("configs/tiny.yaml", [f"train.dense_baseline={str(dense).lower()}"])
     experts.run_experts_stage(cfg, StageResult("partition", tmp_path, "p" * 16, False, 0.0, {}))
     assert seen["dense"] is dense

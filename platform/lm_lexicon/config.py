@@ -183,6 +183,10 @@ class ResourcesConfig(_Strict):
         None, ge=1, description="Experts trained at once (None: as many as the cluster's resources allow).")
     storage_path: str = Field("runs/ray", description="Ray Train/Tune storage: a local dir or a cloud URI (s3://...).")
     max_failures: int = Field(2, ge=0, description="Retries of a failed expert run (resumes from its checkpoint).")
+    keep_checkpoints: bool = Field(False, description="Keep a finished stage's Ray Train checkpoints (model weights, "
+                                                      "~2 GB per tiny run) under a local storage_path; its final "
+                                                      "models are in the stage directory either way, and the runs' "
+                                                      "logs and metrics stay.")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; None: connect to a running one or start locally.")
     num_cpus: Optional[int] = Field(None, ge=1, description="When Ray is started locally: logical CPUs to give it.")
     object_store_memory_mb: Optional[int] = Field(None, ge=50, description="When started locally: object store size.")

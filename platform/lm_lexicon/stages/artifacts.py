@@ -31,6 +31,35 @@ def fingerprint(cfg, sections: tuple[str, ...], upstream: tuple[str, ...] = ()) 
     return hashlib.sha256(json.dumps([own, list(upstream)]).encode()).hexdigest()[:16]
 
 
+def prune_checkpoints(storage_path: str, run_tag: str, recipe: str) -> tuple[int, int]:
+    """Delete the ``checkpoint_*`` directories of the Ray Train runs ``{recipe}-*-{run_tag}`` under a local
+    ``storage_path`` (a finished stage no longer needs them: it resumes from its own directory). Their logs,
+    ``result.json`` and ``progress.csv`` stay. A remote URI is left alone. Returns (directories removed, bytes)."""
+    if "://" in storage_path:
+        return 0, 0
+    root = Path(storage_path).resolve()
+    removed, freed = 0, 0
+    for run_dir in sorted(root.glob(f"{recipe}-*-{run_tag}")):
+        for ckpt in sorted(run_dir.rglob("checkpoint_*")):
+            if not ckpt.is_dir() or not ckpt.exists():
+                continue
+            freed += sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+            shutil.rmtree(ckpt)
+            removed += 1
+    return removed, freed
+
+
+def release_checkpoints(cfg, result: "StageResult", run_tag: str, log: Callable[[str], None] = print) -> None:
+    """After a stage finished here (not reused), drop its Ray Train checkpoints unless resources.keep_checkpoints."""
+    if result.reused or cfg.resources.keep_checkpoints:
+        return
+    removed, freed = prune_checkpoints(cfg.resources.storage_path, run_tag, cfg.name)
+    if removed:
+        log(f"[{result.name}] removed {removed} Ray Train checkpoint(s) ({freed / 1e6:.0f} MB) under "
+            f"{cfg.resources.storage_path}: the stage directory holds the final models "
+            "(resources.keep_checkpoints=true keeps them)")
+
+
 def stage_done(path: str | Path, fp: str) -> dict | None:
     """The marker of a finished stage with this fingerprint, or None."""
     marker = Path(path) / MARKER

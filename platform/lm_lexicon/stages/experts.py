@@ -33,7 +33,7 @@ from pathlib import Path
 import ray.tune
 
 from lm_lexicon.distributed import DEEPSPEED_STATE_DIR, deepspeed_enabled, resolve_deepspeed_config
-from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
+from lm_lexicon.stages.artifacts import StageResult, fingerprint, release_checkpoints, run_stage
 
 FINAL_MARKER = "FINAL.json"
 FAIL_ONCE_ENV = "LM_LEXICON_FAIL_ONCE_AT_STEP"  # fault injection for the resume test: "<step>:<marker file>"
@@ -381,6 +381,8 @@ def run_experts_stage(cfg, partition_result: StageResult, force: bool = False, l
 
         upstream.append(sha256_file(cfg.train.deepspeed))  # the JSON's contents, not only its path, define the run
     fp = fingerprint(cfg, ("seed_model", "train"), tuple(upstream))
-    return run_stage("experts", Path(cfg.output_dir) / "experts", fp,
-                     experts_stage_fn(cfg, partition_result.path, fp[:8], with_dense=cfg.train.dense_baseline,
-                                      log=log), cfg, force, log)
+    result = run_stage("experts", Path(cfg.output_dir) / "experts", fp,
+                       experts_stage_fn(cfg, partition_result.path, fp[:8], with_dense=cfg.train.dense_baseline,
+                                        log=log), cfg, force, log)
+    release_checkpoints(cfg, result, fp[:8], log)
+    return result

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
+from lm_lexicon.stages.artifacts import StageResult, fingerprint, release_checkpoints, run_stage
 
 
 def _rows_with_domains(partition_dir: Path, split: str):
@@ -164,5 +164,7 @@ def merge_stage_fn(cfg, partition_dir: Path, experts_dir: Path, run_tag: str, lo
 def run_merge_stage(cfg, partition_result: StageResult, experts_result: StageResult, force: bool = False,
                     log=print) -> StageResult:
     fp = fingerprint(cfg, ("merge", "finetune"), (partition_result.fingerprint, experts_result.fingerprint))
-    return run_stage("merge", Path(cfg.output_dir) / "merge", fp,
-                     merge_stage_fn(cfg, partition_result.path, experts_result.path, fp[:8], log), cfg, force, log)
+    result = run_stage("merge", Path(cfg.output_dir) / "merge", fp,
+                       merge_stage_fn(cfg, partition_result.path, experts_result.path, fp[:8], log), cfg, force, log)
+    release_checkpoints(cfg, result, fp[:8], log)
+    return result
