@@ -434,18 +434,15 @@ def _partition_rows(partition_dir: Path, split: str, n: int, seed: int):
     import pandas as pd
 
     from lm_lexicon.data.records import Record
+    from lm_lexicon.metrics.bleu import headword_key, headword_references
 
     files = sorted(partition_dir.glob("domain_*.parquet")) if split == "train" else [partition_dir / f"{split}.parquet"]
     frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     rows = [Record.from_dict({k: (None if v != v else v) for k, v in row.items()})
             for row in frame.drop(columns=["domain"]).to_dict("records")]
-    by_term: dict[str, list[str]] = {}
-    for r in rows:
-        group = by_term.setdefault(r.term, [])
-        if r.definition not in group:
-            group.append(r.definition)
+    groups = headword_references(rows)
     records, domains = _sample(rows, frame["domain"].astype(int).tolist(), n, seed)
-    return records, domains, [by_term[r.term] for r in records]
+    return records, domains, [groups[headword_key(vars(r))] for r in records]
 
 
 def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,
