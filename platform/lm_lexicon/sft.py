@@ -406,6 +406,24 @@ def evaluate_loss(model, tokenizer, records: Sequence[Record] | SFTDataset, *, m
 
 
 # =================================================================================================== optimisation
+def train_only_ffn(model) -> int:
+    """Freeze every tensor but the FFN projections that the merge turns into experts; return the trainable count.
+
+    The other tensors (attention, norms, embeddings, LM head) then stay the seed's in every expert, so the merge's
+    average of them is the seed itself, exactly.
+    """
+    from lm_lexicon.moe.ffn_spec import spec_for_config
+
+    base = _unwrap(model)
+    spec = spec_for_config(base.config)
+    for name, p in base.named_parameters():
+        p.requires_grad_(spec.parse_dense_key(name) is not None)
+    trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError(f"train.trainable=ffn found no FFN tensor in {type(base).__name__} ({spec.name} spec)")
+    return trainable
+
+
 def param_groups(model, weight_decay: float) -> list[dict]:
     """AdamW groups: decay matrices (incl. embeddings); never decay biases and norm gains (1-D tensors).
 
@@ -514,6 +532,22 @@ def _save_deepspeed_checkpoint(directory: Path, runner, tokenizer, state: dict, 
     return directory
 
 
+def save_model(model, directory: Path, dtype: str = "float32") -> None:
+    """``save_pretrained`` (safetensors) with the floating-point weights cast to ``dtype``; the model object keeps
+    its own dtype (training goes on in float32)."""
+    base = _unwrap(model)
+    if dtype == "float32":
+        base.save_pretrained(str(directory))
+        return
+    target = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    state = {k: v.detach().to(target) if v.is_floating_point() else v for k, v in base.state_dict().items()}
+    base.save_pretrained(str(directory), state_dict=state)
+    config_path = Path(directory) / "config.json"  # it states the in-memory model's dtype: say what the file holds
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["dtype"] = dtype
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def read_trainer_state(directory: str | Path) -> dict:
     """The JSON loop state of a checkpoint (step, data position, early-stopping state, history)."""
     state = json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))
@@ -599,6 +633,12 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
     precision = resolve_precision(train_cfg.precision, device)
     _check_positions(base, train_cfg.max_length)
     n_dropout = apply_dropout(base, train_cfg.dropout)
+    if train_cfg.trainable == "ffn":
+        train_only_ffn(base)
+    if train_cfg.gradient_checkpointing:
+        # non-reentrant: with frozen embeddings no checkpointed input requires grad, which reentrant would drop
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
 
     train_set = SFTDataset(tokenizer, train_records, train_cfg.max_length, train_domains)
     valid_set = SFTDataset(tokenizer, valid_records or [], train_cfg.max_length,
@@ -727,7 +767,7 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
         final = _finish_deepspeed(tokenizer, state, out_dir, ckpt_root, restore_best, is_main,
                                   last_ckpt or (Path(resume_from) if resume_from is not None else None))
     else:
-        final = _finish(model, tokenizer, state, out_dir, ckpt_root, restore_best, is_main)
+        final = _finish(model, tokenizer, state, out_dir, ckpt_root, restore_best, is_main, train_cfg.save_dtype)
     history = state["history"]
     return {
         "train_loss_first": state["train_loss_first"],
@@ -742,6 +782,11 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
         "seconds": train_seconds,
         "precision": precision,
         "dropout_modules": n_dropout,
+        "trainable_parameters": n_trainable,
+        # the token budget: passes over the data times its tokens (prompt + definition) and its target tokens
+        "epochs_done": state["step"] * train_cfg.grad_accum / batches_per_epoch,
+        "dataset_tokens": sum(train_set.lengths),
+        "dataset_target_tokens": train_set.n_target_tokens,
         "n_train": len(train_set),
         "n_valid": len(valid_set),
         "model_dir": str(final) if final else None,
@@ -808,8 +853,10 @@ def _resume(directory: Path, model, optimizer, fresh: dict, device, rank: int, s
     return state
 
 
-def _finish(model, tokenizer, state: dict, out_dir: Path, ckpt_root: Path, restore_best: bool, is_main: bool):
-    """Reset to the best weights if asked, and export the final model to ``out_dir/model`` (rank 0)."""
+def _finish(model, tokenizer, state: dict, out_dir: Path, ckpt_root: Path, restore_best: bool, is_main: bool,
+            save_dtype: str = "float32"):
+    """Reset to the best weights if asked, and export the final model to ``out_dir/model`` (rank 0) in
+    ``save_dtype``."""
     best = state.get("best_checkpoint")
     if restore_best and best and state["best_step"] != state["step"]:
         best_dir = ckpt_root / best
@@ -826,11 +873,12 @@ def _finish(model, tokenizer, state: dict, out_dir: Path, ckpt_root: Path, resto
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    _unwrap(model).save_pretrained(str(tmp))
+    save_model(model, tmp, save_dtype)
     tokenizer.save_pretrained(str(tmp))
     summary = {k: state[k] for k in ("step", "total_steps", "best_valid_loss", "best_step", "stopped_early",
                                      "seed", "precision")}
     summary["weights"] = "best" if (restore_best and best and state["best_step"] != state["step"]) else "last"
+    summary["dtype"] = save_dtype
     (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)

@@ -289,6 +289,14 @@ def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_ta
     return {r.config["job"]["name"]: r.metrics for r in grid}
 
 
+def token_budget(final: dict) -> dict:
+    """What one job trained on: rows, steps, passes, and tokens seen (all / definition targets)."""
+    epochs = float(final.get("epochs_done") or 0.0)
+    return {"rows": int(final.get("n_train") or 0), "steps": int(final.get("steps") or 0), "epochs": epochs,
+            "tokens": int(round(epochs * (final.get("dataset_tokens") or 0))),
+            "target_tokens": int(round(epochs * (final.get("dataset_target_tokens") or 0)))}
+
+
 def own_domain_losses(cfg, stage_dir: Path, partition_dir: Path, jobs: list[dict], device: str = "cpu") -> list[dict]:
     """Validation loss of each expert on its own domain's rows beside the dense model's loss on the same rows.
 
@@ -360,7 +368,12 @@ def experts_stage_fn(cfg, partition_dir: Path, run_tag: str, with_dense: bool = 
                     run.log_metrics({k: v for k, v in h.items() if k != "step"}, step=int(h["step"]))
                 run.log_metrics({k: v for k, v in metrics.items() if k != "history"})
                 run.log_artifact(work / job["name"] / "metrics.json")
+        budgets = {name: token_budget(final) for name, final in finals.items()}
+        for name, budget in budgets.items():
+            log(f"[experts] {name}: {budget['rows']} rows, {budget['steps']} steps, {budget['epochs']:.2f} epochs, "
+                f"{budget['tokens']:,} tokens ({budget['target_tokens']:,} definition tokens)")
         manifest = {"jobs": jobs, "sizes": partition["sizes"], "seed_model": cfg.seed_model.name,
+                    "token_budget": budgets,
                     "wall_seconds": round(seconds, 1), "final": finals, "own_domain_validation": comparison,
                     "config": {"train": cfg.train.model_dump(mode="json"),
                                "resources": cfg.resources.model_dump(mode="json")}}

@@ -62,9 +62,11 @@ def finetune_worker(loop_cfg: dict) -> None:
     train_rows, train_domains = _rows_with_domains(partition_dir, "train")
     valid_rows, valid_domains = _rows_with_domains(partition_dir, "valid")
     ft = cfg.finetune
+    # trainable="all" keeps set_trainable's choice above (train.trainable selects the dense experts' tensors)
     train_cfg = cfg.train.model_copy(update={"epochs": ft.epochs, "max_steps": ft.max_steps, "lr": ft.lr,
                                              "batch_size": ft.batch_size, "seeds": [cfg.train.seeds[0]],
-                                             "eval_every": max(1, ft.max_steps or 10**9)})
+                                             "eval_every": max(1, ft.max_steps or 10**9), "trainable": "all",
+                                             "gradient_checkpointing": False})
     resume_from = None
     checkpoint = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as scratch:
