@@ -46,6 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         for model, res in headline.items():
             table.add_row(model, *[f"{res[m]:.2f}" if res.get(m) is not None else "skipped" for m in metrics])
         console.print(table)
+        from lm_lexicon.stages.evaluate import example_rows
+
+        examples = example_rows(results["evaluate"].path)
+        if examples:
+            shown = Table(title="What the models write (5 test lines spread over the sample)", show_lines=True)
+            for column in examples[0]:
+                shown.add_column(column, overflow="fold")
+            for row in examples:
+                shown.add_row(*[str(v) for v in row.values()])
+            console.print(shown)
     elif "data" in results:
         print_stats(results["data"].summary["stats"])
     console.print(f"pipeline finished in {results['_seconds']:.1f}s; artifacts under {Path(cfg.output_dir).resolve()}")

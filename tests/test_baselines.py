@@ -176,3 +176,64 @@ def test_few_shot_prompt_format():
     prompts = build_icl_prompts([q, q], TRAIN, k=2, method="random", seed=3)
     assert len(prompts) == 2 and prompts[0] == prompts[0]
     assert prompts[0].endswith('What is the definition of "lake"?') and prompts[0].count("\n\n") == 2
+
+
+# ---------------------------------------------------------------------------------------------- chat prompting
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from lm_lexicon.seed_models import causal_bert_tokenizer
+
+    tok = causal_bert_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_chat_prompt_puts_exemplars_in_earlier_turns(chat_tokenizer):
+    from lm_lexicon.baselines import chat_prompt
+
+    query = Q("bank", "we sat on the bank")
+    exemplars = [R("cat", "a small feline", "the cat slept"), R("run", "move fast")]
+    assert chat_prompt(chat_tokenizer, query) == f"<user>{prompt_of(query)}</s><assistant>"
+    assert chat_prompt(chat_tokenizer, query, exemplars) == (
+        f"<user>{prompt_of(exemplars[0])}</s><assistant>a small feline</s>"
+        f"<user>{prompt_of(exemplars[1])}</s><assistant>move fast</s>"
+        f"<user>{prompt_of(query)}</s><assistant>")
+
+
+def test_icl_chat_prompts_use_the_same_exemplars_as_plain_ones(chat_tokenizer):
+    from lm_lexicon.baselines import build_icl_chat_prompts
+
+    pool = [R(f"w{i}", f"definition {i}", f"context {i}") for i in range(20)]
+    queries = [Q("bank", "the bank"), Q("tree", "a tall tree")]
+    plain = build_icl_prompts(queries, pool, k=3, method="random", seed=5)
+    chat = build_icl_chat_prompts(chat_tokenizer, queries, pool, k=3, method="random", seed=5)
+    for p, c in zip(plain, chat):
+        used = re.findall(r"definition \d+", p)
+        assert len(used) == 3 and re.findall(r"definition \d+", c) == used
+
+
+def test_chat_prompt_needs_a_chat_template():
+    from lm_lexicon.baselines import chat_prompt
+    from lm_lexicon.seed_models import causal_bert_tokenizer
+
+    with pytest.raises(ValueError, match="no chat template"):
+        chat_prompt(causal_bert_tokenizer(), Q("bank"))
+
+
+def test_seed_prompting_auto_plain_chat(tmp_path, chat_tokenizer):
+    from lm_lexicon.config import EvalConfig
+    from lm_lexicon.seed_models import causal_bert_tokenizer
+    from lm_lexicon.stages.evaluate import seed_chat_tokenizer
+
+    with_chat, without = tmp_path / "chat", tmp_path / "plain"
+    chat_tokenizer.save_pretrained(str(with_chat))
+    causal_bert_tokenizer().save_pretrained(str(without))
+    assert seed_chat_tokenizer(EvalConfig(seed_prompting="auto"), with_chat).chat_template == CHAT_TEMPLATE
+    assert seed_chat_tokenizer(EvalConfig(seed_prompting="plain"), with_chat) is None
+    assert seed_chat_tokenizer(EvalConfig(seed_prompting="auto"), without) is None
+    with pytest.raises(ValueError, match="no chat template"):
+        seed_chat_tokenizer(EvalConfig(seed_prompting="chat"), without)

@@ -88,3 +88,21 @@ def test_compare_with_floor_gives_paired_differences_and_p_values():
     assert compare_with_floor({"dense": better}) == {}
     text = render_floor_section(out)
     assert "| dense | +2.00 (0.125) |" in text and "| moe | +0.00 (1.000) |" in text
+
+
+def test_example_rows_spread_over_the_sample_with_every_models_prediction(tmp_path):
+    import json
+
+    from lm_lexicon.stages.evaluate import example_rows
+
+    (tmp_path / "predictions").mkdir()
+    for model in ("dense", "moe"):
+        rows = [{"term": f"t{i}", "context": f"c{i}" if i % 2 else None, "reference": f"gold {i}",
+                 "prediction": f"{model} {i}"} for i in range(10)]
+        (tmp_path / "predictions" / f"{model}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shown = example_rows(tmp_path, k=5)
+    assert [r["term"] for r in shown] == ["t0", "t2", "t4", "t7", "t9"]  # first to last, evenly
+    assert shown[1] == {"term": "t2", "context": "", "gold": "gold 2", "dense": "dense 2", "moe": "moe 2"}
+    assert example_rows(tmp_path, models=("moe",), k=20)[-1] == {"term": "t9", "context": "c9", "gold": "gold 9",
+                                                                   "moe": "moe 9"}
+    assert example_rows(tmp_path / "nowhere") == []

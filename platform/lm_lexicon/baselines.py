@@ -11,6 +11,10 @@
 * :func:`select_icl_exemplars` / :func:`format_few_shot_prompt` / :func:`build_icl_prompts` -- Random-ICL and
   Retrieval-ICL: pick k exemplars per query (seeded random, or faiss nearest neighbours of the prompt embedding)
   and format a few-shot prompt in the training format. Generation itself happens elsewhere.
+* :func:`chat_prompt` / :func:`build_icl_chat_prompts` -- the same prompts for an instruct seed that was never
+  fine-tuned: rendered with its tokenizer's chat template (exemplars as earlier user/assistant turns), since an
+  instruct model asked in plain text answers with nothing or rambles (measured: SmolLM2-135M-Instruct returned an
+  empty definition for every WordNet validation prompt in plain text).
 """
 from __future__ import annotations
 
@@ -268,3 +272,22 @@ def build_icl_prompts(queries: Sequence[Record | Mapping], pool: Sequence[Record
     """:func:`select_icl_exemplars` then :func:`format_few_shot_prompt` for every query."""
     chosen = select_icl_exemplars(queries, pool, k=k, method=method, **kwargs)
     return [format_few_shot_prompt(q, ex, separator) for q, ex in zip(queries, chosen)]
+
+
+def chat_prompt(tokenizer, query: Record | Mapping, exemplars: Sequence[Record | Mapping] = ()) -> str:
+    """The query's prompt as a chat turn after one (user: prompt, assistant: definition) turn pair per exemplar,
+    rendered by the tokenizer's chat template up to the assistant's answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template: prompt it in plain text")
+    messages = []
+    for e in (as_record(x) for x in exemplars):
+        messages += [{"role": "user", "content": prompt_of(e)}, {"role": "assistant", "content": e.definition}]
+    messages.append({"role": "user", "content": prompt_of(as_record(query))})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def build_icl_chat_prompts(tokenizer, queries: Sequence[Record | Mapping], pool: Sequence[Record | Mapping],
+                           k: int = 4, method: str = "random", **kwargs) -> list[str]:
+    """:func:`build_icl_prompts` for an instruct model: the exemplars become earlier chat turns."""
+    chosen = select_icl_exemplars(queries, pool, k=k, method=method, **kwargs)
+    return [chat_prompt(tokenizer, q, ex) for q, ex in zip(queries, chosen)]

@@ -142,6 +142,8 @@ def render_report(results: dict, by_domain: dict, by_source: dict, meta: dict, b
                 lines.append(f"| {model} | {group} | {res['bleu_a'].get('n')} | {_fmt(res['bleu_a'])} | "
                              f"{_fmt(res['rouge_l'])} |")
     lines += render_language_section(by_language or {}, compliance or {}, meta)
+    if meta.get("seed_prompting"):
+        lines += ["", f"The untrained seed (seed and seed ICL rows) was asked in its {meta['seed_prompting']}."]
     for note in meta.get("notes", []):
         lines += ["", f"Note: {note}"]
     first = next(iter(results.values()))
@@ -257,7 +259,8 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         import numpy as np
         import pandas as pd
 
-        from lm_lexicon.baselines import ConstantBaseline, RetrievalBaseline, build_icl_prompts
+        from lm_lexicon.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_chat_prompts,
+                                          build_icl_prompts, chat_prompt)
         from lm_lexicon.data.records import Record, read_jsonl
         from lm_lexicon.embed import Embedder
         from lm_lexicon.generate import GenerationSettings, generate_split
@@ -304,7 +307,10 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             paths["dense"] = experts_dir / "dense" / "model"
         if merge_dir is not None and (merge_dir / "model").exists():
             paths["moe"] = merge_dir / "model"
+        seed_chat = seed_chat_tokenizer(ev, paths["seed"])  # None: the seed is asked in the training format
         models = [(name, paths[name], None, None) for name in ("seed", "dense") if name in ev.baselines and name in paths]
+        if seed_chat is not None and models and models[0][0] == "seed":
+            models[0] = ("seed", paths["seed"], None, [chat_prompt(seed_chat, r) for r in records])
         for method in ("random", "retrieval"):
             if f"icl-{method}" not in ev.baselines:
                 continue
@@ -312,8 +318,12 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
                 raise ValueError(f"evaluate.icl_model={ev.icl_model!r} but the run has no {ev.icl_model} model")
             if method == "retrieval" and retrieval is None:
                 retrieval = fit_retrieval()
-            prompts = build_icl_prompts(records, train, k=ev.icl_shots, method=method, seed=cfg.data.seed,
-                                        retriever=retrieval if method == "retrieval" else None)
+            icl = dict(k=ev.icl_shots, method=method, seed=cfg.data.seed,
+                       retriever=retrieval if method == "retrieval" else None)
+            if ev.icl_model == "seed" and seed_chat is not None:
+                prompts = build_icl_chat_prompts(seed_chat, records, train, **icl)
+            else:
+                prompts = build_icl_prompts(records, train, **icl)
             models.append((f"icl-{method}", paths[ev.icl_model], None, prompts))
         if "moe" in paths:
             models.append(("moe", paths["moe"], domains, None))
@@ -369,6 +379,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
                 "routing": cfg.merge.routing, "languages": {lang: sum(1 for r in records if (r.lang or "en") == lang)
                                                             for lang in langs},
                 "compliance_languages": (some.get("settings") or {}).get("languages"), "notes": notes}
+        meta["seed_prompting"] = "chat template" if seed_chat is not None else "training format"
         templates = _active_templates()
         if templates.overrides:  # the recipe's non-default prompts, for the record
             meta["prompt_templates"] = templates.to_config()
@@ -402,6 +413,39 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         return out
 
     return build
+
+
+def example_rows(eval_dir: Path, models: tuple[str, ...] = ("dense", "moe"), k: int = 5) -> list[dict]:
+    """``k`` evaluated lines with their term, context, gold definition and each model's prediction, so a reader sees
+    what the models write. Lines are spread evenly over the (seeded) evaluation sample, not picked for quality."""
+    by_model = {}
+    for model in models:
+        path = eval_dir / "predictions" / f"{model}.jsonl"
+        if path.exists():
+            with path.open(encoding="utf-8") as f:
+                by_model[model] = [json.loads(line) for line in f]
+    if not by_model:
+        return []
+    n = min(len(rows) for rows in by_model.values())
+    shown = min(k, n)
+    picks = sorted({round(i * (n - 1) / max(1, shown - 1)) for i in range(shown)})
+    first = next(iter(by_model.values()))
+    return [{"term": first[i]["term"], "context": first[i].get("context") or "", "gold": first[i]["reference"],
+             **{model: rows[i]["prediction"] for model, rows in by_model.items()}} for i in picks]
+
+
+def seed_chat_tokenizer(ev, seed_path: Path):
+    """The seed's tokenizer when the seed and ICL baselines ask it through its chat template, else None."""
+    if ev.seed_prompting == "plain":
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(seed_path), local_files_only=True)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer
+    if ev.seed_prompting == "chat":
+        raise ValueError(f"evaluate.seed_prompting=chat, but the seed {seed_path} has no chat template")
+    return None
 
 
 def _annotate_compliance(preds: list[dict], result: dict | None) -> None:
