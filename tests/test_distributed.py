@@ -7,6 +7,7 @@ between steps every parameter is a placeholder with no data, a forward gathers t
 and only ``deepspeed.zero.GatheredParameters`` makes them readable. A real-GPU test (``@pytest.mark.gpu``) runs the
 real DeepSpeed where it is installed.
 """
+import importlib.machinery
 import json
 import math
 import shutil
@@ -195,6 +196,9 @@ def _fake_deepspeed(calls: dict) -> types.ModuleType:
         return engine, engine.optimizer, None, None
 
     ds = types.ModuleType("deepspeed")
+    # a module spec like an installed package's: libraries that probe for DeepSpeed (accelerate, through
+    # transformers) call importlib.util.find_spec("deepspeed"), which refuses a module without one
+    ds.__spec__ = importlib.machinery.ModuleSpec("deepspeed", loader=None)
     ds.initialize = initialize
     ds.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)
     return ds
