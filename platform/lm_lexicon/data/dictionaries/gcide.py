@@ -27,6 +27,7 @@ without its own tag takes the next tag of the article (Webster tags groups of co
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Optional
 
 from lm_lexicon.data.dictionaries.text import Entry, Sense, drop_leading_parens, plain_term, squash
@@ -67,8 +68,6 @@ def _character(code: str) -> Optional[str]:
 
 def decode_characters(text: str) -> str:
     """Replace GCIDE's character codes by Unicode (NFC); other bracket groups ([Obs.], [1]) are left alone."""
-    import unicodedata
-
     out = _CODE.sub(lambda m: _character(m.group(1)) or m.group(0), text)
     return unicodedata.normalize("NFC", out)
 
@@ -82,6 +81,16 @@ _POS_TAGS = [  # longest first: "v. t." before "v."
 ]
 _POS_AFTER_HEAD = re.compile(r"^[\s,]*(?:\([^()]*\)\s*,?\s*)?(" + "|".join(re.escape(t) for t, _ in _POS_TAGS) +
                              r")(?=[\s,;\[(]|$)")
+
+
+# A line that starts with a source tag ends the senses above it: [1913 Webster], [WordNet 1.5], [PJC], ...
+_TAG = re.compile(r"^ *\[([^\[\]]*)\]")
+_PROVENANCE = re.compile(r"Webster|WordNet|PJC|Century|RDH|RHUD|MW\d|\bAS\b|Suppl", re.IGNORECASE)
+
+
+def _is_source_tag(line: str) -> bool:
+    tag = _TAG.match(line)
+    return tag is not None and _PROVENANCE.search(tag.group(1)) is not None
 
 
 def split_head(lines: list[str]) -> tuple[list[str], list[str]]:
@@ -116,8 +125,6 @@ _NUMBERED = re.compile(r"^( *)(\d+)\.\s+(.*)$")
 _LETTERED = re.compile(r"^( *)\(([a-z])\)\s*(.*)$")
 _COMPOUND = re.compile(r"^( {1,4})\{")
 _SKIPPED = re.compile(r"^ *(?:Note|Syn|Usage)\s*:")
-_TAG = re.compile(r"^ *\[([^\[\]]*)\]")
-_PROVENANCE = re.compile(r"Webster|WordNet|PJC|Century|RDH|RHUD|MW\d|\bAS\b|Suppl", re.IGNORECASE)
 _CITATION = re.compile(r"(?<!\S)--(?=[A-Z0-9])")
 _AS_EXAMPLE = re.compile(r"[;,:]\s*as,\s+")
 _INLINE_QUOTE = re.compile(r"\"([^\"]+)\"")
@@ -208,11 +215,6 @@ class _BlockReader:
             current.quotes[-1].append(line.strip())
         else:
             current.lines.append(line.strip())
-
-
-def _is_source_tag(line: str) -> bool:
-    tag = _TAG.match(line)
-    return tag is not None and _PROVENANCE.search(tag.group(1)) is not None
 
 
 def _after_compound_term(text: str) -> str:

@@ -53,7 +53,7 @@ def parse(text: str) -> Entry:
     head, body = paras[0], paras[1:]
     entry = Entry(term=head[0].strip())
     if len(head) > 1:  # " /pron/, n." under the headword
-        m = _POS.search(head[1].split("/")[-1])
+        m = _POS.match(head[1].split("/")[-1].lstrip(" ,"))
         entry.pos = _pos_code(m.group(1)) if m else None
     numbered = [p for p in body if _NUMBERED.match(p[0])]
     if numbered:

@@ -65,7 +65,7 @@ _ABBREVIATIONS = frozenset("""
     al ed eds vol pp p sq ft lb oz gr lat gen pl sing fr ger gen prob obs orig usu hist naut bot zool chem anat
     math mus geom astron theol ecc eccl med mil min arch
 """.split())
-_SENTENCE_END = re.compile(r"[.!?](?=[\"'\u201d\u2019)]*\s+[\"'\u201c\u2018(]*[A-Z0-9])")
+_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)]*(?=\s+[\"'\u201c\u2018(]*[A-Z0-9])")
 
 # A definition that only sends the reader elsewhere: "See X", "Same as X", or a grammatical form of another word
 # ("pret. of X", "3d sing. pres. of X", "imp. & p. p. of X", "pl. of X", "Alt. of X").
