@@ -203,3 +203,10 @@ def test_package_resources_hold_no_gpl_or_gfdl_dictionary():
     assert checked >= 2
     package_data = (REPO / "pyproject.toml").read_text()
     assert "dictd" not in package_data and ".dict" not in package_data
+
+
+def test_a_definition_of_a_pinned_row_pins_too():
+    pinned = [rec("greyed", "deprived of color", "test")]
+    free = [rec("decolorate", "Deprived of color"), rec("other", "something else")]
+    assign_mixed_splits(pinned, free, seed=0)
+    assert free[0].split == "test"

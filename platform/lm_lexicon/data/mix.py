@@ -8,12 +8,13 @@ term in two splits, terms compared case-folded), extended across sources:
 * the other rows (dictd sources) are grouped into connected components of a graph linking each row's term to its
   definition, so neither a term nor an identical definition crosses splits (GCIDE's "Banc" and "Bank" share
   definitions the way WordNet synonyms share a gloss);
-* a component holding pinned terms goes to their split; a free component is dealt out as WordNet's are
+* a component holding pinned terms or definitions goes to their split; a free component is dealt out as WordNet's are
   (:func:`lm_lexicon.data.wordnet.assign_splits`): components larger than 0.5% of the rows go to train, the rest are
   shuffled with the seed and fill test, then valid, up to 10% each;
-* a component whose terms are pinned to different splits (two pinned terms joined by a shared definition) cannot
-  keep both the term rule and the definition rule: each row then follows its own term's pin (terms never leak), rows
-  of unpinned terms go to train, and the component is counted as a conflict.
+* a component pinned to different splits (e.g. FOLDOC's "SIR" and "SPUR", both "an early system on the IBM 650",
+  while WordNet holds "sir" in train and "spur" in valid) cannot keep both the term rule and the definition rule:
+  each row then follows its own term's pin (terms never leak), rows of unpinned terms go to train, and the
+  component is counted as a conflict.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def term_key(term: str) -> str:
     return term.casefold()
 
 
-def cap_rows(rows: list[Record], max_rows: Optional[int], seed: int, source: str) -> tuple[list[Record], Optional[dict]]:
+def cap_rows(rows: list[Record], max_rows: Optional[int], seed: int,
+             source: str) -> tuple[list[Record], Optional[dict]]:
     """A seeded sample of at most ``max_rows`` rows (order kept), and what was done (None when nothing was cut).
     The source name is part of the seed, so two sources capped with the same seed are sampled independently."""
     if max_rows is None or len(rows) <= max_rows:
@@ -39,20 +41,27 @@ def cap_rows(rows: list[Record], max_rows: Optional[int], seed: int, source: str
     return [rows[i] for i in picked], {"available": len(rows), "kept": max_rows, "seed": seed}
 
 
+def _nodes(r: Record) -> tuple[str, str]:
+    """A row's two graph nodes: its term and its definition (both case-folded)."""
+    return "t:" + term_key(r.term), "d:" + r.definition.casefold()
+
+
 def _pins(pinned: list[Record]) -> dict[str, set[str]]:
+    """The splits of the pinned rows, by graph node."""
     pins: dict[str, set[str]] = defaultdict(set)
     for r in pinned:
-        pins[term_key(r.term)].add(r.split)
+        for node in _nodes(r):
+            pins[node].add(r.split)
     return pins
 
 
 def _components(free: list[Record]) -> dict[str, list[int]]:
     uf = UnionFind()
     for r in free:
-        uf.union("t:" + term_key(r.term), "d:" + r.definition.casefold())
+        uf.union(*_nodes(r))
     comps: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(free):
-        comps[uf.find("t:" + term_key(r.term))].append(i)
+        comps[uf.find(_nodes(r)[0])].append(i)
     return comps
 
 
@@ -71,7 +80,7 @@ def assign_mixed_splits(pinned: list[Record], free: list[Record], seed: int = 0,
     loose: list[str] = []
     for cid in sorted(comps):
         rows = [free[i] for i in comps[cid]]
-        splits = set().union(*(pins.get(term_key(r.term), set()) for r in rows))
+        splits = set().union(*(pins.get(node, set()) for r in rows for node in _nodes(r)))
         if not splits:
             loose.append(cid)
         elif len(splits) == 1:
@@ -83,7 +92,7 @@ def assign_mixed_splits(pinned: list[Record], free: list[Record], seed: int = 0,
             stats["conflict_components"] += 1
             stats["conflict_rows"] += len(rows)
             for r in rows:
-                own = pins.get(term_key(r.term), set())
+                own = pins.get(_nodes(r)[0], set())
                 r.split = next(iter(own)) if len(own) == 1 else "train"
                 placed[r.split] += 1
     dealt = _deal(comps, loose, free, placed, fractions, seed, big_fraction)

@@ -22,8 +22,10 @@ from lm_lexicon.data.dictionaries.text import Entry, Sense, paragraphs, quoted_s
 NAME = "devil"
 
 _POS_WORD = r"(?:v\.\s?t|v\.\s?i|n|v|adj|adv|pp|p|pl|prep|conj|interj|pron|pro|x)\."
-_HEAD = re.compile(r"^(?P<head>[^a-z(]+?(?:(?:\s+or\s+|\s*\(or\s+[^a-z)]+\)\s*)[^a-z(]+?)*)(?:,|\.)?\s*(?P<pos>" + _POS_WORD +
-                   r"(?:\s*(?:,|and|&|or)?\s*" + _POS_WORD + r")*)\s*(?P<rest>.*)$", re.DOTALL)
+# "BABE or BABY, n.", "TZETZE (or TSETSE) FLY, n.", "INFERIAE,n.": upper-case headwords, then the part of speech.
+_HEADWORDS = r"(?P<head>[^a-z(]+?(?:(?:\s+or\s+|\s*\(or\s+[^a-z)]+\)\s*)[^a-z(]+?)*)"
+_HEAD = re.compile(r"^" + _HEADWORDS + r"(?:,|\.)?\s*(?P<pos>" + _POS_WORD + r"(?:\s*(?:,|and|&|or)?\s*" + _POS_WORD +
+                   r")*)\s*(?P<rest>.*)$", re.DOTALL)
 _BARE_HEAD = re.compile(r"^(?P<head>[^a-z]+?)(?:[.?!]|\s{2,}|\s+\[)(?P<rest>.*)$", re.DOTALL)
 _POS_CODE = {"n": "n", "v": "v", "adj": "a", "adv": "r"}
 _AUTHOR_COLUMN = 20
@@ -53,13 +55,11 @@ def parse(text: str) -> Entry:
     term, pos, rest = _head(squash(" ".join(paras[0])))
     if not term:
         return Entry(rejected="malformed head")
-    entry = Entry(term=term, pos=pos)
     if not any(ch.isalpha() for ch in rest):
         return Entry(term=term, pos=pos, rejected="verse only")
     examples = quoted_spans(" ".join(" ".join(p) for p in paras))
     for p in paras[1:]:
-        if p[0].startswith(" "):
+        if p[0].startswith(" "):  # a verse; its author is the line far to the right
             verse = " ".join(line.strip() for line in p if len(line) - len(line.lstrip()) < _AUTHOR_COLUMN)
             examples += [verse] + sentences(verse)
-    entry.senses.append(Sense(number="", text=unitalic(rest), examples=examples, pos=pos))
-    return entry
+    return Entry(term=term, pos=pos, senses=[Sense(number="", text=unitalic(rest), examples=examples, pos=pos)])

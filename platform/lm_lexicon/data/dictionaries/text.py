@@ -59,11 +59,11 @@ _BRACES = re.compile(r"\{([^{}]*)\}")
 _BRACKETS = re.compile(r"\[[^\[\]]*\]")
 _UNDERSCORES = re.compile(r"(?<!\w)_([^_]+)_(?!\w)")  # _italic_ (the Devil's Dictionary)
 
-# Words after which a period does not end a sentence (compared lower-case, without the period).
+# Words after which a period does not end a sentence (compared lower-case, without the period). Abbreviations that
+# are also words ("arch.", "no.", "bot.") are left out: a sentence that ends with the word is commoner.
 _ABBREVIATIONS = frozenset("""
-    a.d b.c cf e.g eg esp etc fig i.e ie viz vs mr mrs ms dr st mt no nos jr sr co corp inc ltd dept approx ca
-    al ed eds vol pp p sq ft lb oz gr lat gen pl sing fr ger gen prob obs orig usu hist naut bot zool chem anat
-    math mus geom astron theol ecc eccl med mil min arch
+    cf eg esp etc ie viz vs mr mrs ms dr st mt jr sr co corp inc ltd dept approx ca al ed eds vol pp sq ft lb oz
+    gr lat fr ger prob obs orig usu hist naut zool chem anat geom astron theol eccl
 """.split())
 _SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)]*(?=\s+[\"'\u201c\u2018(]*[A-Z0-9])")
 
