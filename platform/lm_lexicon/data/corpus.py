@@ -42,7 +42,8 @@ def loader_arguments(spec) -> dict:
     if spec.format == "wordnet":
         return {"format": "wordnet"}
     if spec.format == "dictd":
-        args = {"format": "dictd", "dictionary": spec.dictionary, "dictd_dir": spec.dictd_dir}
+        # GCIDE takes ~10 s to parse: a progress bar (cleared when done) says the stage is working
+        args = {"format": "dictd", "dictionary": spec.dictionary, "dictd_dir": spec.dictd_dir, "progress": True}
         return {**args, "source": spec.name} if spec.name else args
     args: dict = {"format": spec.format, "path": spec.path}
     if spec.format == "ishiwatari" and spec.name:

@@ -101,17 +101,19 @@ def _read_data(path: Path) -> bytes:
         raise LoadError(path, f"cannot read: {e}") from e
 
 
-def _index_lines(path: Path) -> Iterator[tuple[int, Optional[str]]]:
+def _index_lines(path: Path) -> list[tuple[int, Optional[str]]]:
     """``(line number, text)``; text is None for a line that is not UTF-8 (counted as malformed, not fatal)."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise LoadError(path, f"cannot read: {e.strerror or e}") from e
+    out: list[tuple[int, Optional[str]]] = []
     for lineno, line in enumerate(raw.splitlines(), 1):
         try:
-            yield lineno, line.decode("utf-8")
+            out.append((lineno, line.decode("utf-8")))
         except UnicodeDecodeError:
-            yield lineno, None
+            out.append((lineno, None))
+    return out
 
 
 def read_articles(index_path: Path, data_path: Path, report: LoadReport,
@@ -128,7 +130,7 @@ def read_articles(index_path: Path, data_path: Path, report: LoadReport,
     if progress:
         from tqdm.auto import tqdm
 
-        lines = tqdm(lines, desc=f"read {index_path.name}", unit="line", leave=False)
+        lines = tqdm(lines, desc=f"parse {index_path.stem}", unit=" entries", leave=False)
     for lineno, text in lines:
         where = f"{index_path}:{lineno}"
         if text is None:
