@@ -33,6 +33,19 @@ def _config(path: Optional[Path], overrides: Optional[List[str]]):
         raise typer.Exit(2)
 
 
+def _load_corpus(cfg):
+    """The recipe's corpus, or a red message and exit 2 for input that cannot be read (a missing file or
+    dictionary, which names the package to install): a message, not a stack trace."""
+    from lm_lexicon.data.corpus import load_corpus
+    from lm_lexicon.data.records import LoadError
+
+    try:
+        return load_corpus(cfg.data)
+    except LoadError as e:
+        console.print(f"[red]{e}[/red]", highlight=False)
+        raise typer.Exit(2)
+
+
 def print_reports(reports) -> None:
     table = Table(title="Loaded sources")
     for col in ("source", "read", "kept", "rejected", "reasons"):
@@ -76,10 +89,10 @@ def print_stats(stats: dict, hist: dict | None = None) -> None:
 def data_build(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
                out: Optional[Path] = typer.Option(None, help="Output dir (default: <output_dir>/data).")) -> None:
     """Load the recipe's sources, split and subsample them, and write {split}.jsonl + data.json."""
-    from lm_lexicon.data.corpus import corpus_stats, length_histogram, load_corpus, save_corpus
+    from lm_lexicon.data.corpus import corpus_stats, length_histogram, save_corpus
 
     cfg = _config(config, overrides)
-    corpus = load_corpus(cfg.data)
+    corpus = _load_corpus(cfg)
     target = save_corpus(corpus, out or Path(cfg.output_dir) / "data", cfg.model_dump(mode="json"))
     print_reports(corpus.reports)
     for split, s in corpus.subsampled.items():
@@ -108,10 +121,10 @@ def data_build_wordnet(
 def data_stats(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
     """Summarise the recipe's data: rows read/kept/rejected per source, counts per split, lengths, overlaps."""
-    from lm_lexicon.data.corpus import corpus_stats, length_histogram, load_corpus
+    from lm_lexicon.data.corpus import corpus_stats, length_histogram
 
     cfg = _config(config, overrides)
-    corpus = load_corpus(cfg.data)
+    corpus = _load_corpus(cfg)
     stats = corpus_stats(corpus.splits)
     if as_json:
         json.dump({"reports": [r.to_dict() for r in corpus.reports], "stats": stats,
@@ -131,14 +144,13 @@ def data_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
               n: int = typer.Option(10, help="Rows to show."),
               prompts: bool = typer.Option(False, help="Show the formatted prompt instead of the raw context.")) -> None:
     """Print a few rows of a split."""
-    from lm_lexicon.data.corpus import load_corpus
     from lm_lexicon.data.prompts import format_prompt
 
     if split not in ("train", "valid", "test"):
         console.print(f"[red]unknown split {split!r}; expected train, valid or test[/red]")
         raise typer.Exit(2)
     cfg = _config(config, overrides)
-    rows = load_corpus(cfg.data)[split]
+    rows = _load_corpus(cfg)[split]
     if term:
         rows = [r for r in rows if r.term.lower() == term.lower()]
     table = Table(title=f"{split}: {len(rows):,} rows" + (f" for {term!r}" if term else ""), show_lines=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 LANGS = ("en", "es", "fr", "pt", "de")
 
@@ -30,18 +30,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+DICTD_DICTIONARIES = ("gcide", "foldoc", "jargon", "devil")
+
+
 class SourceSpec(_Strict):
     """One dataset to load (see shared/DESIGN.md §2 for the formats)."""
 
-    format: Literal["wordnet", "3dex", "ishiwatari", "multilingual", "table", "hf"] = Field(
-        "wordnet", description="Loader to use. 'wordnet' is the embedded corpus that ships with the package.")
-    path: Optional[str] = Field(None, description="File, directory or Hugging Face dataset id; unused for 'wordnet'.")
+    format: Literal["wordnet", "3dex", "ishiwatari", "multilingual", "table", "hf", "dictd"] = Field(
+        "wordnet", description="Loader to use. 'wordnet' is the embedded corpus that ships with the package; "
+                               "'dictd' a local dictd dictionary (docs/DATA.md).")
+    path: Optional[str] = Field(None, description="File, directory or Hugging Face dataset id; unused for 'wordnet' "
+                                                  "and 'dictd'.")
     name: Optional[str] = Field(None, description="Source name recorded on every row (defaults to the loader's).")
     lang: str = Field("en", description="Language code of the rows: one of en, es, fr, pt, de.")
     columns: dict[str, str] = Field(default_factory=dict,
                                     description="For 'table'/'hf': Record field -> column name (term and definition required).")
     split: Optional[Literal["train", "valid", "test"]] = Field(
-        None, description="Force every row of this source into one split (for files without a split column).")
+        None, description="Force every row of this source into one split (for files without a split column). "
+                          "For 'dictd' sources, None means a split that is leak-free across all sources.")
+    dictionary: Optional[Literal["gcide", "foldoc", "jargon", "devil"]] = Field(
+        None, description="For 'dictd': which dictionary (Debian package dict-<name>).")
+    dictd_dir: Optional[str] = Field(None, description="For 'dictd': directory of NAME.index + NAME.dict.dz "
+                                                       "(None: /usr/share/dictd).")
+    genre: Optional[str] = Field(None, description="Genre recorded on every row (general, technical, slang, satire, "
+                                                   "...); 'dictd' sources default to their dictionary's.")
+    max_rows: Optional[int] = Field(None, ge=1, description="Seeded sample of at most this many rows of this source, "
+                                                            "before the split (None: all), so that no source dominates "
+                                                            "a mix.")
 
     @field_validator("lang")
     @classmethod
@@ -52,11 +67,31 @@ class SourceSpec(_Strict):
 
     @model_validator(mode="after")
     def _needs_path(self) -> "SourceSpec":
-        if self.format != "wordnet" and not self.path:
+        if self.format == "dictd":
+            if self.dictionary is None:
+                raise ValueError(f"source format 'dictd' needs a 'dictionary': one of {', '.join(DICTD_DICTIONARIES)}")
+            if self.path:
+                raise ValueError("source format 'dictd' takes 'dictd_dir' (the directory), not 'path'")
+        elif self.dictionary is not None or self.dictd_dir is not None:
+            raise ValueError(f"'dictionary' and 'dictd_dir' are for format 'dictd', not {self.format!r}")
+        if self.format not in ("wordnet", "dictd") and not self.path:
             raise ValueError(f"source format {self.format!r} needs a 'path'")
         if self.format in ("table", "hf") and not {"term", "definition"} <= set(self.columns):
             raise ValueError(f"source format {self.format!r} needs columns for at least 'term' and 'definition'")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_mix_fields(self, handler):
+        # Fields added for multi-source mixes are left out while unset, so a recipe that does not use them dumps
+        # (and fingerprints: PipelineConfig.stage_hash) exactly as before they existed: its stages stay reusable.
+        out = handler(self)
+        for name in _MIX_FIELDS:
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
+
+
+_MIX_FIELDS = ("dictionary", "dictd_dir", "genre", "max_rows")
 
 
 class DataConfig(_Strict):

@@ -7,6 +7,7 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from lm_lexicon.data.records import SPLITS, LoadReport, Record, read_jsonl, write_jsonl
 
@@ -18,6 +19,8 @@ class Corpus:
     splits: dict[str, list[Record]]
     reports: list[LoadReport] = field(default_factory=list)
     subsampled: dict[str, dict] = field(default_factory=dict)
+    capped: dict[str, dict] = field(default_factory=dict)   # source -> per-source cap applied (max_rows)
+    mix: Optional[dict] = None                               # the split across sources, when dictd rows needed one
 
     def __getitem__(self, split: str) -> list[Record]:
         return self.splits[split]
@@ -38,6 +41,10 @@ def loader_arguments(spec) -> dict:
     """A config :class:`~lm_lexicon.config.SourceSpec` -> the arguments of its loader (see ``loaders.load_any``)."""
     if spec.format == "wordnet":
         return {"format": "wordnet"}
+    if spec.format == "dictd":
+        # GCIDE takes ~10 s to parse: a progress bar (cleared when done) says the stage is working
+        args = {"format": "dictd", "dictionary": spec.dictionary, "dictd_dir": spec.dictd_dir, "progress": True}
+        return {**args, "source": spec.name} if spec.name else args
     args: dict = {"format": spec.format, "path": spec.path}
     if spec.format == "ishiwatari" and spec.name:
         args["name"] = spec.name
@@ -51,19 +58,40 @@ def loader_arguments(spec) -> dict:
 
 
 def load_corpus(data_cfg) -> Corpus:
-    """Load every configured source and group rows by split; subsampling is seeded and reported, never silent."""
-    from lm_lexicon.data.loaders import load_any
+    """Load every configured source and group rows by split; capping and subsampling are seeded and reported,
+    never silent.
 
-    splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    Per source: the recipe's ``genre`` is set on its rows, then its ``max_rows`` cap applies. Rows of ``dictd``
+    sources without a forced ``split`` get a split that is leak-free across all sources (:mod:`lm_lexicon.data.mix`);
+    the other sources keep theirs. Rows stay in recipe order within a split.
+    """
+    from lm_lexicon.data.loaders import load_any
+    from lm_lexicon.data.mix import assign_mixed_splits, cap_rows
+
     reports: list[LoadReport] = []
+    loaded: list[list[Record]] = []
+    capped: dict[str, dict] = {}
+    pinned: list[Record] = []
+    free: list[Record] = []
     for spec in data_cfg.sources:
         rows, report = load_any(loader_arguments(spec))
         reports.append(report)
         for r in rows:
+            if spec.genre is not None:
+                r.genre = spec.genre
             if spec.split is not None:
                 r.split = spec.split
-            if r.split not in splits:
+            elif r.split not in SPLITS:
                 raise ValueError(f"{report.source}: row with unknown split {r.split!r}; expected one of {SPLITS}")
+        rows, cap = cap_rows(rows, spec.max_rows, data_cfg.seed, report.source)
+        if cap is not None:
+            capped[report.source] = cap
+        (free if spec.format == "dictd" and spec.split is None else pinned).extend(rows)
+        loaded.append(rows)
+    mix = assign_mixed_splits(pinned, free, seed=data_cfg.seed) if free else None
+    splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    for rows in loaded:
+        for r in rows:
             splits[r.split].append(r)
     limits = {"train": data_cfg.max_train_rows, "valid": data_cfg.max_valid_rows, "test": data_cfg.max_test_rows}
     subsampled = {}
@@ -72,7 +100,7 @@ def load_corpus(data_cfg) -> Corpus:
         splits[split] = _subsample(splits[split], limit, data_cfg.seed)
         if len(splits[split]) != before:
             subsampled[split] = {"available": before, "kept": len(splits[split]), "seed": data_cfg.seed}
-    return Corpus(splits=splits, reports=reports, subsampled=subsampled)
+    return Corpus(splits=splits, reports=reports, subsampled=subsampled, capped=capped, mix=mix)
 
 
 def corpus_stats(splits: dict[str, list[Record]]) -> dict:
@@ -91,6 +119,7 @@ def corpus_stats(splits: dict[str, list[Record]]) -> dict:
             "definitions": len(definitions[split]),
             "with_context": sum(1 for r in rows if r.context),
             "sources": dict(Counter(r.source for r in rows).most_common()),
+            "genres": dict(Counter(r.genre for r in rows if r.genre is not None).most_common()),
             "langs": dict(Counter(r.lang for r in rows).most_common()),
             "definition_words": {
                 "mean": round(statistics.fmean(lengths), 2) if lengths else 0.0,
@@ -98,6 +127,7 @@ def corpus_stats(splits: dict[str, list[Record]]) -> dict:
                 "p95": qs[-1] if qs else 0, "max": max(lengths) if lengths else 0,
             },
         }
+    out["by_source"] = _by_source(splits)
     names = list(splits)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -105,6 +135,24 @@ def corpus_stats(splits: dict[str, list[Record]]) -> dict:
                 "shared_terms": len(terms[a] & terms[b]),
                 "shared_definitions": len(definitions[a] & definitions[b]),
             }
+    return out
+
+
+def _by_source(splits: dict[str, list[Record]]) -> dict:
+    """Per source: rows per split, rows with a context, distinct terms, genre(s)."""
+    out: dict = {}
+    for split, rows in splits.items():
+        for r in rows:
+            entry = out.setdefault(r.source, {"rows": {s: 0 for s in splits}, "with_context": 0, "terms": set(),
+                                              "genres": set()})
+            entry["rows"][split] += 1
+            entry["with_context"] += bool(r.context)
+            entry["terms"].add(r.term.casefold())
+            if r.genre is not None:
+                entry["genres"].add(r.genre)
+    for entry in out.values():
+        entry["terms"] = len(entry["terms"])
+        entry["genres"] = sorted(entry["genres"])
     return out
 
 
@@ -136,8 +184,14 @@ def save_corpus(corpus: Corpus, out_dir: str | Path, config_dump: dict | None = 
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in corpus.splits.items():
         write_jsonl(rows, out / f"{split}.jsonl")
+    from lm_lexicon.data.dictionaries import licence_of
+
+    sources = sorted({r.source for rows in corpus.splits.values() for r in rows})
     manifest = {
         "reports": [r.to_dict() for r in corpus.reports],
+        "licences": {s: licence_of(s) for s in sources},
+        "capped": corpus.capped,
+        "mix": corpus.mix,
         "subsampled": corpus.subsampled,
         "stats": corpus_stats(corpus.splits),
         "config": config_dump,

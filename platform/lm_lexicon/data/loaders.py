@@ -26,6 +26,7 @@ from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
+from lm_lexicon.data.dictionaries import load_dictd
 from lm_lexicon.data.records import SPLITS, LoadError, LoadReport, Record
 
 __all__ = [
@@ -44,7 +45,7 @@ __all__ = [
 # Removed by the LM-Lexicon preprocessing of 3D-EX (compared after casefolding and straightening apostrophes).
 EXCLUDED_3DEX_SOURCES: tuple[str, ...] = ("Hei++", "MultiRD", "Webster's Unabridged")
 MULTILINGUAL_LANGS: tuple[str, ...] = ("en", "es", "fr", "pt", "de")
-FORMATS: tuple[str, ...] = ("wordnet", "3dex", "ishiwatari", "multilingual", "table", "hf")
+FORMATS: tuple[str, ...] = ("wordnet", "3dex", "ishiwatari", "multilingual", "table", "hf", "dictd")
 
 _SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -754,15 +755,17 @@ _LOADERS: dict[str, Callable[..., tuple[list[Record], LoadReport]]] = {
     "multilingual": load_multilingual,
     "table": load_table,
     "hf": load_hf,
+    "dictd": load_dictd,
 }
 
 
 def load_any(spec: Mapping[str, Any]) -> tuple[list[Record], LoadReport]:
     """Load a dataset described by a config entry: ``{"format": ..., **arguments of that format's loader}``.
 
-    Formats: wordnet (``split`` only), 3dex, ishiwatari, multilingual, table, hf. ``path`` is accepted as the
-    first argument of every file loader (``directory`` for ishiwatari, ``dataset_id_or_path`` for hf), so
-    configs can say ``path`` throughout. A wrong argument is a ValueError naming the format.
+    Formats: wordnet (``split`` only), 3dex, ishiwatari, multilingual, table, hf, dictd (``dictionary``,
+    ``dictd_dir``, ...: :func:`lm_lexicon.data.dictionaries.load_dictd`). ``path`` is accepted as the first
+    argument of every file loader (``directory`` for ishiwatari, ``dataset_id_or_path`` for hf), so configs can say
+    ``path`` throughout. A wrong argument is a ValueError naming the format.
     """
     spec = dict(spec)
     fmt = spec.pop("format", None)
@@ -774,6 +777,8 @@ def load_any(spec: Mapping[str, Any]) -> tuple[list[Record], LoadReport]:
             raise ValueError(f"format 'wordnet' takes only 'split', got {unexpected}")
         return _load_wordnet(**spec)
     loader = _LOADERS[fmt]
+    if fmt == "dictd" and "path" in spec:
+        raise ValueError("format 'dictd' takes 'dictd_dir' (the directory of NAME.index), not 'path'")
     first = next(iter(inspect.signature(loader).parameters))
     if "path" in spec and first != "path":
         if first in spec:

@@ -16,7 +16,8 @@ class Record:
     """One definition-modeling example: a term, the context it is used in, and its definition.
 
     ``context`` may be empty (term-only definition modeling, e.g. the multilingual dictionaries).
-    ``source`` names the dictionary/corpus the row came from (``wordnet``, ``3dex:Urban``, ...).
+    ``source`` names the dictionary/corpus the row came from (``wordnet``, ``3dex:Urban``, ...); ``genre`` the
+    kind of dictionary (``general``, ``technical``, ``slang``, ``satire``) when the loader or the recipe says.
     """
 
     term: str
@@ -27,9 +28,13 @@ class Record:
     split: str = "train"
     pos: Optional[str] = None
     sense_id: Optional[str] = None
+    genre: Optional[str] = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["genre"] is None:
+            del d["genre"]  # rows without a genre are written as before the field existed (same bytes)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Record":
@@ -56,6 +61,7 @@ class LoadReport:
     kept: int = 0
     rejected: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)  # reason -> first offending location, for the error message
+    details: dict = field(default_factory=dict)   # loader-specific counts (e.g. dictd articles, rows with context)
 
     def keep(self, n: int = 1) -> None:
         self.read += n
@@ -82,8 +88,11 @@ class LoadReport:
         return out
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "read": self.read, "kept": self.kept,
-                "rejected": dict(self.rejected), "examples": self.examples}
+        out = {"source": self.source, "read": self.read, "kept": self.kept,
+               "rejected": dict(self.rejected), "examples": self.examples}
+        if self.details:
+            out["details"] = self.details
+        return out
 
     def summary(self) -> str:
         parts = [f"{self.source}: read {self.read}, kept {self.kept}, rejected {self.n_rejected}"]

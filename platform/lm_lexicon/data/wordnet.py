@@ -428,7 +428,9 @@ def term_key(term: str) -> str:
     return term.lower()
 
 
-class _UnionFind:
+class UnionFind:
+    """Disjoint sets of string nodes (also used by :mod:`lm_lexicon.data.mix` for the split across sources)."""
+
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
 
@@ -457,7 +459,7 @@ def components(records: list[Record]) -> dict[str, list[int]]:
     The component id is its smallest node name, so ids (and everything derived from them) do not depend on
     record order.
     """
-    uf = _UnionFind()
+    uf = UnionFind()
     for r in records:
         uf.union("t:" + term_key(r.term), "s:" + synset_of(r))
     comps: dict[str, list[int]] = defaultdict(list)
