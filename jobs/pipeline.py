@@ -28,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     stages = tuple(s for s in args.stages.split(",") if s) if args.stages else None
-    results = run_pipeline(cfg, stages=stages, force=tuple(s for s in args.force.split(",") if s))
+    from lm_lexicon.seed_models import SeedUnavailable
+
+    try:
+        results = run_pipeline(cfg, stages=stages, force=tuple(s for s in args.force.split(",") if s))
+    except (ValueError, SeedUnavailable) as e:  # bad input or a missing package: a message, not a stack trace
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from lm_lexicon.cli import console, print_stats
 

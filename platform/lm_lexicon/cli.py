@@ -164,11 +164,13 @@ def data_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
 def _run_stages(config, overrides, stages: tuple[str, ...], force: bool):
     from lm_lexicon.pipeline import run_pipeline
 
+    from lm_lexicon.seed_models import SeedUnavailable
+
     cfg = _config(config, overrides)
     try:
         return cfg, run_pipeline(cfg, stages=stages, force=stages if force else (),
                                  log=lambda m: console.print(m, markup=False, highlight=False))
-    except ValueError as e:  # bad input (empty split, N > rows, ...): a message, not a stack trace
+    except (ValueError, SeedUnavailable) as e:  # bad input (empty split, N > rows, a missing package, ...)
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
 
@@ -195,8 +197,14 @@ def seed_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] 
     """Build (once) and cache the recipe's seed model; print where it is."""
     from lm_lexicon.seed_models import resolve_seed_model
 
+    from lm_lexicon.seed_models import SeedUnavailable
+
     cfg = _config(config, overrides)
-    console.print(f"seed model {cfg.seed_model.name!r}: {resolve_seed_model(cfg.seed_model.name)}")
+    try:
+        console.print(f"seed model {cfg.seed_model.name!r}: {resolve_seed_model(cfg.seed_model.name)}")
+    except SeedUnavailable as e:
+        console.print(f"[red]{e}[/red]", highlight=False)
+        raise typer.Exit(2)
 
 
 @app.command("train-experts")
