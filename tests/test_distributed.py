@@ -7,6 +7,7 @@ between steps every parameter is a placeholder with no data, a forward gathers t
 and only ``deepspeed.zero.GatheredParameters`` makes them readable. A real-GPU test (``@pytest.mark.gpu``) runs the
 real DeepSpeed where it is installed.
 """
+import importlib.machinery
 import json
 import math
 import shutil
@@ -195,7 +196,11 @@ def _fake_deepspeed(calls: dict) -> types.ModuleType:
         return engine, engine.optimizer, None, None
 
     ds = types.ModuleType("deepspeed")
+    # a spec, as an imported module has: accelerate (installed with the project) asks importlib whether deepspeed is
+    # installed, which raises for a spec-less module; with no package metadata it then answers "not installed"
+    ds.__spec__ = importlib.machinery.ModuleSpec("deepspeed", loader=None)
     ds.initialize = initialize
+    ds.DeepSpeedEngine = Engine  # what accelerate unwraps when it finds deepspeed installed
     ds.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)
     return ds
 
