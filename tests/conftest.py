@@ -67,3 +67,12 @@ def perturb_weights():
         return directory
 
     return perturb
+
+
+@pytest.fixture
+def definition_traces(monkeypatch):
+    """``definition_traces.run(gen.generate, prompts, ...)`` -> ``(output, ScoreTrace)``: the scores every token of a
+    DefinitionGenerator in this process was picked from (tests/score_trace.py)."""
+    from score_trace import DefinitionTraces
+
+    return DefinitionTraces(monkeypatch)

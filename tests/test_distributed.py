@@ -196,10 +196,11 @@ def _fake_deepspeed(calls: dict) -> types.ModuleType:
         return engine, engine.optimizer, None, None
 
     ds = types.ModuleType("deepspeed")
-    # a module spec like an installed package's: libraries that probe for DeepSpeed (accelerate, through
-    # transformers) call importlib.util.find_spec("deepspeed"), which refuses a module without one
+    # a spec, as an imported module has: accelerate (installed with the project) asks importlib whether deepspeed is
+    # installed, which raises for a spec-less module; with no package metadata it then answers "not installed"
     ds.__spec__ = importlib.machinery.ModuleSpec("deepspeed", loader=None)
     ds.initialize = initialize
+    ds.DeepSpeedEngine = Engine  # what accelerate unwraps when it finds deepspeed installed
     ds.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)
     return ds
 

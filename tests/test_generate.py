@@ -14,6 +14,8 @@ from lm_lexicon.data.records import Record
 from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, detect_kind, generate_split, row_seed
 from lm_lexicon.seed_models import build_minilm_decoder, causal_bert_tokenizer, tiny_llama
 from lm_lexicon.sft import encode_example, record_prompt
+from score_trace import (assert_equal_where_decisive, assert_same_decoding, assert_same_definitions,
+                         definition_rows)
 
 PROMPTS = [
     '"a dog barks at night" What is the definition of "bark"?',
@@ -25,6 +27,11 @@ PROMPTS = [
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=10, batch_size=8)
 SAMPLE = GenerationSettings(do_sample=True, num_return_sequences=4, max_new_tokens=8, batch_size=16, seed=7)
 
+
+# Runs of one model that batch or pad differently compute the same scores only to float rounding, and a random model's
+# next-token scores are nearly flat: such runs are compared through the scores each token was picked from
+# (tests/score_trace.py, the `definition_traces` fixture), their texts wherever no near tie was met. The same batch
+# run twice is the same computation, and is compared exactly.
 
 # one torch thread: another process may hold the other core (two OpenMP threads then wait on each other)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,12 +80,14 @@ def test_detect_kind(llama_dir, moe):
 
 
 @pytest.mark.parametrize("which", ["llama", "minilm"])
-def test_greedy_is_deterministic_and_batched_equals_one_at_a_time(request, which):
+def test_greedy_is_deterministic_and_batched_equals_one_at_a_time(request, which, definition_traces):
     gen = request.getfixturevalue(which)
-    batched = gen.generate(PROMPTS, settings=GREEDY)
+    batched, batched_trace = definition_traces.run(gen.generate, PROMPTS, settings=GREEDY)
     assert gen.generate(PROMPTS, settings=GREEDY) == batched
-    alone = [gen.generate([p], settings=GREEDY)[0] for p in PROMPTS]
-    assert batched == alone  # left padding changes nothing
+    for i, p in enumerate(PROMPTS):  # left padding changes nothing
+        alone, alone_trace = definition_traces.run(gen.generate, [p], settings=GREEDY)
+        assert_same_definitions(alone, alone_trace, batched[i:i + 1], batched_trace,
+                                definition_rows(gen, [p], GREEDY))
     assert all(len(outs) == 1 and isinstance(outs[0], str) for outs in batched)
     assert any(outs[0] for outs in batched)
     assert all(o == o.strip() for outs in batched for o in outs)
@@ -109,13 +118,16 @@ def test_prompts_encoded_as_training_saw_them(llama):
     assert len(truncated) == 6 and truncated[0] == tok.bos_token_id
 
 
-def test_sampling_is_seeded_and_independent_of_batching(llama):
-    a = llama.generate(PROMPTS, settings=SAMPLE)
+def test_sampling_is_seeded_and_independent_of_batching(llama, definition_traces):
+    a, trace = definition_traces.run(llama.generate, PROMPTS, settings=SAMPLE)
     assert [len(outs) for outs in a] == [4] * len(PROMPTS)
     assert llama.generate(PROMPTS, settings=SAMPLE) == a
     # a sample is a function of (seed, prompt, index): batch size and order do not matter
-    assert llama.generate(PROMPTS, settings=SAMPLE.replace(batch_size=3)) == a
-    assert llama.generate(PROMPTS[::-1], settings=SAMPLE)[::-1] == a
+    rows = definition_rows(llama, PROMPTS, SAMPLE)
+    smaller, smaller_trace = definition_traces.run(llama.generate, PROMPTS, settings=SAMPLE.replace(batch_size=3))
+    assert_same_definitions(smaller, smaller_trace, a, trace, rows)
+    reversed_, reversed_trace = definition_traces.run(llama.generate, PROMPTS[::-1], settings=SAMPLE)
+    assert_same_definitions(reversed_[::-1], reversed_trace, a, trace, rows)
     assert llama.generate(PROMPTS, settings=SAMPLE.replace(seed=8)) != a
     assert all(len(set(outs)) > 1 for outs in a)  # the n samples of a prompt differ
     assert row_seed(7, "p", 0) == row_seed(7, "p", 0) != row_seed(7, "p", 1)
@@ -204,22 +216,27 @@ def test_call_adds_a_list_column(llama):
     out = llama.__class__.__call__(llama, batch)  # the Ray Data entry point, called in process
     assert out["predictions"].dtype == object and out["predictions"].shape == (3,)
     assert all(isinstance(p, list) and len(p) == 1 for p in out["predictions"])
-    assert out["predictions"].tolist() == llama.generate(PROMPTS[:3])
+    assert out["predictions"].tolist() == llama.generate(PROMPTS[:3])  # the same batch: the same computation
     assert out["domain"].tolist() == [-1, -1, -1]
     np.testing.assert_array_equal(out["row"], batch["row"])
 
 
 # =================================================================================================== MoE
-def test_moe_mixed_domains_equal_per_domain_groups(moe):
+def test_moe_mixed_domains_equal_per_domain_groups(moe, definition_traces):
     domains = np.array([0, 1, 0, 1, 1])
     for settings in (GREEDY, SAMPLE):
-        mixed = moe.generate(PROMPTS, domains, settings=settings)
+        mixed, mixed_trace = definition_traces.run(moe.generate, PROMPTS, domains, settings=settings)
         for d in (0, 1):
             rows = np.flatnonzero(domains == d)
-            alone = moe.generate([PROMPTS[i] for i in rows], [d] * len(rows), settings=settings)
-            assert alone == [mixed[i] for i in rows]
-    # the labels matter: another domain generates differently somewhere
-    assert moe.generate(PROMPTS, 1 - domains, settings=GREEDY) != moe.generate(PROMPTS, domains, settings=GREEDY)
+            prompts = [PROMPTS[i] for i in rows]
+            alone, alone_trace = definition_traces.run(moe.generate, prompts, [d] * len(rows), settings=settings)
+            assert_same_definitions(alone, alone_trace, [mixed[i] for i in rows], mixed_trace,
+                                    definition_rows(moe, prompts, settings))
+    # the labels matter: under the other domains every prompt scores its first token differently
+    _, other = definition_traces.run(moe.generate, PROMPTS, 1 - domains, settings=GREEDY)
+    _, given = definition_traces.run(moe.generate, PROMPTS, domains, settings=GREEDY)
+    firsts = [(row, ()) for (row,) in definition_rows(moe, PROMPTS, GREEDY)]
+    assert all((other.scores[k] - given.scores[k]).abs().max() > 1e-2 for k in firsts)
     lp_mixed = moe.sequence_logprobs(PROMPTS, ["a definition"] * 5, domains)
     lp_zero = moe.sequence_logprobs(PROMPTS, ["a definition"] * 5, [0] * 5)
     assert lp_mixed[0] == pytest.approx(lp_zero[0], rel=1e-5) and lp_mixed[1] != pytest.approx(lp_zero[1], rel=1e-5)
@@ -243,39 +260,52 @@ def test_generate_split_in_process(llama_dir):
     assert {p["model"] for p in preds} == {"tiny"} and {p["domain"] for p in preds} == {None}
 
 
-def test_generate_split_on_ray_data_keeps_input_order(ray_local, llama_dir):
+def test_generate_split_on_ray_data_keeps_input_order(ray_local, llama_dir, definition_traces):
     records = _records(9)
     settings = SAMPLE.replace(num_return_sequences=3, batch_size=6)
     on_ray = generate_split(records, llama_dir, settings, use_ray=True, num_actors=1, rows_per_call=2,
                             torch_threads=1)
-    local = generate_split(records, llama_dir, settings, use_ray=False)
+    generator = DefinitionGenerator(llama_dir)
+    local, local_trace = definition_traces.run(generate_split, records, llama_dir, settings, use_ray=False,
+                                               eos_ids=generator.eos_ids)
     assert [(p["term"], p["context"]) for p in on_ray] == [(r.term, r.context) for r in records]
     assert all(len(p["predictions"]) == 3 and all(isinstance(s, str) for s in p["predictions"]) for p in on_ray)
-    assert [p["predictions"] for p in on_ray] == [p["predictions"] for p in local]  # per-row seeds: same samples
     prompts = [record_prompt(r) for r in records]
-    direct = DefinitionGenerator(llama_dir).generate(prompts, settings=settings)
-    assert [p["predictions"] for p in on_ray] == direct
+    rows = definition_rows(generator, prompts, settings)
+    local = [p["predictions"] for p in local]
+    # per-row seeds: the same samples, on Ray (batched otherwise, in another process: not traced) as here
+    assert assert_equal_where_decisive([p["predictions"] for p in on_ray], local, local_trace, rows) >= 20
+    direct, direct_trace = definition_traces.run(generator.generate, prompts, settings=settings)
+    assert_same_definitions(local, local_trace, direct, direct_trace, rows)
 
 
-def test_generate_split_with_given_prompts(llama_dir):
+def test_generate_split_with_given_prompts(llama_dir, definition_traces):
     records = _records(3)
     prompts = [f"few-shot prefix {i}. " + record_prompt(r) for i, r in enumerate(records)]
-    preds = generate_split(records, llama_dir, GREEDY, use_ray=False, prompts=prompts)
-    direct = DefinitionGenerator(llama_dir).generate(prompts, settings=GREEDY)
-    assert [p["predictions"] for p in preds] == direct
+    generator = DefinitionGenerator(llama_dir)
+    preds, split_trace = definition_traces.run(generate_split, records, llama_dir, GREEDY, use_ray=False,
+                                               prompts=prompts, eos_ids=generator.eos_ids)
+    direct, direct_trace = definition_traces.run(generator.generate, prompts, settings=GREEDY)
+    assert_same_definitions([p["predictions"] for p in preds], split_trace, direct, direct_trace,
+                            definition_rows(generator, prompts, GREEDY))
     assert preds[0]["term"] == records[0].term
     with pytest.raises(ValueError, match="2 prompts for 3 records"):
         generate_split(records, llama_dir, GREEDY, use_ray=False, prompts=prompts[:2])
 
 
-def test_beam_search_returns_one_definition_per_prompt(llama, moe):
-    settings = GREEDY.replace(num_beams=3, repetition_penalty=1.0)
-    outs = llama.generate(PROMPTS, settings=settings)
+def test_beam_search_returns_one_definition_per_prompt(llama, moe, definition_traces):
+    settings = GREEDY.replace(num_beams=3)  # with the repetition penalty: per-beam processors
+    outs, batched = definition_traces.run(llama.generate, PROMPTS, settings=settings)
     assert len(outs) == len(PROMPTS) and all(len(o) == 1 and isinstance(o[0], str) for o in outs)
-    # one prompt alone gives the same beam result as inside the batch (left padding + per-row processors)
-    assert llama.generate(PROMPTS[:1], settings=settings)[0] == outs[0]
-    mixed = moe.generate(PROMPTS[:2], [0, 1], settings=settings)
-    assert mixed == [moe.generate(PROMPTS[:1], [0], settings=settings)[0],
-                     moe.generate(PROMPTS[1:2], [1], settings=settings)[0]]
+    # one prompt alone scores every beam as it does inside the batch (left padding + per-row processors); which beam
+    # wins is a comparison of sums of scores, so the texts are not compared across the two computations
+    _, alone = definition_traces.run(llama.generate, PROMPTS[:1], settings=settings)
+    rows = [r for (r,) in definition_rows(llama, PROMPTS[:1], settings)]
+    assert assert_same_decoding(alone, batched, rows=rows, beams=True).compared >= 3
+    _, mixed = definition_traces.run(moe.generate, PROMPTS[:2], [0, 1], settings=settings)
+    for i in (0, 1):
+        _, alone = definition_traces.run(moe.generate, PROMPTS[i:i + 1], [i], settings=settings)
+        rows = [r for (r,) in definition_rows(moe, PROMPTS[i:i + 1], settings)]
+        assert assert_same_decoding(alone, mixed, rows=rows, beams=True).compared >= 3
     with pytest.raises(ValueError, match="beam search"):
         GenerationSettings(do_sample=True, num_beams=2)

@@ -19,6 +19,7 @@ from lm_lexicon.moe.model import (
     moe_from_dense,
 )
 from lm_lexicon.seed_models import build_minilm_decoder, load_causal_lm, tiny_llama
+from score_trace import ScoreTrace, assert_same_decoding
 
 POLICIES = ("domain", "token", "soft-sequence", "hard-sequence")
 PROMPTS = ['"a dog barks at night" What is the definition of "bark"?', "a cat", "the quick brown fox jumps over"]
@@ -91,13 +92,18 @@ def test_domain_label_i_is_the_dense_model_with_expert_i(llama):
     dense, tok = llama
     enc = _batch(tok)
     moe = _distinct_experts(moe_from_dense(dense, 3, routing="domain"))
-    labels = torch.tensor([2, 0, 2])
+    labels = torch.tensor([2, 0, 1])  # every expert gets a row
     with torch.no_grad():
         mixed = moe(**enc, domain_labels=labels).logits
+        expected = [_collapse(moe, dense, i)(**enc).logits for i in range(3)]
         for i in range(3):
-            collapsed = _collapse(moe, dense, i)
+            # one label for the batch runs expert i on the whole batch, as the dense model does: the same kernels
+            assert_close(moe(**enc, domain_labels=i).logits, expected[i], rtol=0, atol=0)
+            # a mixed batch runs expert i on its row only (another matmul shape): equal to float rounding
             rows = labels == i
-            assert_close(mixed[rows], collapsed(**enc).logits[rows], rtol=0, atol=0)
+            assert_close(mixed[rows], expected[i][rows], rtol=1e-5, atol=1e-5)
+            # while another expert's model is far off, so the tolerance cannot hide a wrong route
+            assert (mixed[rows] - expected[(i + 1) % 3][rows]).abs().max() > 1e-2
 
 
 def _collapse(moe, dense, i):
@@ -147,6 +153,16 @@ def test_domain_labels_are_validated(llama):
 
 
 # =================================================================================================== generation
+# Two generations that compute the same function in different ways (a mixed batch and a batch of one domain, cached
+# and uncached decoding) agree to float rounding, and a random model's next-token scores are nearly flat: the tests
+# compare the scores each token was picked from (tests/score_trace.py), and the tokens of rows that never hit a tie.
+def _generate_traced(model, enc, row_ids=(0, 1, 2), **kw):
+    trace = ScoreTrace([model.generation_config.eos_token_id])
+    out = model.generate(**enc, logits_processor=trace.processors(row_ids, enc["input_ids"].shape[1]),
+                         return_dict_in_generate=True, **kw)
+    return out, trace
+
+
 def test_generate_batched_mixed_domains(llama):
     """Each row of a mixed-domain batch generates what it generates in a batch of its own domain."""
     dense, tok = llama
@@ -154,15 +170,18 @@ def test_generate_batched_mixed_domains(llama):
     moe = _distinct_experts(moe_from_dense(dense, 3, routing="domain"))
     labels = torch.tensor([2, 0, 1])
     kw = dict(max_new_tokens=8, do_sample=False)
-    mixed = moe.generate(**enc, domain_labels=labels, **kw)
-    assert mixed.shape == (3, enc["input_ids"].shape[1] + 8)
+    mixed, mixed_trace = _generate_traced(moe, enc, domain_labels=labels, **kw)
+    assert mixed.sequences.shape == (3, enc["input_ids"].shape[1] + 8)
     for i in range(3):
-        uniform = moe.generate(**enc, domain_labels=torch.full((3,), i), **kw)
-        rows = labels == i
-        assert torch.equal(mixed[rows], uniform[rows])
-    # labels matter: some row generates differently under another domain
-    shifted = moe.generate(**enc, domain_labels=(labels + 1) % 3, **kw)
-    assert not torch.equal(mixed, shifted)
+        uniform, uniform_trace = _generate_traced(moe, enc, domain_labels=torch.full((3,), i), **kw)
+        row = int((labels == i).nonzero())
+        same = assert_same_decoding(mixed_trace, uniform_trace, rows=[row])
+        assert same.compared >= 1
+        if row not in same.diverged:
+            assert torch.equal(mixed.sequences[row], uniform.sequences[row])
+    # labels matter: under other domains every row scores its first token differently
+    _, shifted = _generate_traced(moe, enc, domain_labels=(labels + 1) % 3, **kw)
+    assert all((mixed_trace.scores[(r, ())] - shifted.scores[(r, ())]).abs().max() > 1e-2 for r in range(3))
 
 
 def test_generate_expands_labels_for_beams_and_return_sequences(llama):
@@ -170,31 +189,72 @@ def test_generate_expands_labels_for_beams_and_return_sequences(llama):
     enc = _batch(tok)
     moe = _distinct_experts(moe_from_dense(dense, 3, routing="domain"))
     labels = torch.tensor([2, 0, 1])
+    seen: list[torch.Tensor] = []  # the domain labels of every forward of the generation
+    hook = moe.moe_blocks()[0].register_forward_hook(lambda m, a, o: seen.append(m.context.domain_labels.clone()))
     kw = dict(max_new_tokens=5, do_sample=False, num_beams=2, num_return_sequences=2)
-    mixed = moe.generate(**enc, domain_labels=labels, **kw)
-    assert mixed.shape[0] == 6
+    mixed, mixed_trace = _generate_traced(moe, enc, domain_labels=labels, **kw)
+    hook.remove()
+    assert mixed.sequences.shape[0] == 6
+    # every beam of a prompt keeps the prompt's label, at every step
+    assert len(seen) == mixed.sequences.shape[1] - enc["input_ids"].shape[1]  # one forward per new token
+    assert all(torch.equal(s, labels.repeat_interleave(2)) for s in seen)
+    # and every beam both runs kept scores as in a batch of the prompt's own domain (which beams are kept and
+    # returned compares sums of scores: float ties, so the returned sequences are not compared)
     for i in range(3):
-        uniform = moe.generate(**enc, domain_labels=torch.full((3,), i), **kw)
-        rows = (labels == i).repeat_interleave(2)
-        assert torch.equal(mixed[rows], uniform[rows])
+        _, uniform_trace = _generate_traced(moe, enc, domain_labels=torch.full((3,), i), **kw)
+        row = int((labels == i).nonzero())
+        assert assert_same_decoding(mixed_trace, uniform_trace, rows=[row], beams=True).compared >= 2
 
 
 @pytest.mark.parametrize("routing", ["soft-sequence", "hard-sequence"])
 def test_sequence_routing_is_decided_by_the_prompt(llama, routing):
-    """Cached generation fixes the route at the prefill; uncached generation with routing_mask = the prompt gives
-    the same route, hence the same tokens."""
+    """Cached generation fixes the route at the prefill; uncached generation with routing_mask = the prompt
+    recomputes it from the prompt at every step: the same route, hence the same scores."""
+    from lm_lexicon.moe import calibrate_gates
+
     dense, tok = llama
     enc = _batch(tok)
     moe = _distinct_experts(moe_from_dense(dense, 3, routing=routing))
+    # gates that send each prompt to its own expert, decisively (top-2 probabilities >= 0.3 apart): the route is a
+    # decision that float rounding cannot flip, and a route re-decided from generated tokens would change it
+    calibrate_gates(moe, enc["input_ids"], enc["attention_mask"], torch.tensor([0, 1, 2]), scale=4.0)
+    routes: list[dict[int, torch.Tensor]] = []  # per forward: layer -> the [3, N] route probabilities it used
+    hooks = [b.register_forward_hook(lambda m, a, o: _record_route(routes, m)) for b in moe.moe_blocks()]
     kw = dict(max_new_tokens=6, do_sample=False)
-    cached = moe.generate(**enc, **kw)
-    uncached = moe.generate(**enc, routing_mask=enc["attention_mask"], use_cache=False, **kw)
-    assert torch.equal(cached, uncached)
+    cached, cached_trace = _generate_traced(moe, enc, **kw)
+    cached_routes, routes[:] = list(routes), []
+    uncached, uncached_trace = _generate_traced(moe, enc, routing_mask=enc["attention_mask"], use_cache=False, **kw)
+    uncached_routes = list(routes)
+    for h in hooks:
+        h.remove()
+    prefill = cached_routes[0]
+    for layer, probs in prefill.items():
+        assert probs.argmax(-1).tolist() == [0, 1, 2]
+        top = probs.topk(2, dim=-1).values
+        assert (top[:, 0] - top[:, 1]).min() > 0.3
+    width = enc["input_ids"].shape[1]
+    assert len(cached_routes) == cached.sequences.shape[1] - width  # one forward per new token
+    assert len(uncached_routes) == uncached.sequences.shape[1] - width
+    for step in cached_routes[1:]:  # decoding steps reuse the prefill's decision itself
+        assert all(torch.equal(step[layer], prefill[layer]) for layer in prefill)
+    for step in uncached_routes:  # recomputed from the prompt inside longer sequences: equal to rounding
+        for layer in prefill:
+            assert_close(step[layer], prefill[layer], rtol=1e-5, atol=1e-6)
+    same = assert_same_decoding(cached_trace, uncached_trace)
+    assert same.compared >= 3 * 2
+    for row in set(range(3)) - same.diverged:
+        assert torch.equal(cached.sequences[row], uncached.sequences[row])
     with torch.no_grad():  # padding does not vote: a padded row routes like the same prompt alone
         full = moe(**enc).logits
         alone = moe(**tok(PROMPTS[1:2], return_tensors="pt")).logits
     n = alone.shape[1]
     assert_close(full[1, -n:], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def _record_route(routes: list, block) -> None:
+    if block.layer_index == 0:
+        routes.append({})
+    routes[-1][block.layer_index] = block.context.sequence_probs[block.layer_index].clone()
 
 
 # =================================================================================================== training

@@ -19,6 +19,7 @@ from lm_lexicon.seed_models import (SEED_MINILM_DECODER, STAMP_FILE, build_minil
                                     load_causal_lm, resolve_seed_model, tiny_llama)
 from lm_lexicon.sft import (IGNORE_INDEX, LengthBucketBatchSampler, collate, cpu_supports_bf16, encode_example,
                             encode_prompt, evaluate_loss, lr_factor, read_trainer_state, record_prompt, train)
+from score_trace import ScoreTrace, assert_same_decoding
 
 ROWS = [
     ("bank", "we sat on the bank of the river", "sloping land beside a body of water"),
@@ -239,17 +240,26 @@ def test_load_causal_lm_sets_dropout_and_padding(llama_dir, minilm2_dir):
 
 
 def test_left_padded_batch_generation_matches_single_prompts(minilm2_dir):
-    """BERT has absolute positions: batched (left-padded) generation must give each prompt its own positions."""
+    """BERT has absolute positions: batched (left-padded) generation must give each prompt its own positions.
+
+    A padded batch and a prompt alone are different matmul shapes, equal to float rounding: the scores each token was
+    picked from are compared (tests/score_trace.py), and the tokens of every row that did not meet a near tie."""
     model, tok = load_causal_lm(minilm2_dir)
     prompts = [record_prompt(r) for r in _records()[:3]]
     batch = tok(prompts, return_tensors="pt", padding=True)
-    out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    eos = [model.generation_config.eos_token_id]
+    batched = ScoreTrace(eos)
     width = batch["input_ids"].shape[1]
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False, logits_processor=batched.processors(prompts, width))
     for i, prompt in enumerate(prompts):
         single = tok(prompt, return_tensors="pt")
-        alone = model.generate(**single, max_new_tokens=6, do_sample=False)
-        assert out[i, width:].tolist()[:alone.shape[1] - single["input_ids"].shape[1]] == \
-            alone[0, single["input_ids"].shape[1]:].tolist()
+        n = single["input_ids"].shape[1]
+        trace = ScoreTrace(eos)
+        alone = model.generate(**single, max_new_tokens=6, do_sample=False,
+                               logits_processor=trace.processors([prompt], n))
+        same = assert_same_decoding(trace, batched)
+        if not same.diverged:
+            assert out[i, width:].tolist()[:alone.shape[1] - n] == alone[0, n:].tolist()
 
 
 def test_resolve_unknown_hub_id_offline_says_how_to_allow_downloads(monkeypatch):

@@ -59,6 +59,8 @@ from lm_lexicon.moe.ffn_spec import MOE_PREFIX, FFNSpec, get_spec, spec_for_conf
 from lm_lexicon.moe.hf_registration import ROUTING_POLICIES, SECTION, config_class
 
 LexiconMoEConfig = config_class()
+# the name of the KV cache in model outputs: `cache` in recent transformers, `past_key_values` before
+_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 # =================================================================================================== routing inputs
@@ -385,7 +387,10 @@ class LexiconMoEForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass input_ids or inputs_embeds")
         batch, seq = reference.shape[:2]
         device = reference.device
-        continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
+        # transformers renamed the KV cache argument: its generate() passes `cache=` (in **kwargs here), older
+        # releases and older callers `past_key_values=`. Either one tells a decoding step from a prefill.
+        cache = kwargs.get("cache", past_key_values)
+        continuing = cache is not None and cache.get_seq_length() > 0
         token_routing = self.config.routing == "token"
         want_aux = token_routing and (self.training or labels is not None or bool(output_router_logits))
         token_mask = attention_mask[:, -seq:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -395,9 +400,11 @@ class LexiconMoEForCausalLM(PreTrainedModel, GenerationMixin):
             continuing=continuing,
             record_router_logits=want_aux,
         )
+        if past_key_values is not None:  # passed on under the caller's name, which this transformers accepts
+            kwargs["past_key_values"] = past_key_values
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                      use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                      inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                      logits_to_keep=logits_to_keep, **kwargs)
         aux_loss, router_logits = None, None
         if want_aux:
             router_logits = tuple(self.routing_context.router_logits[i] for i in sorted(self.routing_context.router_logits))
@@ -407,9 +414,9 @@ class LexiconMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if loss is not None and aux_loss is not None and self.config.aux_loss_coef > 0:
             loss = loss + self.config.aux_loss_coef * aux_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
-            loss=loss, aux_loss=aux_loss, logits=out.logits, past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states, attentions=out.attentions,
-            router_logits=router_logits if output_router_logits else None)
+            loss=loss, aux_loss=aux_loss, logits=out.logits, hidden_states=out.hidden_states,
+            attentions=out.attentions, router_logits=router_logits if output_router_logits else None,
+            **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
 
     def _domain_labels(self, domain_labels, batch: int, device) -> Optional[torch.Tensor]:
         if domain_labels is None:
