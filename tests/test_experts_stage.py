@@ -29,7 +29,7 @@ def _cfg(out, seed, *extra):
 
 def test_plan_and_concurrency():
     cfg = load_config("configs/tiny.yaml")
-    assert [j["name"] for j in plan_jobs(3)] == ["expert_0", "expert_1", "expert_2", "dense"]
+    assert [j["name"] for j in plan_jobs(3)] == ["dense", "expert_0", "expert_1", "expert_2"]
     assert max_concurrent(cfg.resources, {"CPU": 2}) == 2
     assert max_concurrent(cfg.resources, {"CPU": 1}) == 1
     gpu = load_config("configs/llama3-8b-3dex.yaml").resources
@@ -129,4 +129,4 @@ def test_dense_baseline_switch_reaches_the_stage(tmp_path, monkeypatch, dense):
     cfg = load_config("configs/tiny.yaml", [f"train.dense_baseline={str(dense).lower()}"])
     experts.run_experts_stage(cfg, StageResult("partition", tmp_path, "p" * 16, False, 0.0, {}))
     assert seen["dense"] is dense
-    assert [j["name"] for j in plan_jobs(2, with_dense=dense)] == ["expert_0", "expert_1"] + (["dense"] if dense else [])
+    assert [j["name"] for j in plan_jobs(2, with_dense=dense)] == (["dense"] if dense else []) + ["expert_0", "expert_1"]

@@ -192,10 +192,10 @@ def expert_trial(config: dict) -> dict:
 
 
 def plan_jobs(n_experts: int, with_dense: bool = True) -> list[dict]:
-    jobs = [{"name": f"expert_{i}", "domain": i} for i in range(n_experts)]
-    if with_dense:
-        jobs.append({"name": "dense", "domain": None})
-    return jobs
+    """The stage's jobs, the dense baseline first: it trains on all N domains, as long as the N experts together,
+    so with two jobs at a time it runs beside the experts in turn instead of after them (1.5x shorter at N=4)."""
+    jobs = [{"name": "dense", "domain": None}] if with_dense else []
+    return jobs + [{"name": f"expert_{i}", "domain": i} for i in range(n_experts)]
 
 
 def max_concurrent(resources_cfg, cluster: dict) -> int:
