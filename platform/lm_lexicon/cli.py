@@ -21,6 +21,17 @@ app.add_typer(config_app, name="config")
 # A pipe or a CI log is not 80 columns wide in spirit: keep the tables readable there.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
+_options = {"verbose": False}
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                      help="Stage commands: also show Ray's, Tune's, transformers' and MLflow's logs "
+                                           "live (they always go to <output_dir>/logs/pipeline.log).")) -> None:
+    """LM-Lexicon: Split-then-Merge definition modeling on Ray."""
+    _options["verbose"] = verbose
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (default: the built-in tiny defaults).")
 OverridesArg = typer.Argument(None, help="Overrides: section.field=value ...")
 
@@ -44,7 +55,8 @@ def print_reports(reports) -> None:
     console.print(table)
 
 
-def print_stats(stats: dict, hist: dict | None = None) -> None:
+def print_stats(stats: dict, hist: dict | None = None, out: Console | None = None) -> None:
+    out = out or console
     table = Table(title="Corpus by split")
     cols = ("split", "rows", "terms", "definitions", "with context", "def. words mean", "median", "p95", "max", "sources")
     for col in cols:
@@ -54,13 +66,13 @@ def print_stats(stats: dict, hist: dict | None = None) -> None:
         sources = ", ".join(f"{k} {v}" for k, v in list(s["sources"].items())[:4])
         table.add_row(split, f"{s['rows']:,}", f"{s['terms']:,}", f"{s['definitions']:,}", f"{s['with_context']:,}",
                       f"{d['mean']}", f"{d['median']}", f"{d['p95']}", f"{d['max']}", sources)
-    console.print(table)
+    out.print(table)
     ov = Table(title="Overlap across splits (a leak-free split has 0 shared terms)")
     for col in ("splits", "shared terms", "shared definitions"):
         ov.add_column(col)
     for pair, o in stats["overlap"].items():
         ov.add_row(pair, str(o["shared_terms"]), str(o["shared_definitions"]))
-    console.print(ov)
+    out.print(ov)
     if hist:
         h = Table(title="Definition length (words)")
         h.add_column("bucket")
@@ -69,7 +81,7 @@ def print_stats(stats: dict, hist: dict | None = None) -> None:
         labels = [b for b, _ in next(iter(hist.values()))]
         for i, label in enumerate(labels):
             h.add_row(label, *[str(hist[s][i][1]) for s in hist])
-        console.print(h)
+        out.print(h)
 
 
 @data_app.command("build")
@@ -150,15 +162,23 @@ def data_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
 
 
 def _run_stages(config, overrides, stages: tuple[str, ...], force: bool):
+    """Run stages under the quiet terminal (:mod:`lm_lexicon.console`): the project's lines and bars here, every
+    library's output in <output_dir>/logs/pipeline.log (``lm-lexicon --verbose ...`` shows it live too)."""
+    from lm_lexicon.console import pipeline_terminal
     from lm_lexicon.pipeline import run_pipeline
 
     cfg = _config(config, overrides)
-    try:
-        return cfg, run_pipeline(cfg, stages=stages, force=stages if force else (),
-                                 log=lambda m: console.print(m, markup=False, highlight=False))
-    except ValueError as e:  # bad input (empty split, N > rows, ...): a message, not a stack trace
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2)
+    with pipeline_terminal(cfg.output_dir, verbose=_options["verbose"]) as term:
+        try:
+            results = run_pipeline(cfg, stages=stages, force=stages if force else (), log=term.line)
+        except ValueError as e:  # bad input (empty split, N > rows, ...): a message, not a stack trace
+            term.fail(e)
+            raise typer.Exit(2)
+        except Exception as e:
+            term.fail(e)
+            raise typer.Exit(1)
+        term.line(term.summary())
+    return cfg, results
 
 
 @app.command("partition")

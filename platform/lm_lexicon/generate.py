@@ -592,15 +592,19 @@ def generate_split(records: Sequence, model_path: str | Path, settings: "Generat
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
     )
+    from lm_lexicon.console import bar
+
     outputs: list[Optional[list[str]]] = [None] * len(records)
     doms = np.full(len(records), NO_DOMAIN, dtype=np.int64)
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for row, preds, dom in zip(batch["row"], batch["predictions"], batch["domain"]):
-            row = int(row)
-            if outputs[row] is not None:
-                raise RuntimeError(f"Ray Data returned row {row} twice")
-            outputs[row] = [str(p) for p in preds]
-            doms[row] = int(dom)
+    with bar(f"generating with {name}", total=len(records), unit="rows") as progress:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for row, preds, dom in zip(batch["row"], batch["predictions"], batch["domain"]):
+                row = int(row)
+                if outputs[row] is not None:
+                    raise RuntimeError(f"Ray Data returned row {row} twice")
+                outputs[row] = [str(p) for p in preds]
+                doms[row] = int(dom)
+            progress.advance(len(batch["row"]))
     missing = [i for i, o in enumerate(outputs) if o is None]
     if missing:
         raise RuntimeError(f"Ray Data returned no prediction for {len(missing)} rows (first: {missing[:5]})")
