@@ -339,6 +339,25 @@ def test_killed_expert_replica_is_replaced_and_no_accepted_request_is_lost(serve
           f"ingress retries: {server.get('/healthz').json()['stats']['retries']}")
 
 
+# =================================================================================================== web page
+def test_web_page_is_served_from_the_app_with_no_outside_resource(server):
+    page = server.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    html = page.text
+    assert '<script src="static/app.js"' in html and 'href="static/style.css"' in html
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        r = server.get(f"/static/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind) and len(r.text) > 500
+        html += r.text
+    assert "http://" not in html and "https://" not in html and "//cdn" not in html  # works offline
+    for control in ("term", "context", "lang", "n", "scores", "batch-text", "batch-file", "token"):
+        assert f'<label for="{control}"' in page.text  # every input has a label
+    missing = server.get("/static/secrets.txt")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert server.get("/static/..%2fapp.py").status_code == 404
+
+
 # =================================================================================================== auth + CLI
 def test_cli_define_against_the_server(server, tmp_path):
     from typer.testing import CliRunner
@@ -386,3 +405,4 @@ def test_bearer_token_auth(server, pipeline_dir):
     assert server.get("/v1/model").status_code == 401
     assert server.get("/v1/model", headers={"Authorization": "Bearer s3cret"}).json()["auth"] == "bearer token"
     assert server.get("/healthz").status_code == 200  # probes need no token
+    assert server.get("/").status_code == 200  # the page holds no data; its API calls carry the token
