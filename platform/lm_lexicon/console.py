@@ -79,8 +79,8 @@ class Bar:
 
 
 class _LiveBar(Bar):
-    def __init__(self, term: "Terminal", task_id):
-        self.term, self.task_id, self.closed = term, task_id, False
+    def __init__(self, term: "Terminal", task_id, stage: Optional[str]):
+        self.term, self.task_id, self.stage, self.closed = term, task_id, stage, False
 
     def advance(self, n: float = 1) -> None:
         if not self.closed:
@@ -151,6 +151,7 @@ class Terminal:
     def __init__(self, log_path: Path, verbose: bool = False):
         self.log_path = Path(log_path)
         self.verbose = verbose
+        self.ray_was_running = _ray_initialized()  # Ray started inside is stopped inside (see stop)
         self.stage: Optional[str] = None
         self.notices = {"warning": 0, "error": 0}
         self._bars: list[_LiveBar] = []
@@ -185,11 +186,10 @@ class Terminal:
             if self._progress is None:
                 self._progress = _new_progress(self.console)
                 self._progress.start()
-            tag = f"[{stage or self.stage}] " if (stage or self.stage) else ""
-            task = self._progress.add_task(label, total=total, tag=tag, unit=unit, note="",
-                                           total_text="?" if total is None else f"{total:,.0f}")
-            handle = _LiveBar(self, task)
-            handle.stage = stage or self.stage
+            stage = stage or self.stage
+            task = self._progress.add_task(label, total=total, tag=f"[{stage}] " if stage else "", unit=unit,
+                                           note="", total_text="?" if total is None else f"{total:,.0f}")
+            handle = _LiveBar(self, task, stage)
             self._bars.append(handle)
             return handle
 
@@ -297,9 +297,11 @@ class Terminal:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
-        if getattr(self, "_pump", None) is not None:
-            self._pump.join(timeout=2.0)
-        os.close(self._log_fd)
+        pump = getattr(self, "_pump", None)
+        if pump is not None:
+            pump.join(timeout=2.0)
+        if pump is None or not pump.is_alive():  # a pump still copying (a child holds the pipe) keeps its file
+            os.close(self._log_fd)
         for copy in saved.values():
             os.close(copy)
         _active = None
@@ -321,7 +323,6 @@ def pipeline_terminal(output_dir: str | Path, verbose: bool = False) -> Iterator
         yield _active
         return
     term = Terminal(log_path_for(output_dir), verbose)
-    term.ray_was_running = _ray_initialized()
     term.start()
     _active = term
     logging.getLogger(TERMINAL_LOGGER).info("=== %s (pid %d, verbose=%s)", " ".join(sys.argv), os.getpid(),
@@ -339,7 +340,7 @@ def _ray_initialized() -> bool:
 
 def _shutdown_ray_started_here(term: Terminal) -> None:
     """Ray started inside the context stops inside it: its shutdown messages belong in the log too."""
-    if not getattr(term, "ray_was_running", True) and _ray_initialized():
+    if not term.ray_was_running and _ray_initialized():
         try:
             sys.modules["ray"].shutdown()
         except Exception:  # best effort: the run itself is over
