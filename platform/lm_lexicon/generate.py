@@ -409,7 +409,11 @@ class DefinitionGenerator:
         results: list[Optional[list[str]]] = [None] * len(prompts)
         gen_config = self._generation_config(settings)
         new_tokens = 0
-        with torch.inference_mode():
+        from lm_lexicon.console import bar
+
+        progress = bar(f"{'sampling from' if settings.do_sample else 'generating with'} {self.model_name}",
+                       total=len(prompts), unit="prompts")  # in-process use under the pipeline's terminal only
+        with torch.inference_mode(), progress:
             for start in range(0, len(order), per_batch):
                 idx = order[start:start + per_batch]
                 rows = [encoded[i] for i in idx for _ in range(copies)]
@@ -431,6 +435,7 @@ class DefinitionGenerator:
                 for j, i in enumerate(idx):
                     mine = texts[j * copies:(j + 1) * copies]
                     results[i] = mine if settings.do_sample else mine * n
+                progress.advance(len(idx))
         self.stats["prompts"] += len(prompts)
         self.stats["sequences"] += len(prompts) * copies
         self.stats["new_tokens"] += new_tokens
