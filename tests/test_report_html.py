@@ -37,13 +37,23 @@ class _Tags(HTMLParser):
     def __init__(self):
         super().__init__()
         self.tags: list[tuple[str, dict]] = []
-        self.text: list[str] = []
+        self.h2: list[str] = []
+        self.links: list[str] = []
+        self.open: tuple[str, dict] | None = None
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
+        self.open = (tag, dict(attrs))
+
+    def handle_endtag(self, tag):
+        self.open = None
 
     def handle_data(self, data):
-        self.text.append(data)
+        tag, attrs = self.open or ("", {})
+        if tag == "h2":
+            self.h2.append(data)
+        elif tag == "a" and attrs.get("href", "").startswith("#"):
+            self.links.append(attrs["href"])
 
 
 def _parse(html: str) -> _Tags:
@@ -72,22 +82,24 @@ def test_markdown_subset_becomes_escaped_html_tables(tmp_path):
     assert "| a stray pipe line" in html  # text, not a table (and no endless loop)
 
 
-def test_the_page_has_every_section_with_settings_last_and_example_rows(tmp_path):
+def test_the_page_has_contents_every_section_and_example_rows(tmp_path):
     (tmp_path / "bon.png").write_bytes(PNG)
     (tmp_path / "metrics.png").write_bytes(PNG)
     path = write_report_html(tmp_path, REPORT, _predictions(), [(tmp_path / "metrics.png", "Headline metrics"),
                                                                 (tmp_path / "missing.png", "not there")])
     html = path.read_text()
     parsed = _parse(html)
-    headings = [text for text in parsed.text if text in ("Best-of-N (moe)", "Plots", "Example rows",
-                                                         "Metric settings")]
-    assert headings == ["Best-of-N (moe)", "Plots", "Example rows", "Metric settings"]
+    assert parsed.h2 == ["Plots", "Best-of-N (moe)", "Example rows", "Metric settings"]
+    ids = [a["id"] for t, a in parsed.tags if t == "h2"]
+    assert parsed.links == [f"#{i}" for i in ids]  # the contents link every section
     assert sum(1 for t, _ in parsed.tags if t == "img") == 2  # bon.png and metrics.png; the missing one is left out
     assert "http" not in html.replace("http-equiv", "")  # nothing to fetch
-    header = html[html.index('class="examples"'):]
-    for text in ("<th scope=\"col\">term</th>", "<th scope=\"col\">gold</th>", "<th scope=\"col\">constant</th>",
-                 "<th scope=\"col\">moe</th>", "the &lt;river&gt; bank", "sloping land", "a thing", "money lent"):
-        assert text in header, text
-    assert header.count("<tr>") == 3  # the header row and two examples
+    examples = html[html.index('id="examples"'):html.index('id="metric-settings"')]
+    assert examples.count('<table class="example">') == 2
+    first = examples[:examples.index("</table>")]
+    for text in ('<span class="term">bank</span>', "“the &lt;river&gt; bank”", '<th scope="row">gold</th><td>sloping land',
+                 '<th scope="row">constant</th><td>a thing', '<th scope="row">moe</th><td>land'):
+        assert text in first, text
+    assert "“" not in examples[examples.index("</table>"):]  # no context, no quotes
     assert render_report_html(REPORT, tmp_path, {}).count("Example rows") == 0
     assert Path(path).name == "report.html"

@@ -4,7 +4,8 @@ attach it to a ticket; it needs no other file and no network.
 It holds every table of ``report.md`` (the markdown is the single source of the tables: this module renders the
 small markdown subset the evaluate stage writes, so the two reports cannot disagree), the plots embedded as PNG data
 URIs (``metrics.png``, ``bon.png``, the partition's ``clusters.png``) and a table of example rows: term, context,
-gold definition and each model's prediction.
+gold definition and each model's prediction. Order: title, contents, the results table, the plots, the report's
+other sections, the example rows, the metric settings.
 
 Markdown subset: ``#``/``##`` headings, pipe tables (``|---:|`` right-aligns), ``- `` lists, paragraphs, ``**bold**``,
 ```code```, and ``![alt](file.png)`` on a line of its own. Everything is HTML-escaped first.
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 EXAMPLE_ROWS = 20
-SETTINGS_HEADING = "## Metric settings"  # the report's last section: shown after the plots and examples
+SETTINGS_HEADING = "## Metric settings"  # shown last, after the example rows
 _IMAGE = re.compile(r"^!\[([^\]]*)\]\(([^)\s]+)\)$")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
 _CODE = re.compile(r"`([^`]+)`")
@@ -31,14 +32,18 @@ h1 { font-size: 1.6rem; margin: 0 0 1rem; } h2 { font-size: 1.25rem; margin: 2re
   border-bottom: 1px solid #d0d0d0; padding-bottom: .2rem; }
 table { border-collapse: collapse; margin: .6rem 0 1rem; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #c8c8c8; padding: .3rem .55rem; vertical-align: top; text-align: left; }
-th { background: #eef1f5; } td.num, th.num { text-align: right; } tbody tr:nth-child(even) { background: #f8f9fb; }
+th { background: #eef1f5; } td.num, th.num { text-align: right; white-space: nowrap; } tbody tr:nth-child(even) { background: #f8f9fb; }
 caption { text-align: left; font-weight: 600; padding: .2rem 0; }
 code { font: 13px ui-monospace, SFMono-Regular, Menlo, monospace; background: #f3f3f3; padding: 0 .2rem;
        word-break: break-word; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 figcaption { color: #444; font-size: .9rem; }
-.examples td { max-width: 22rem; } .examples td.term { font-weight: 600; white-space: nowrap; }
+table.example { width: 100%; margin: 1rem 0; } table.example caption { font-weight: 400; }
+table.example th { width: 11rem; white-space: nowrap; font-weight: 600; } table.example td { overflow-wrap: anywhere; }
+table.example tr.gold td { font-weight: 600; } .term { font-weight: 700; } .context { color: #444; }
+td:first-child { white-space: nowrap; }
 .scroll { overflow-x: auto; }
+nav p { margin: 0 0 1rem; color: #333; } nav a { color: #0b4fb3; }
 """
 
 
@@ -89,7 +94,9 @@ def markdown_to_html(markdown: str, image_dir: Path) -> str:
             i += 1
         elif line.startswith("#"):
             level = min(len(line) - len(line.lstrip("#")), 6)
-            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+            text = line[level:].strip()
+            anchor = f' id="{_slug(text)}"' if level == 2 else ""  # the table of contents links the sections
+            out.append(f"<h{level}{anchor}>{_inline(text)}</h{level}>")
             i += 1
         elif line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|-"):
             block = []
@@ -118,47 +125,67 @@ def markdown_to_html(markdown: str, image_dir: Path) -> str:
 
 
 def examples_table(predictions: dict[str, Sequence[dict]], n: int = EXAMPLE_ROWS) -> str:
-    """Term, context, gold and every model's prediction for the first ``n`` evaluated rows (every model predicted
-    the same rows in the same order)."""
+    """The first ``n`` evaluated rows (every model predicted the same rows in the same order), one small table each:
+    the term and its context as the caption, then the gold definition and every model's prediction (a row per model
+    reads better than a column per model once there are more than a few)."""
     models = [m for m, rows in predictions.items() if rows]
     if not models:
         return ""
     first = predictions[models[0]]
     shown = min(n, len(first))
-    head = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in ("term", "context", "gold", *models))
-    body = []
+    blocks = []
     for k in range(shown):
         row = first[k]
-        cells = [f'<td class="term">{html.escape(str(row.get("term") or ""))}</td>',
-                 f'<td>{html.escape(str(row.get("context") or ""))}</td>',
-                 f'<td>{html.escape(str(row.get("reference") or ""))}</td>']
+        context = str(row.get("context") or "")
+        caption = f'<span class="term">{html.escape(str(row.get("term") or ""))}</span>' + (
+            f' <span class="context">“{html.escape(context)}”</span>' if context else "")
+        cells = [f'<tr class="gold"><th scope="row">gold</th><td>{html.escape(str(row.get("reference") or ""))}'
+                 "</td></tr>"]
         for m in models:
             pred = predictions[m][k].get("prediction") if k < len(predictions[m]) else None
-            cells.append(f"<td>{html.escape(str(pred or ''))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<h2 id="examples">Example rows</h2><p>The first {shown} of {len(first)} evaluated rows (all in '
-            f"<code>predictions/&lt;model&gt;.jsonl</code>).</p>"
-            f'<div class="scroll"><table class="examples"><caption>Gold definitions and each model\'s prediction'
-            f"</caption><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
+            cells.append(f'<tr><th scope="row">{html.escape(m)}</th><td>{html.escape(str(pred or ""))}</td></tr>')
+        blocks.append(f'<table class="example"><caption>{k + 1}. {caption}</caption><tbody>{"".join(cells)}'
+                      "</tbody></table>")
+    return (f'<h2 id="examples">Example rows</h2><p>The first {shown} of {len(first)} evaluated rows: the term, '
+            f"its context, the gold definition and each model's prediction (all rows in "
+            f"<code>predictions/&lt;model&gt;.jsonl</code>).</p>" + "".join(blocks))
+
+
+def _slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "section"
 
 
 def render_report_html(markdown: str, image_dir: Path, predictions: dict[str, Sequence[dict]],
                        extra_plots: Sequence[tuple[Path, str]] = (), n_examples: int = EXAMPLE_ROWS) -> str:
-    """The whole page: the markdown report's tables, then ``extra_plots`` ((png, caption) pairs, embedded) and the
-    example rows, then the report's metric settings."""
-    title = next((line.lstrip("#").strip() for line in markdown.splitlines() if line.startswith("# ")),
-                 "Evaluation report")
-    sections = re.split(r"(?m)^(?=## )", markdown)
-    settings = "".join(sec for sec in sections if sec.startswith(SETTINGS_HEADING))
-    results = "".join(sec for sec in sections if not sec.startswith(SETTINGS_HEADING))
+    """The whole page: the title, a table of contents, the report's results table, ``extra_plots`` ((png, caption)
+    pairs, embedded), the report's other sections, the example rows, and the report's metric settings last."""
+    head, *sections = re.split(r"(?m)^(?=## )", markdown)
+    lines = head.splitlines()
+    title = lines[0].lstrip("#").strip() if lines and lines[0].startswith("# ") else "Evaluation report"
+    body = "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines)
+    settings = [sec for sec in sections if sec.startswith(SETTINGS_HEADING)]
+    others = [sec for sec in sections if not sec.startswith(SETTINGS_HEADING)]
     plots = "".join(_figure(path, caption, caption) for path, caption in extra_plots if Path(path).is_file())
+    examples = examples_table(predictions, n_examples)
+    parts = [markdown_to_html(body, image_dir)]
+    toc = []
+    if plots:
+        parts.append(f'<h2 id="plots">Plots</h2>{plots}')
+        toc.append(("plots", "Plots"))
+    for sec in others + (["EXAMPLES"] if examples else []) + settings:
+        if sec == "EXAMPLES":
+            parts.append(examples)
+            toc.append(("examples", "Example rows"))
+            continue
+        heading = sec.splitlines()[0][3:].strip()
+        parts.append(markdown_to_html(sec, image_dir))
+        toc.append((_slug(heading), heading))
+    nav = ('<nav aria-label="Contents"><p>' + " · ".join(f'<a href="#{i}">{html.escape(t)}</a>' for i, t in toc)
+           + "</p></nav>") if toc else ""
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body><main>\n"
-            f"{markdown_to_html(results, image_dir)}\n"
-            + (f'<h2 id="plots">Plots</h2>{plots}' if plots else "")
-            + examples_table(predictions, n_examples) + "\n"
-            + markdown_to_html(settings, image_dir) + "\n</main></body></html>\n")
+            f"<h1>{_inline(title)}</h1>{nav}\n" + "\n".join(parts) + "\n</main></body></html>\n")
 
 
 def write_report_html(stage_dir: Path, markdown: str, predictions: dict[str, Sequence[dict]],
