@@ -346,7 +346,11 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         per_language = "language_compliance" in metric_names or len(langs) > 1
         lang_metrics = [m for m in ("bleu_a", "rouge_l", "bertscore", "language_compliance") if m in metric_names]
         results, by_domain, by_source, by_language = {}, {}, {}, {}
+        from lm_lexicon.console import bar
+
+        progress = bar("computing metrics", total=len(predictions), unit="models")
         for name, preds in predictions.items():
+            progress.update(note=name)
             results[name] = compute_metrics(preds, metric_names, ev, reference_groups=reference_groups)
             _annotate_compliance(preds, results[name].get("language_compliance"))
             _write_jsonl(preds, work / "predictions" / f"{name}.jsonl")
@@ -358,6 +362,9 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             if per_language and lang_metrics:
                 by_language[name] = breakdown(preds, lang_metrics, ev, by="lang", results=results[name],
                                               reference_groups=reference_groups)
+            progress.advance()
+        progress.update(note="")
+        progress.close()
         notes = [n for n in (bertscore_note(ev, metric_names, records),) if n]
         for n in notes:
             log(f"[evaluate] note: {n}")
