@@ -9,7 +9,10 @@ Serve is shut down at module teardown; the session's Ray (tests/conftest.py) sta
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 import socket
 import sys
 import threading
@@ -368,7 +371,25 @@ def test_cli_define_against_the_server(server, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["define", "bank", "-c", "the bank of the river", "--url", url, "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["term"] == "bank"
+    one = json.loads(res.output)
+    assert one["term"] == "bank"
+    res = runner.invoke(app, ["define", "bank", "-c", "the bank of the river", "--url", url, "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(io.StringIO(res.output)))
+    assert len(rows) == 1 and rows[0]["definition"] == one["definition"] and rows[0]["domain"] == str(one["domain"])
+    assert rows[0]["context"] == "the bank of the river" and rows[0]["selection"] == "greedy"
+    res = runner.invoke(app, ["define", "bank", "-c", "the bank of the river", "--url", url])  # a table
+    assert res.exit_code == 0 and re.search(rf"^\s*domain\s+{one['domain']}\s*$", res.output, re.M), res.output
+    assert re.search(r"^\s*definition\b", res.output, re.M)
+    res = runner.invoke(app, ["define", "tree", "-n", "3", "--scores", "--url", url])
+    assert res.exit_code == 0 and "3 alternatives" in res.output and "(chosen)" in res.output
+    assert runner.invoke(app, ["define", "bank", "--format", "xml", "--url", url]).exit_code == 2
+    table_in = tmp_path / "terms.csv"
+    table_in.write_text("term,context,note\ntree,an old oak tree,a\n,empty,b\nloan,,c\n")
+    res = runner.invoke(app, ["define", "-i", str(table_in), "--format", "csv", "--url", url, "--no-progress"])
+    assert res.exit_code == 0 and "2 of 3 rows defined" in res.output, res.output
+    rows = list(csv.DictReader((tmp_path / "terms.defined.csv").open()))
+    assert [(r["term"], r["note"]) for r in rows] == [("tree", "a"), ("loan", "c")] and rows[0]["definition"]
     src = tmp_path / "terms.jsonl"
     src.write_text("\n".join([json.dumps({"term": "tree", "id": 1}), json.dumps({"term": "", "id": 2}),
                               "not json", json.dumps({"term": "loan", "lang": "xx", "id": 4}),
