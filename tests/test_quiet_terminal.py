@@ -44,8 +44,8 @@ def test_every_stage_shows_its_progress_with_its_own_numbers(run):
     text = "\n".join(run["stdout"])
     assert re.search(r"^\[partition\] embedding prompts" + BAR.format(done=48, unit="rows"), text, re.M)
     for job in ("expert_0", "expert_1", "dense"):  # steps and loss per expert
-        assert re.search(rf"^\[experts\] {job}\s+" + BAR.format(done=2, unit="steps") + r" loss \d+\.\d{3}", text,
-                         re.M), job
+        assert re.search(rf"^\[experts\] {job}\s*" + BAR.format(done=2, unit="steps") + r" loss \d+\.\d{3}", text,
+                         re.M), f"{job}:\n{text}"
     assert re.search(r"^\[merge\] fine-tune" + BAR.format(done=2, unit="steps") + r" loss \d+\.\d{3}", text, re.M)
     assert re.search(r"^\[evaluate\] generating with moe" + BAR.format(done=6, unit="rows"), text, re.M)
     for stage in ("data", "partition", "experts", "merge", "evaluate", "export"):
@@ -61,4 +61,5 @@ def test_the_log_holds_ray_and_the_libraries(run):
                  "(RayTrainWorker pid="):  # a training worker
         assert line in log, line
     assert re.search(r"INFO lm_lexicon\.terminal: \[merge\] done in", log)  # the project's lines, time-stamped
+    assert re.search(r"INFO lm_lexicon\.terminal: \[experts\] expert_0: 2/2 steps loss \d", log)  # bars' last state
     assert "\x1b[" not in log

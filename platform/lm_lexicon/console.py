@@ -197,6 +197,10 @@ class Terminal:
         with self._lock:
             if handle in self._bars:
                 self._bars.remove(handle)
+                task = next(t for t in self._progress.tasks if t.id == handle.task_id)
+                logging.getLogger(TERMINAL_LOGGER).info(  # the bar's final state, in the log too
+                    "%s%s: %s/%s %s %s", task.fields["tag"], task.description, f"{task.completed:,.0f}",
+                    task.fields["total_text"], task.fields["unit"], task.fields["note"])
             if not self._bars and self._progress is not None:
                 self._progress.stop()  # a pipe or a file gets the bars' final state here, once
                 self._progress = None
@@ -439,9 +443,11 @@ class RemoteBars:
         import ray
 
         self._stop.set()
-        self._thread.join(timeout=5.0)
-        with contextlib.suppress(Exception):
+        self._thread.join(timeout=60.0)  # a poll in flight finishes first: one drain at a time
+        try:
             self._drain()
+        except Exception:
+            logging.getLogger("lm_lexicon.console").warning("the last progress messages were lost", exc_info=True)
         for handle in self._bars.values():
             handle.close()
         with contextlib.suppress(Exception):
@@ -475,6 +481,11 @@ def step_reporter(address: Optional[dict], key: str) -> Optional[Callable[[int, 
         if now - last[0] < SEND_EVERY_S and step < total:
             return
         last[0] = now
-        inbox.put.remote((key, int(step), int(total), None if loss is None else float(loss)))
+        sent = inbox.put.remote((key, int(step), int(total), None if loss is None else float(loss)))
+        if step >= total:  # the last step: make sure it arrived before the worker moves on (or exits)
+            try:
+                ray.get(sent, timeout=30)
+            except Exception:
+                logging.getLogger("lm_lexicon.console").warning("the last progress message of %s was lost", key)
 
     return report
