@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 export COMET_ERROR_TRACKING_ENABLE := false
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow test-browser browser-deps install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) browser-deps
 	$(PY) -m pytest -m slow
+
+# The web page and report.html in a real browser (slow: the micro pipeline, a Serve app, headless Chromium).
+test-browser: $(STAMP) browser-deps
+	$(PY) -m pytest -m slow tests/test_browser.py
+
+# Debian's chromium + chromium-driver (Selenium drives them; no browser download, which cannot work offline).
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	else echo "the browser tests need chromium and chromium-driver: sudo apt-get install chromium chromium-driver" >&2; \
+	  exit 1; fi
 
 clean:
 	rm -rf runs .pytest_cache

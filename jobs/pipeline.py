@@ -1,6 +1,6 @@
 """The whole LM-Lexicon pipeline on the embedded default or any recipe.
 
-    python jobs/pipeline.py --config configs/tiny.yaml [section.field=value ...]
+    python jobs/pipeline.py --config configs/tiny.yaml [--verbose] [section.field=value ...]
     ray job submit --working-dir . -- python jobs/pipeline.py --config configs/tiny.yaml
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # works from a plain checkout too
 
 from lm_lexicon.config import ConfigError, load_config  # noqa: E402
+from lm_lexicon.console import pipeline_terminal  # noqa: E402
 from lm_lexicon.pipeline import STAGES, run_pipeline  # noqa: E402
 
 
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", "-c", default="configs/tiny.yaml", help="YAML recipe")
     parser.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--force", default="", help="comma-separated stages to recompute even if finished")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also show Ray's, Tune's, transformers' and MLflow's logs live (they always go to "
+                             "<output_dir>/logs/pipeline.log)")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
     args = parser.parse_args(argv)
     try:
@@ -30,22 +34,38 @@ def main(argv: list[str] | None = None) -> int:
     stages = tuple(s for s in args.stages.split(",") if s) if args.stages else None
     from lm_lexicon.seed_models import SeedUnavailable
 
-    try:
-        results = run_pipeline(cfg, stages=stages, force=tuple(s for s in args.force.split(",") if s))
-    except (ValueError, SeedUnavailable) as e:  # bad input or a missing package: a message, not a stack trace
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with pipeline_terminal(cfg.output_dir, verbose=args.verbose) as term:
+        term.line(f"lm-lexicon pipeline {cfg.name!r}: logs of Ray, Tune, transformers and MLflow go to "
+                  f"{term.log_path}" + ("" if args.verbose else " (--verbose shows them)"))
+        try:
+            results = run_pipeline(cfg, stages=stages, force=tuple(s for s in args.force.split(",") if s),
+                                   log=term.line)
+        except KeyboardInterrupt:
+            term.notice("error", "interrupted")
+            return 130
+        except (ValueError, SeedUnavailable) as e:  # bad input or a missing package: what to do, in full
+            term.err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True, style="bold red")
+            return 2
+        except Exception as e:  # one line here, the traceback in the log
+            term.fail(e)
+            return 1
+        print_summary(cfg, results, term.console)
+        term.line(f"pipeline finished in {results['_seconds']:.1f}s; artifacts under "
+                  f"{Path(cfg.output_dir).resolve()}; {term.summary()}")
+    return 0
 
-    from lm_lexicon.cli import console, print_stats
+
+def print_summary(cfg, results: dict, console) -> None:
+    """The evaluation's headline table (or the data statistics when the run stopped before evaluate)."""
+    from lm_lexicon.cli import print_stats
 
     if "evaluate" in results:
         from rich.table import Table
 
-        headline = results["evaluate"].summary["headline"]
+        ev = results["evaluate"]
+        headline = ev.summary["headline"]
         metrics = sorted({m for res in headline.values() for m in res})
-        table = Table(title=f"{cfg.name}: {results['evaluate'].summary['split']} split, "
-                            f"{results['evaluate'].summary['n_rows']} rows (report: "
-                            f"{results['evaluate'].path / 'report.md'})")
+        table = Table(title=f"{cfg.name}: {ev.summary['split']} split, {ev.summary['n_rows']} rows")
         table.add_column("model")
         for m in metrics:
             table.add_column(m, justify="right")
@@ -54,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(table)
         from lm_lexicon.stages.evaluate import example_rows
 
-        examples = example_rows(results["evaluate"].path)
+        examples = example_rows(ev.path)
         if examples:
             shown = Table(title="What the models write (5 test lines spread over the sample)", show_lines=True)
             for column in examples[0]:
@@ -62,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             for row in examples:
                 shown.add_row(*[str(v) for v in row.values()])
             console.print(shown)
+        console.print(f"report: {ev.path / 'report.html'} (markdown: {ev.path / 'report.md'})", markup=False,
+                      highlight=False, soft_wrap=True)
     elif "data" in results:
-        print_stats(results["data"].summary["stats"])
-    console.print(f"pipeline finished in {results['_seconds']:.1f}s; artifacts under {Path(cfg.output_dir).resolve()}")
-    return 0
+        print_stats(results["data"].summary["stats"], out=console)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@
   everything queued meanwhile); each has its own scaling/resources (``ServeArgs.expert_overrides``).
 * ``Scorer``: reward-model scores (best-of-n selection) and reference-based metrics.
 * ``Ingress``: validation, auth, composition through ``DeploymentHandle``s, retries of calls that hit a dead or
-  restarting replica (until ``retry_window_s``, then a 503 with ``Retry-After``), and JSON errors only.
+  restarting replica (until ``retry_window_s``, then a 503 with ``Retry-After``), and JSON errors only; it also
+  serves the web page at ``/`` (:mod:`lm_lexicon.serving.webpage`).
 """
 
 import asyncio
@@ -39,6 +40,7 @@ from lm_lexicon.serving.engines import GREEDY, metrics_settings, select_best
 from lm_lexicon.serving.schemas import (ApiError, DefinitionsResponse, ErrorResponse, Limits, ScoreResponse,
                                         error_body, item_prompt, openapi_request_bodies, parse_definitions_request,
                                         parse_json_body, parse_score_request, references_of)
+from lm_lexicon.serving.webpage import asset, load_assets
 
 log = logging.getLogger("lm_lexicon.serve")
 
@@ -256,6 +258,7 @@ class Ingress:
         self.retryable = _retryable()
         self.stats = {"requests": 0, "ok": 0, "client_errors": 0, "unavailable": 0, "timeouts": 0,
                       "internal_errors": 0, "retries": 0}
+        self.assets = load_assets()
 
     # ---- plumbing ----
     def _check_auth(self, request: Request) -> None:
@@ -327,6 +330,16 @@ class Ingress:
               summary="Score definitions: reward model, and reference-based metrics when references are given")
     async def score(self, request: Request):
         return await self._run(request, self._score)
+
+    @api.get("/", include_in_schema=False)
+    async def page(self):
+        """The web page (no auth: it holds no data; its API calls carry the token)."""
+        return asset(self.assets, "index.html")
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str):
+        found = asset(self.assets, name)
+        return found if found is not None else _json_error(404, "not_found", f"no such file: {name}")
 
     @api.get("/healthz", summary="Liveness of every deployment (no auth)")
     async def healthz(self):

@@ -76,3 +76,27 @@ def definition_traces(monkeypatch):
     from score_trace import DefinitionTraces
 
     return DefinitionTraces(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def micro_seed(tmp_path_factory):
+    """A tiny random Llama as the micro pipeline's seed model."""
+    from lm_lexicon.seed_models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("micro_seed") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory, micro_seed):
+    """One run of the micro pipeline (tests/micro_pipeline.py) as ``jobs/pipeline.py`` in a subprocess, shared by
+    the tests that need a finished run: its output dir, its terminal output (stdout / stderr lines), its log."""
+    import time
+
+    from micro_pipeline import run_micro_pipeline
+
+    out = tmp_path_factory.mktemp("micro_run") / "run"
+    t0 = time.perf_counter()
+    proc = run_micro_pipeline(out, micro_seed)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    return {"out": out, "stdout": proc.stdout.splitlines(), "stderr": proc.stderr.splitlines(),
+            "log": (out / "logs" / "pipeline.log").read_text(), "seconds": time.perf_counter() - t0}

@@ -9,7 +9,10 @@ Serve is shut down at module teardown; the session's Ray (tests/conftest.py) sta
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 import socket
 import sys
 import threading
@@ -368,6 +371,25 @@ def test_killed_expert_replica_is_replaced_and_no_accepted_request_is_lost(serve
           f"ingress retries: {server.get('/healthz').json()['stats']['retries']}")
 
 
+# =================================================================================================== web page
+def test_web_page_is_served_from_the_app_with_no_outside_resource(server):
+    page = server.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    html = page.text
+    assert '<script src="static/app.js"' in html and 'href="static/style.css"' in html
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        r = server.get(f"/static/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind) and len(r.text) > 500
+        html += r.text
+    assert "http://" not in html and "https://" not in html and "//cdn" not in html  # works offline
+    for control in ("term", "context", "lang", "n", "scores", "batch-text", "batch-file", "token"):
+        assert f'<label for="{control}"' in page.text  # every input has a label
+    missing = server.get("/static/secrets.txt")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert server.get("/static/..%2fapp.py").status_code == 404
+
+
 # =================================================================================================== auth + CLI
 def test_cli_define_against_the_server(server, tmp_path):
     from typer.testing import CliRunner
@@ -378,7 +400,25 @@ def test_cli_define_against_the_server(server, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["define", "bank", "-c", "the bank of the river", "--url", url, "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["term"] == "bank"
+    one = json.loads(res.output)
+    assert one["term"] == "bank"
+    res = runner.invoke(app, ["define", "bank", "-c", "the bank of the river", "--url", url, "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(io.StringIO(res.output)))
+    assert len(rows) == 1 and rows[0]["definition"] == one["definition"] and rows[0]["domain"] == str(one["domain"])
+    assert rows[0]["context"] == "the bank of the river" and rows[0]["selection"] == "greedy"
+    res = runner.invoke(app, ["define", "bank", "-c", "the bank of the river", "--url", url])  # a table
+    assert res.exit_code == 0 and re.search(rf"^\s*domain\s+{one['domain']}\s*$", res.output, re.M), res.output
+    assert re.search(r"^\s*definition\b", res.output, re.M)
+    res = runner.invoke(app, ["define", "tree", "-n", "3", "--scores", "--url", url])
+    assert res.exit_code == 0 and "3 alternatives" in res.output and "(chosen)" in res.output
+    assert runner.invoke(app, ["define", "bank", "--format", "xml", "--url", url]).exit_code == 2
+    table_in = tmp_path / "terms.csv"
+    table_in.write_text("term,context,note\ntree,an old oak tree,a\n,empty,b\nloan,,c\n")
+    res = runner.invoke(app, ["define", "-i", str(table_in), "--format", "csv", "--url", url, "--no-progress"])
+    assert res.exit_code == 0 and "2 of 3 rows defined" in res.output, res.output
+    rows = list(csv.DictReader((tmp_path / "terms.defined.csv").open()))
+    assert [(r["term"], r["note"]) for r in rows] == [("tree", "a"), ("loan", "c")] and rows[0]["definition"]
     src = tmp_path / "terms.jsonl"
     src.write_text("\n".join([json.dumps({"term": "tree", "id": 1}), json.dumps({"term": "", "id": 2}),
                               "not json", json.dumps({"term": "loan", "lang": "xx", "id": 4}),
@@ -415,3 +455,4 @@ def test_bearer_token_auth(server, pipeline_dir):
     assert server.get("/v1/model").status_code == 401
     assert server.get("/v1/model", headers={"Authorization": "Bearer s3cret"}).json()["auth"] == "bearer token"
     assert server.get("/healthz").status_code == 200  # probes need no token
+    assert server.get("/").status_code == 200  # the page holds no data; its API calls carry the token

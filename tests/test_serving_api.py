@@ -5,6 +5,7 @@ The Ray Serve application itself is exercised over HTTP in tests/test_serve_app.
 """
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import sys
@@ -372,6 +373,26 @@ def test_read_rows_type_checks(tmp_path):
     p.write_text('{"term": "a", "lang": 3}\n[1, 2]\n{"term": "b", "context": null}\n')
     rows, rejected = read_rows(p)
     assert [no for no, _ in rows] == [3] and [r.line for r in rejected] == [1, 2]
+
+
+def test_define_file_reads_and_writes_csv(tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text('term,context,lang,id\nbank,"the bank, of the river",,1\n,no term,en,2\nbad3,,en,3\n\n'
+                   'tree,,en,4,extra cell\nloan,"a ""good"" loan",en,5\n', encoding="utf-8")
+    client = LexiconClient("http://test", token="tok", transport=_fake_server(calls := []))
+    summary = define_file(client, src, tmp_path / "out.csv", batch_size=2, progress=False, output_format="csv")
+    with open(tmp_path / "out.csv", newline="", encoding="utf-8") as f:
+        out = list(csv.DictReader(f))
+    assert [r["id"] for r in out] == ["1", "5"] and out[0]["context"] == "the bank, of the river"
+    assert out[1]["definition"] == "def of loan" and out[1]["context"] == 'a "good" loan'
+    assert list(out[0])[:4] == ["term", "context", "id", "definition"]  # an empty lang cell counts as absent
+    reasons = {r.line: r.reason for r in summary.rejected}
+    assert sorted(reasons) == [3, 4, 6] and "missing" in reasons[3] and "is bad" in reasons[4]
+    assert "more cells" in reasons[6] and summary.rows == 5  # the blank line is no row
+    assert all("lang" not in it for c in calls for it in c["items"] if it["term"] == "bank")
+    (tmp_path / "no_term.csv").write_text("word,context\nbank,x\n")
+    with pytest.raises(ValueError, match="'term' column"):
+        define_file(client, tmp_path / "no_term.csv", tmp_path / "x.csv", progress=False)
 
 
 def test_definition_item_schema_documents_fields():

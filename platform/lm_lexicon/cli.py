@@ -21,6 +21,17 @@ app.add_typer(config_app, name="config")
 # A pipe or a CI log is not 80 columns wide in spirit: keep the tables readable there.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
+_options = {"verbose": False}
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                      help="Stage commands: also show Ray's, Tune's, transformers' and MLflow's logs "
+                                           "live (they always go to <output_dir>/logs/pipeline.log).")) -> None:
+    """LM-Lexicon: Split-then-Merge definition modeling on Ray."""
+    _options["verbose"] = verbose
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (default: the built-in tiny defaults).")
 OverridesArg = typer.Argument(None, help="Overrides: section.field=value ...")
 
@@ -57,7 +68,8 @@ def print_reports(reports) -> None:
     console.print(table)
 
 
-def print_stats(stats: dict, hist: dict | None = None) -> None:
+def print_stats(stats: dict, hist: dict | None = None, out: Console | None = None) -> None:
+    out = out or console
     table = Table(title="Corpus by split")
     cols = ("split", "rows", "terms", "definitions", "with context", "def. words mean", "median", "p95", "max", "sources")
     for col in cols:
@@ -67,13 +79,13 @@ def print_stats(stats: dict, hist: dict | None = None) -> None:
         sources = ", ".join(f"{k} {v}" for k, v in list(s["sources"].items())[:4])
         table.add_row(split, f"{s['rows']:,}", f"{s['terms']:,}", f"{s['definitions']:,}", f"{s['with_context']:,}",
                       f"{d['mean']}", f"{d['median']}", f"{d['p95']}", f"{d['max']}", sources)
-    console.print(table)
+    out.print(table)
     ov = Table(title="Overlap across splits (a leak-free split has 0 shared terms)")
     for col in ("splits", "shared terms", "shared definitions"):
         ov.add_column(col)
     for pair, o in stats["overlap"].items():
         ov.add_row(pair, str(o["shared_terms"]), str(o["shared_definitions"]))
-    console.print(ov)
+    out.print(ov)
     if hist:
         h = Table(title="Definition length (words)")
         h.add_column("bucket")
@@ -82,7 +94,7 @@ def print_stats(stats: dict, hist: dict | None = None) -> None:
         labels = [b for b, _ in next(iter(hist.values()))]
         for i, label in enumerate(labels):
             h.add_row(label, *[str(hist[s][i][1]) for s in hist])
-        console.print(h)
+        out.print(h)
 
 
 @data_app.command("build")
@@ -162,17 +174,24 @@ def data_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
 
 
 def _run_stages(config, overrides, stages: tuple[str, ...], force: bool):
+    """Run stages under the quiet terminal (:mod:`lm_lexicon.console`): the project's lines and bars here, every
+    library's output in <output_dir>/logs/pipeline.log (``lm-lexicon --verbose ...`` shows it live too)."""
+    from lm_lexicon.console import pipeline_terminal
     from lm_lexicon.pipeline import run_pipeline
-
     from lm_lexicon.seed_models import SeedUnavailable
 
     cfg = _config(config, overrides)
-    try:
-        return cfg, run_pipeline(cfg, stages=stages, force=stages if force else (),
-                                 log=lambda m: console.print(m, markup=False, highlight=False))
-    except (ValueError, SeedUnavailable) as e:  # bad input (empty split, N > rows, a missing package, ...)
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2)
+    with pipeline_terminal(cfg.output_dir, verbose=_options["verbose"]) as term:
+        try:
+            results = run_pipeline(cfg, stages=stages, force=stages if force else (), log=term.line)
+        except (ValueError, SeedUnavailable) as e:  # bad input (empty split, N > rows, a missing package, ...)
+            term.err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True, style="bold red")
+            raise typer.Exit(2)
+        except Exception as e:
+            term.fail(e)
+            raise typer.Exit(1)
+        term.line(term.summary())
+    return cfg, results
 
 
 @app.command("partition")
@@ -306,6 +325,10 @@ def serve_cmd(
         raise typer.Exit(2)
 
 
+FORMATS = ("table", "json", "csv")
+RESULT_COLUMNS = ("term", "context", "lang", "definition", "domain", "score", "selection")
+
+
 @app.command("define")
 def define_cmd(
         term: Optional[str] = typer.Argument(None, help="The term (omit with --input)."),
@@ -313,47 +336,108 @@ def define_cmd(
         lang: str = typer.Option("en", "--lang", "-l", help="Language code."),
         n: int = typer.Option(1, "--n", "-n", help="Best-of-n (1: greedy)."),
         scores: bool = typer.Option(False, "--scores", help="Return reward-model scores."),
-        input_path: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL of {term, context?, lang?}."),
-        output_path: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL out (batch mode; default "
-                                                                                "<input>.defined.jsonl)."),
+        input_path: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL of {term, context?, lang?}, or "
+                                                                              "a CSV with a term column."),
+        output_path: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (batch mode; default "
+                                                                                "<input>.defined.jsonl / .csv)."),
+        output_format: str = typer.Option("table", "--format", "-f",
+                                          help="table | json | csv. One term: how it is printed. Batch mode: csv "
+                                               "writes a CSV file, table and json a JSONL file (table also prints "
+                                               "the first rows)."),
         batch_size: int = typer.Option(16, help="Rows per request (batch mode)."),
         concurrency: int = typer.Option(2, help="Requests in flight (batch mode)."),
         url: str = typer.Option("http://127.0.0.1:8000", envvar="LM_LEXICON_URL", help="Server URL."),
         token: Optional[str] = typer.Option(None, envvar="LM_LEXICON_API_TOKEN", help="Bearer token."),
-        as_json: bool = typer.Option(False, "--json", help="Print the full JSON result."),
+        as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
         progress: bool = typer.Option(True, help="Progress bar (batch mode).")) -> None:
-    """Ask a running server (`lm-lexicon serve`) for a definition, or define every row of a JSONL file."""
-    from lm_lexicon.serving.client import ApiClientError, LexiconClient, define_file
+    """Ask a running server (`lm-lexicon serve`) for a definition, or define every row of a JSONL or CSV file."""
+    from lm_lexicon.serving.client import ApiClientError, LexiconClient
 
+    fmt = "json" if as_json else output_format.lower()
+    if fmt not in FORMATS:
+        console.print(f"unknown --format {output_format!r}; expected one of {', '.join(FORMATS)}", style="red",
+                      markup=False, highlight=False)
+        raise typer.Exit(2)
     if (term is None) == (input_path is None):
         console.print("[red]give a TERM or --input FILE (not both)[/red]")
         raise typer.Exit(2)
     with LexiconClient(url, token=token) as client:
         try:
             if input_path is not None:
-                out = output_path or input_path.with_name(input_path.stem + ".defined.jsonl")
-                s = define_file(client, input_path, out, batch_size=batch_size, concurrency=concurrency, n=n,
-                                return_scores=scores, progress=progress)
-                console.print(f"{s.defined:,} of {s.rows:,} rows defined in {s.seconds:.1f} s -> {s.output}",
-                              markup=False, highlight=False)
-                if s.rejected:
-                    table = Table(title=f"{len(s.rejected)} rejected rows (all in {s.rejected_path})")
-                    table.add_column("line", justify="right")
-                    table.add_column("reason", overflow="fold")
-                    for r in s.rejected[:20]:
-                        table.add_row(str(r.line), r.reason)
-                    console.print(table)
-                raise typer.Exit(0 if s.defined or not s.rows else 1)
+                _define_batch(client, input_path, output_path, fmt, n=n, return_scores=scores,
+                              batch_size=batch_size, concurrency=concurrency, progress=progress)
             res = client.define_one(term, context, lang, n=n, return_scores=scores)
         except ApiClientError as e:
             console.print(str(e), style="red", markup=False, highlight=False)
             raise typer.Exit(2 if 400 <= e.status < 500 else 1)
-    if as_json:
+    if fmt == "json":
         print(json.dumps(res, indent=2, ensure_ascii=False))
-        return
-    console.print(res["definition"], markup=False, highlight=False)
-    extra = f"domain {res['domain']}" + (f", score {res['score']:.3f}" if res.get("score") is not None else "")
-    console.print(f"({extra}; {res['timing_ms']['total']:.0f} ms)", style="dim", markup=False, highlight=False)
+    elif fmt == "csv":
+        _print_csv([res], context, lang)
+    else:
+        _print_definition(res)
+
+
+def _print_csv(results: list[dict], context: str, lang: str) -> None:
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(RESULT_COLUMNS)
+    for r in results:
+        row = {**r, "context": context, "lang": r.get("lang") or lang}
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in RESULT_COLUMNS])
+
+
+def _print_definition(res: dict) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("term", res["term"])
+    table.add_row("definition", res["definition"])
+    table.add_row("domain", str(res["domain"]))
+    if res.get("score") is not None:
+        table.add_row("score", f"{res['score']:.3f}")
+    table.add_row("selection", f"{res['selection']} ({res['timing_ms']['total']:.0f} ms)")
+    console.print(table)
+    if res.get("candidates"):
+        alts = Table(title=f"{len(res['candidates'])} alternatives")
+        for col, justify in (("#", "right"), ("definition", "left"), ("score", "right")):
+            alts.add_column(col, justify=justify, overflow="fold")
+        for i, c in enumerate(res["candidates"], start=1):
+            mark = " (chosen)" if c["definition"] == res["definition"] else ""
+            alts.add_row(str(i), c["definition"] + mark, "-" if c["score"] is None else f"{c['score']:.3f}")
+        console.print(alts)
+
+
+def _define_batch(client, input_path: Path, output_path: Optional[Path], fmt: str, **kw) -> None:
+    """Batch mode of ``define``: exits 0 when some (or no) rows were defined, 1 when every row failed."""
+    from lm_lexicon.serving.client import define_file
+
+    file_format = "csv" if fmt == "csv" else "jsonl"
+    out = output_path or input_path.with_name(f"{input_path.stem}.defined.{file_format}")
+    try:
+        s = define_file(client, input_path, out, output_format=file_format, **kw)
+    except (OSError, ValueError) as e:  # unreadable file, a CSV without a term column
+        console.print(str(e), style="red", markup=False, highlight=False)
+        raise typer.Exit(2)
+    console.print(f"{s.defined:,} of {s.rows:,} rows defined in {s.seconds:.1f} s -> {s.output}",
+                  markup=False, highlight=False)
+    if fmt == "table" and s.defined:
+        rows = [json.loads(line) for line in Path(s.output).read_text(encoding="utf-8").splitlines()[:20]]
+        table = Table(title=f"first {len(rows)} of {s.defined:,} definitions")
+        for col in ("term", "definition", "domain"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(str(r.get("term")), str(r.get("definition")), str(r.get("domain")))
+        console.print(table)
+    if s.rejected:
+        table = Table(title=f"{len(s.rejected)} rejected rows (all in {s.rejected_path})")
+        table.add_column("line", justify="right")
+        table.add_column("reason", overflow="fold")
+        for r in s.rejected[:20]:
+            table.add_row(str(r.line), r.reason)
+        console.print(table)
+    raise typer.Exit(0 if s.defined or not s.rows else 1)
 
 
 if __name__ == "__main__":

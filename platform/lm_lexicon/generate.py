@@ -409,7 +409,11 @@ class DefinitionGenerator:
         results: list[Optional[list[str]]] = [None] * len(prompts)
         gen_config = self._generation_config(settings)
         new_tokens = 0
-        with torch.inference_mode():
+        from lm_lexicon.console import bar
+
+        progress = bar(f"{'sampling from' if settings.do_sample else 'generating with'} {self.model_name}",
+                       total=len(prompts), unit="prompts")  # in-process use under the pipeline's terminal only
+        with torch.inference_mode(), progress:
             for start in range(0, len(order), per_batch):
                 idx = order[start:start + per_batch]
                 rows = [encoded[i] for i in idx for _ in range(copies)]
@@ -431,6 +435,7 @@ class DefinitionGenerator:
                 for j, i in enumerate(idx):
                     mine = texts[j * copies:(j + 1) * copies]
                     results[i] = mine if settings.do_sample else mine * n
+                progress.advance(len(idx))
         self.stats["prompts"] += len(prompts)
         self.stats["sequences"] += len(prompts) * copies
         self.stats["new_tokens"] += new_tokens
@@ -592,15 +597,19 @@ def generate_split(records: Sequence, model_path: str | Path, settings: "Generat
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
     )
+    from lm_lexicon.console import bar
+
     outputs: list[Optional[list[str]]] = [None] * len(records)
     doms = np.full(len(records), NO_DOMAIN, dtype=np.int64)
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for row, preds, dom in zip(batch["row"], batch["predictions"], batch["domain"]):
-            row = int(row)
-            if outputs[row] is not None:
-                raise RuntimeError(f"Ray Data returned row {row} twice")
-            outputs[row] = [str(p) for p in preds]
-            doms[row] = int(dom)
+    with bar(f"generating with {name}", total=len(records), unit="rows") as progress:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for row, preds, dom in zip(batch["row"], batch["predictions"], batch["domain"]):
+                row = int(row)
+                if outputs[row] is not None:
+                    raise RuntimeError(f"Ray Data returned row {row} twice")
+                outputs[row] = [str(p) for p in preds]
+                doms[row] = int(dom)
+            progress.advance(len(batch["row"]))
     missing = [i for i, o in enumerate(outputs) if o is None]
     if missing:
         raise RuntimeError(f"Ray Data returned no prediction for {len(missing)} rows (first: {missing[:5]})")

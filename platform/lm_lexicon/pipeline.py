@@ -26,6 +26,7 @@ def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, .
     unknown = set(wanted) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; available: {list(STAGES)}")
+    from lm_lexicon.console import stage
     from lm_lexicon.data.prompts import configure_prompts
 
     configure_prompts(cfg)  # every prompt of this run (and of processes started from here) uses its templates
@@ -48,7 +49,7 @@ def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, .
         parent.log_params(cfg.model_dump(mode="json"))
         for name in STAGES[:last + 1]:
             with tracked_run(cfg.tracking, cfg.output_dir, f"{cfg.name}-stage-{name}",
-                             tags={"kind": "stage", "stage": name}) as run:
+                             tags={"kind": "stage", "stage": name}) as run, stage(name):
                 results[name] = steps[name]()
                 run.set_tags({"fingerprint": results[name].fingerprint, "reused": results[name].reused})
                 run.log_metrics({"seconds": results[name].seconds, "reused": int(results[name].reused)})

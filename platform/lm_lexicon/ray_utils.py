@@ -9,14 +9,20 @@ import os
 
 
 def init_ray(resources=None, *, log_to_driver: bool = False):
-    """Idempotent ``ray.init`` for the stages; returns the cluster's resources."""
+    """Idempotent ``ray.init`` for the stages; returns the cluster's resources.
+
+    Under the pipeline's terminal (:mod:`lm_lexicon.console`) the workers' output is forwarded to the driver, whose
+    output goes to the run's log: the log then holds what every worker printed."""
     import ray
+
+    from lm_lexicon.console import capturing
 
     if ray.is_initialized():
         return ray.cluster_resources()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = (resources.ray_address if resources is not None else None) or os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": log_to_driver, "include_dashboard": False}
+    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": log_to_driver or capturing(),
+                    "include_dashboard": False}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -29,9 +35,12 @@ def init_ray(resources=None, *, log_to_driver: bool = False):
 
 
 def quiet_ray_data() -> None:
-    """Progress bars per operator, not a wall of Ray Data logs, in a terminal."""
+    """No wall of Ray Data logs: its progress bars per operator in an interactive terminal, none under the
+    pipeline's terminal (which shows its own bars and sends Ray Data's output to the log)."""
     import ray.data
 
+    from lm_lexicon.console import capturing
+
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = not capturing()
     ctx.print_on_execution_start = False

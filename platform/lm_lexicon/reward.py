@@ -393,6 +393,9 @@ class RewardModel:
         step = 0
         t0 = time.perf_counter()
         self.net.train()
+        from lm_lexicon.console import bar
+
+        progress = bar("training the reward model", total=total, unit="steps")
         try:
             for epoch in range(epochs):
                 order = np.random.default_rng([seed, epoch]).permutation(len(pairs))
@@ -420,6 +423,7 @@ class RewardModel:
                     metrics["loss_last"] = value
                     losses.append(value * b)
                     correct += int((margin.detach() > 0).sum())
+                    progress.update(completed=step, note=f"loss {value:.3f}")
                 metrics["epoch_loss"].append(sum(losses) / len(pairs))
                 metrics["epoch_accuracy"].append(correct / len(pairs))
                 if valid_pairs:
@@ -427,6 +431,7 @@ class RewardModel:
                 log.info("reward model epoch %d: loss %.4f, train accuracy %.3f", epoch, metrics["epoch_loss"][-1],
                          metrics["epoch_accuracy"][-1])
         finally:
+            progress.close()
             self.net.eval()
             for p in self.net.encoder.parameters():
                 p.requires_grad_(True)

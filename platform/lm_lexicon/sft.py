@@ -594,7 +594,8 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
           max_steps: Optional[int] = None, seed: Optional[int] = None, rank: int = 0, world_size: int = 1,
           keep_checkpoints: int = 2, restore_best: bool = True, progress: bool = True,
           train_domains: Optional[Sequence[int]] = None, valid_domains: Optional[Sequence[int]] = None,
-          deepspeed_config: Optional[dict] = None) -> dict:
+          deepspeed_config: Optional[dict] = None,
+          step_fn: Optional[Callable[[int, int, float], None]] = None) -> dict:
     """Fine-tune ``model`` in place on prompt -> definition; return metrics.
 
     * Schedule horizon: ``train_cfg.max_steps`` if set, else ``ceil(epochs * batches_per_epoch / grad_accum)``.
@@ -619,6 +620,8 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
       rank: its DeepSpeed shard under ``deepspeed/``) and passes its own directory to ``report_fn`` (Ray Train
       merges the shards of one report). The exported model is copied from rank 0's best (or last) checkpoint; the
       ``model`` object is NOT reset to the best weights (under ZeRO-3 it only holds a shard anyway).
+    * ``step_fn(step, stop_at, loss)`` after every optimizer step on rank 0 (a progress bar on the driver,
+      :func:`lm_lexicon.console.step_reporter`).
     """
     from tqdm.auto import tqdm
 
@@ -726,6 +729,8 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
             step_losses.append(last_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}")
+            if step_fn is not None and is_main:
+                step_fn(state["step"], stop_at, last_loss)
 
             at_end = state["step"] >= stop_at
             if state["step"] % train_cfg.eval_every == 0 or at_end:

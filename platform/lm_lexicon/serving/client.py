@@ -1,11 +1,11 @@
-"""HTTP client of the served API: one call (:class:`LexiconClient`) or a whole JSONL file (:func:`define_file`).
+"""HTTP client of the served API: one call (:class:`LexiconClient`) or a whole file (:func:`define_file`).
 
     client = LexiconClient("http://127.0.0.1:8000")
     client.define([{"term": "bank", "context": "the bank of the river"}])[0]["definition"]
 
-Batch mode (:func:`define_file`, ``lm-lexicon define -i in.jsonl -o out.jsonl``): rows ``{"term", "context"?,
-"lang"?, ...}`` are sent in chunks (a few chunks in flight, so the server's dynamic batching has work to merge),
-and every input row ends up either in the output (in input order, its own fields plus ``definition``, ``domain``,
+Batch mode (:func:`define_file`, ``lm-lexicon define -i in.jsonl -o out.jsonl``; CSV in and out too): rows
+``{"term", "context"?, "lang"?, ...}`` are sent in chunks (a few chunks in flight, so the server's dynamic batching
+has work to merge), and every input row ends up either in the output (in input order, its own fields plus ``definition``, ``domain``,
 ``score``, ``selection``) or in the rejected list with a reason: unreadable line, missing term, or the server's
 validation message for that row (a chunk the server rejects for one bad row is re-sent without it).
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -145,7 +146,11 @@ class BatchSummary:
 
 
 def read_rows(path: str | Path) -> tuple[list[tuple[int, dict]], list[Rejected]]:
-    """``(line number, row)`` for every usable JSONL line, and the rejected ones (blank lines are skipped)."""
+    """``(line number, row)`` for every usable row, and the rejected ones (blank lines are skipped). A ``.csv``
+    file needs a header with a ``term`` column (``context``, ``lang`` and any other columns are optional; an empty
+    ``context`` / ``lang`` cell counts as absent); anything else is read as JSONL."""
+    if Path(path).suffix.lower() == ".csv":
+        return _read_csv_rows(path)
     rows: list[tuple[int, dict]] = []
     rejected: list[Rejected] = []
     with open(path, "rb") as f:
@@ -162,19 +167,63 @@ def read_rows(path: str | Path) -> tuple[list[tuple[int, dict]], list[Rejected]]
             except json.JSONDecodeError as e:
                 rejected.append(Rejected(no, f"not valid JSON ({e.msg})", line.strip()[:200]))
                 continue
-            if not isinstance(row, dict):
-                rejected.append(Rejected(no, "not a JSON object", row))
-                continue
-            if not isinstance(row.get("term"), str) or not row["term"].strip():
-                rejected.append(Rejected(no, "missing or empty 'term'", row))
-                continue
-            for k in ("context", "lang"):
-                if row.get(k) is not None and not isinstance(row[k], str):
-                    rejected.append(Rejected(no, f"'{k}' must be a string", row))
-                    break
-            else:
-                rows.append((no, row))
+            _check_row(no, row, rows, rejected)
     return rows, rejected
+
+
+def _check_row(no: int, row: Any, rows: list, rejected: list) -> None:
+    if not isinstance(row, dict):
+        rejected.append(Rejected(no, "not a JSON object", row))
+    elif not isinstance(row.get("term"), str) or not row["term"].strip():
+        rejected.append(Rejected(no, "missing or empty 'term'", row))
+    else:
+        bad = next((k for k in ("context", "lang") if row.get(k) is not None and not isinstance(row[k], str)), None)
+        if bad:
+            rejected.append(Rejected(no, f"'{bad}' must be a string", row))
+        else:
+            rows.append((no, row))
+
+
+def _read_csv_rows(path: str | Path) -> tuple[list[tuple[int, dict]], list[Rejected]]:
+    import csv
+
+    rows: list[tuple[int, dict]] = []
+    rejected: list[Rejected] = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            if "term" not in (reader.fieldnames or []):
+                raise ValueError(f"{path}: a CSV needs a header row with a 'term' column (found: "
+                                 f"{', '.join(reader.fieldnames or []) or 'nothing'})")
+            for record in reader:
+                row = {k: v for k, v in record.items() if k is not None and not (k in ("context", "lang") and not v)}
+                if None in record:  # more cells than header columns
+                    rejected.append(Rejected(reader.line_num, "more cells than header columns", row))
+                elif any(v.strip() for v in record.values() if isinstance(v, str)):
+                    _check_row(reader.line_num, row, rows, rejected)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 (byte {e.start})") from e
+    return rows, rejected
+
+
+def write_rows(rows: Sequence[dict], path: str | Path, fmt: str = "jsonl") -> None:
+    """``jsonl``: one object per line; ``csv``: the union of the rows' keys as columns (lists and dicts, e.g. the
+    candidates, as JSON text)."""
+    import csv
+
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        if fmt == "jsonl":
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            return
+        if fmt != "csv":
+            raise ValueError(f"unknown output format {fmt!r}; expected jsonl or csv")
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
+                             for k, v in row.items()})
 
 
 def _item_errors(err: ApiClientError, n_items: int) -> dict[int, str]:
@@ -222,11 +271,13 @@ def output_row(row: dict, result: dict) -> dict:
 
 def define_file(client: LexiconClient, input_path: str | Path, output_path: str | Path, *, batch_size: int = 16,
                 concurrency: int = 2, n: int = 1, return_scores: bool = False, seed: int = 0,
-                rejected_path: Optional[str | Path] = None, progress: bool = True) -> BatchSummary:
-    """Define every row of a JSONL file into ``output_path`` (module docstring); rejected rows (with reasons) go
-    to ``rejected_path`` (default ``<output>.rejected.jsonl``, written only when there are any)."""
-    from tqdm import tqdm
-
+                rejected_path: Optional[str | Path] = None, progress: bool = True,
+                output_format: str = "jsonl") -> BatchSummary:
+    """Define every row of a JSONL or CSV file (:func:`read_rows`) into ``output_path`` (``output_format`` jsonl
+    or csv, see :func:`write_rows`; module docstring); rejected rows (with reasons) go to ``rejected_path``
+    (default ``<output>.rejected.jsonl``, written only when there are any). ``progress``: a bar on stderr."""
+    if output_format not in ("jsonl", "csv"):
+        raise ValueError(f"unknown output format {output_format!r}; expected jsonl or csv")
     if batch_size < 1 or concurrency < 1:
         raise ValueError("batch_size and concurrency must be >= 1")
     t0 = time.perf_counter()
@@ -236,17 +287,15 @@ def define_file(client: LexiconClient, input_path: str | Path, output_path: str 
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     done: list[tuple[int, dict]] = []
-    with tqdm(total=summary.rows, unit="row", disable=not progress, desc="define") as bar, \
+    with _rows_bar(summary.rows, progress, Path(input_path).name) as advance, \
             ThreadPoolExecutor(max_workers=concurrency) as pool:
-        bar.update(len(rejected))
+        advance(len(rejected))
         for results, rej in pool.map(lambda c: _define_chunk(client, c, n, return_scores, seed), chunks):
             done.extend((no, output_row(row, res)) for no, row, res in results)
             summary.rejected.extend(rej)
-            bar.update(len(results) + len(rej))
+            advance(len(results) + len(rej))
     done.sort(key=lambda x: x[0])
-    with open(output_path, "w", encoding="utf-8") as f:
-        for _, row in done:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_rows([row for _, row in done], output_path, output_format)
     summary.defined = len(done)
     summary.output = str(output_path)
     summary.rejected.sort(key=lambda r: r.line)
@@ -259,3 +308,18 @@ def define_file(client: LexiconClient, input_path: str | Path, output_path: str 
     summary.seconds = time.perf_counter() - t0
     return summary
 
+
+
+@contextmanager
+def _rows_bar(total: int, enabled: bool, label: str):
+    """``advance(n)`` of a rich progress bar on stderr (rows done of ``total``); a no-op when disabled."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("define {task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("rows"), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)

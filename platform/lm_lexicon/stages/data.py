@@ -13,9 +13,9 @@ def run_data_stage(cfg, force: bool = False, log=print) -> StageResult:
         corpus = load_corpus(cfg.data)
         save_corpus(corpus, work, cfg.model_dump(mode="json"))
         for report in corpus.reports:
-            log(report.summary())
+            log(f"[data] {report.summary()}")
         for split, sub in corpus.subsampled.items():
-            log(f"{split}: seeded sample of {sub['kept']:,} of {sub['available']:,} rows (seed {sub['seed']})")
+            log(f"[data] {split}: seeded sample of {sub['kept']:,} of {sub['available']:,} rows (seed {sub['seed']})")
         return {"rows": {s: len(r) for s, r in corpus.splits.items()},
                 "rejected": {r.source: r.n_rejected for r in corpus.reports},
                 "subsampled": corpus.subsampled,

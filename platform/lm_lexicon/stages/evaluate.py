@@ -26,6 +26,7 @@ Writes::
       metrics.json                model -> metric -> {value, std, n, settings, skipped_reason}; by_language and
                                   language_compliance (model -> lang -> {n, compliant, share in [0, 1], detected})
       report.md                   model x metric table, per-domain, per-source and per-language breakdowns, settings
+      report.html                 the same in one self-contained page, plots embedded, with example rows
       metrics.png                 the headline metrics as bars
       bon.json, bon.png           Best-of-N curves (N = bon_ns) and the reward model's report (best_of_n > 1)
       reward_model/               the trained outcome reward model (safetensors; the serving Scorer loads it)
@@ -355,7 +356,11 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         per_language = "language_compliance" in metric_names or len(langs) > 1
         lang_metrics = [m for m in ("bleu_a", "rouge_l", "bertscore", "language_compliance") if m in metric_names]
         results, by_domain, by_source, by_language = {}, {}, {}, {}
+        from lm_lexicon.console import bar
+
+        progress = bar("computing metrics", total=len(predictions), unit="models")
         for name, preds in predictions.items():
+            progress.update(note=name)
             results[name] = compute_metrics(preds, metric_names, ev, reference_groups=reference_groups)
             _annotate_compliance(preds, results[name].get("language_compliance"))
             _write_jsonl(preds, work / "predictions" / f"{name}.jsonl")
@@ -367,6 +372,9 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             if per_language and lang_metrics:
                 by_language[name] = breakdown(preds, lang_metrics, ev, by="lang", results=results[name],
                                               reference_groups=reference_groups)
+            progress.advance()
+        progress.update(note="")
+        progress.close()
         notes = [n for n in (bertscore_note(ev, metric_names, records),) if n]
         for n in notes:
             log(f"[evaluate] note: {n}")
@@ -394,13 +402,17 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             report += render_bon_section(bon_report)
         (work / "report.md").write_text(report)
         plot_metrics(compact, work / "metrics.png")
+        from lm_lexicon.report_html import write_report_html
+
+        write_report_html(work, report, predictions, [(work / "metrics.png", "Headline metrics by model"),
+                                                      (partition_dir / "clusters.png", "The partition's domains")])
         with tracked_run(cfg.tracking, cfg.output_dir, f"{cfg.name}-evaluate", tags={"stage": "evaluate"}) as run:
             run.log_params({"evaluate": ev.model_dump(mode="json"), "routing": cfg.merge.routing})
             for model, res in compact.items():
                 run.log_metrics({f"{model}.{m}": r["value"] for m, r in res.items() if r.get("value") is not None})
             if bon_report:
                 run.log_metrics({"reward_model.valid_accuracy": bon_report["reward_model"]["valid_accuracy"]})
-            for f in ("report.md", "metrics.png", "metrics.json", "bon.png", "bon.json"):
+            for f in ("report.md", "report.html", "metrics.png", "metrics.json", "bon.png", "bon.json"):
                 if (work / f).exists():
                     run.log_artifact(work / f)
         headline = {model: {m: res[m]["value"] for m in HEADLINE if m in res} for model, res in compact.items()}

@@ -126,8 +126,11 @@ def train_worker(loop_cfg: dict) -> None:
 
             resumed_step = int(read_trainer_state(resume_from)["step"])
         out = Path(scratch) / "run"
+        from lm_lexicon.console import step_reporter
+
         metrics = train(model, tokenizer, train_rows, valid_rows, train_cfg, out, resume_from=resume_from,
-                        report_fn=report, rank=rank, world_size=world, progress=False, deepspeed_config=ds_config)
+                        report_fn=report, rank=rank, world_size=world, progress=False, deepspeed_config=ds_config,
+                        step_fn=step_reporter(loop_cfg.get("progress"), job["name"]) if rank == 0 else None)
         if rank == 0:
             from lm_lexicon.sft import read_trainer_state
 
@@ -271,6 +274,10 @@ def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_ta
     if "://" not in storage:
         storage = str(Path(storage).resolve())
     loop_cfg = worker_loop_config(cfg, partition_dir, stage_dir, storage)
+    from lm_lexicon.console import RemoteBars
+
+    bars = RemoteBars([j["name"] for j in jobs], unit="steps")  # per-step bars fed by the workers
+    loop_cfg["progress"] = bars.address
     concurrency = max_concurrent(cfg.resources, cluster)
     log(f"[experts] {len(jobs)} jobs ({', '.join(j['name'] for j in jobs)}); {concurrency} at a time; "
         f"checkpoints under {storage}")
@@ -282,7 +289,10 @@ def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_ta
         run_config=ray.tune.RunConfig(name=f"{cfg.name}-experts-{run_tag}", storage_path=storage, verbose=0,
                                       callbacks=[ExpertProgress(log, len(jobs))]),
     )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        bars.close()
     failed = [(r.config["job"]["name"], r.error) for r in grid if r.error]
     if failed:
         raise RuntimeError("expert training failed: " + "; ".join(f"{n}: {e}" for n, e in failed))

@@ -82,9 +82,12 @@ def finetune_worker(loop_cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir))
                              if ckpt_dir is not None else None)
 
+        from lm_lexicon.console import step_reporter
+
         metrics = train(model, tokenizer, train_rows, valid_rows, train_cfg, Path(scratch) / "run",
                         resume_from=resume_from, report_fn=report, rank=rank, world_size=world, progress=False,
-                        train_domains=train_domains, valid_domains=valid_domains)
+                        train_domains=train_domains, valid_domains=valid_domains,
+                        step_fn=step_reporter(loop_cfg.get("progress"), "fine-tune") if rank == 0 else None)
         if rank == 0:
             final = {k: v for k, v in metrics.items() if k not in ("model_dir", "checkpoint_dir")}
             final.update(trainable_parameters=trainable, final=True)
@@ -109,17 +112,23 @@ def run_finetune(cfg, merged_dir: Path, partition_dir: Path, out_dir: Path, run_
     res = cfg.resources
     storage = res.storage_path if "://" in res.storage_path else str(Path(res.storage_path).resolve())
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    from lm_lexicon.console import RemoteBars
+
+    bars = RemoteBars(["fine-tune"], unit="steps")  # a per-step bar fed by the rank-0 worker
     trainer = TorchTrainer(
         finetune_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "merged_dir": str(merged_dir.resolve()),
-                           "partition_dir": str(partition_dir.resolve())},
+                           "partition_dir": str(partition_dir.resolve()), "progress": bars.address},
         scaling_config=ray.train.ScalingConfig(num_workers=res.workers_per_expert, use_gpu=res.use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(name=f"{cfg.name}-moe-finetune-{run_tag}", storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        bars.close()
     if result.error:
         raise result.error
     result.checkpoint.to_directory(str(out_dir))

@@ -73,14 +73,18 @@ def embed_on_ray(prompts: list[str], embed_cfg, torch_threads: int | None = None
         num_cpus=cpus_per_actor,
         num_gpus=embed_cfg.num_gpus_per_actor or None,
     )
+    from lm_lexicon.console import bar
+
     out: np.ndarray | None = None
     seen = 0
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        emb = batch["embedding"]
-        if out is None:
-            out = np.empty((len(prompts), emb.shape[1]), dtype=np.float32)
-        out[batch["row"]] = emb
-        seen += len(batch["row"])
+    with bar("embedding prompts", total=len(prompts), unit="rows") as progress:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            emb = batch["embedding"]
+            if out is None:
+                out = np.empty((len(prompts), emb.shape[1]), dtype=np.float32)
+            out[batch["row"]] = emb
+            seen += len(batch["row"])
+            progress.advance(len(batch["row"]))
     if seen != len(prompts):
         raise RuntimeError(f"Ray Data returned {seen} embeddings for {len(prompts)} prompts")
     return out
