@@ -24,7 +24,7 @@ def _cfg(out, seed, *extra):
         f"output_dir={out}", f"resources.storage_path={out}/ray", f"seed_model.name={seed}",
         "data.max_train_rows=48", "data.max_valid_rows=16", "data.max_test_rows=8", "partition.n_experts=2",
         "partition.plot_sample=40", "train.max_steps=4", "train.eval_every=2", "train.batch_size=4",
-        "train.precision=fp32", "train.lr=1e-3", *extra])
+        "train.precision=fp32", "train.lr=1e-3", "train.trainable=all", *extra])
 
 
 def test_plan_and_concurrency():
@@ -42,7 +42,11 @@ def test_two_experts_and_dense_produce_distinct_checkpoints_and_a_manifest(tmp_p
     res = run_pipeline(cfg, stages=("experts",), log=lambda m: None)["experts"]
     d = res.path
     manifest = json.loads((d / "manifest.json").read_text())
-    assert [j["name"] for j in manifest["jobs"]] == ["expert_0", "expert_1", "dense"]
+    assert [j["name"] for j in manifest["jobs"]] == ["dense", "expert_0", "expert_1"]
+    # two single-CPU jobs fit the 2-CPU Ray at once (the Tune trial's own reservation does not crowd one out): the
+    # dense model and the first expert train side by side
+    spans = {job: (final["started_at"], final["finished_at"]) for job, final in manifest["final"].items()}
+    assert spans["expert_0"][0] < spans["dense"][1] and spans["dense"][0] < spans["expert_0"][1], spans
     weights = {}
     for job in ("expert_0", "expert_1", "dense"):
         metrics = json.loads((d / job / "metrics.json").read_text())

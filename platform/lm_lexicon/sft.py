@@ -627,6 +627,7 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
 
     from lm_lexicon.seed_models import apply_dropout
 
+    started_at = time.time()
     out_dir = Path(out_dir)
     seed = train_cfg.seeds[0] if seed is None else seed
     is_main = rank == 0
@@ -785,6 +786,8 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
         "stopped_early": state["stopped_early"],
         "tokens_per_s": train_tokens / train_seconds if train_seconds else 0.0,
         "seconds": train_seconds,
+        "started_at": started_at,  # wall clock (Unix time) of this call: when jobs ran, side by side or not
+        "finished_at": time.time(),
         "precision": precision,
         "dropout_modules": n_dropout,
         "trainable_parameters": n_trainable,

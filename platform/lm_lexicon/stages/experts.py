@@ -37,6 +37,7 @@ from lm_lexicon.stages.artifacts import StageResult, fingerprint, release_checkp
 
 FINAL_MARKER = "FINAL.json"
 FAIL_ONCE_ENV = "LM_LEXICON_FAIL_ONCE_AT_STEP"  # fault injection for the resume test: "<step>:<marker file>"
+TRIAL_CPUS = 0.01  # what a job's Tune trial (which only waits on its TorchTrainer) reserves; Tune needs some
 
 
 def _job_records(partition_dir: Path, job: dict, split: str):
@@ -150,7 +151,9 @@ def _trainer_for(job: dict, loop_cfg: dict, run_name: str):
     from ray.train.torch import TorchTrainer
 
     cfg = loop_cfg["resources"]
-    per_worker = {"CPU": cfg["cpus_per_worker"]}
+    # the job's Tune trial holds TRIAL_CPUS: the workers take that much less, so a job costs exactly
+    # workers_per_expert x cpus_per_worker and max_concurrent() jobs really fit (2 CPUs: 2 jobs, not 1)
+    per_worker = {"CPU": cfg["cpus_per_worker"] - TRIAL_CPUS / cfg["workers_per_expert"]}
     if cfg["use_gpu"]:
         per_worker["GPU"] = cfg["gpus_per_worker"]
     callbacks = []
@@ -283,7 +286,7 @@ def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_ta
         f"checkpoints under {storage}")
     param_space = {"job": ray.tune.grid_search(jobs), "loop_cfg": loop_cfg, "recipe": cfg.name, "run_tag": run_tag}
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(expert_trial, {"cpu": 0.01}),  # the trainer's workers hold the real resources
+        ray.tune.with_resources(expert_trial, {"cpu": TRIAL_CPUS}),  # the trainer's workers hold the rest
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=ray.tune.RunConfig(name=f"{cfg.name}-experts-{run_tag}", storage_path=storage, verbose=0,
