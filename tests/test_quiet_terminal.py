@@ -2,7 +2,7 @@
 ``micro_run``, tests/conftest.py), its stdout and stderr on pipes as a terminal would get them.
 
 The terminal must hold only the project's lines (the ``[stage]`` lines, one final bar per unit of work, the summary
-table) and nothing on stderr; Ray's, Tune's, transformers' and MLflow's output, and what the Ray workers printed,
+table and the example rows) and nothing on stderr; Ray's, Tune's, transformers' and MLflow's output, and what the Ray workers printed,
 must be in ``<output_dir>/logs/pipeline.log``.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 pytestmark = pytest.mark.ray
 
 STAGE_LINE = re.compile(r"^\[(data|partition|experts|merge|evaluate|export)\] ")
-TABLE_LINE = re.compile(r"^[┏┃┡│└]|^\s+tiny: test split, 6 rows\s*$")
+TABLE_LINE = re.compile(r"^[┏┃┡│└├]|^\s+tiny: test split, 6 rows\s*$"
+                        r"|^\s+What the models write \(5 test lines spread over the sample\)\s*$")
 OTHER_LINES = (re.compile(r"^lm-lexicon pipeline 'tiny': logs of Ray, Tune, transformers and MLflow go to \S+/logs/"
                           r"pipeline\.log \(--verbose shows them\)$"),
                re.compile(r"^report: \S+/evaluate/report\.html \(markdown: \S+/evaluate/report\.md\)$"),
