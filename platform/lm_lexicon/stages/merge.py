@@ -159,7 +159,8 @@ def merge_stage_fn(cfg, partition_dir: Path, experts_dir: Path, run_tag: str, lo
             finetune = run_finetune(cfg, merged, partition_dir, work / "model", run_tag)
             shutil.copytree(merged / "router", work / "model" / "router", dirs_exist_ok=True)
             log(f"[merge] fine-tune: {finetune['steps']} steps, train loss {finetune['train_loss_first']:.3f} -> "
-                f"{finetune['train_loss_last']:.3f}, valid loss {finetune.get('valid_loss')}")
+                f"{finetune['train_loss_last']:.3f}, valid loss "
+                + (f"{finetune['valid_loss']:.3f}" if finetune.get("valid_loss") is not None else "n/a"))
         else:
             shutil.copytree(merged, work / "model")
         summary = {"routing": cfg.merge.routing, "n_experts": len(expert_dirs), "merge_seconds": round(merge_s, 2),
