@@ -164,6 +164,10 @@ class SeedModelConfig(_Strict):
                                   "path.")
     trust_remote_code: bool = Field(False, description="Allow a hub model's own code to run. Off unless you trust it.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
+    attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel while training (auto: transformers' default, SDPA). On a CPU with short "
+                            "sequences (definition modeling: < 64 tokens) eager is faster: a SmolLM2-135M training "
+                            "step at batch 16 x 28 tokens took 0.76 s against SDPA's 0.89 (its backward).")
 
 
 class TrainConfig(_Strict):

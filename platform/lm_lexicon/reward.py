@@ -373,7 +373,7 @@ class RewardModel:
         import torch
         import torch.nn.functional as F
 
-        from lm_lexicon.sft import lr_factor, param_groups, set_seed
+        from lm_lexicon.sft import lr_factor, make_adamw, set_seed
 
         pairs = list(pairs)
         if not pairs:
@@ -383,7 +383,7 @@ class RewardModel:
         set_seed(seed)
         for p in self.net.encoder.parameters():
             p.requires_grad_(train_encoder)
-        optimizer = torch.optim.AdamW(param_groups(self.net, weight_decay), lr=lr)
+        optimizer = make_adamw(self.net, weight_decay, lr)
         steps_per_epoch = math.ceil(len(pairs) / batch_size)
         total = steps_per_epoch * epochs
         warmup = int(round(warmup_ratio * total))

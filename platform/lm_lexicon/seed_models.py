@@ -448,7 +448,8 @@ def resolve_seed_model(name: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32", dropout: Optional[float] = None, *,
-                   trust_remote_code: bool = False, padding_side: Literal["left", "right"] = "left"):
+                   trust_remote_code: bool = False, padding_side: Literal["left", "right"] = "left",
+                   attn_implementation: Optional[str] = None):
     """Load ``(model, tokenizer)`` from a local directory, ready for :mod:`lm_lexicon.sft` and ``generate()``.
 
     * weights from safetensors only (``use_safetensors=True``), never from the network;
@@ -457,7 +458,8 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", dropout: Optional[f
     * the tokenizer always has a pad token (EOS when the model has none: the SFT loss masks padding by the attention
       mask, not by token id, so pad == eos is safe) and ``padding_side`` is set — left by default, what batched
       generation needs; the SFT collator pads on the right itself, independent of this setting;
-    * the model's config and generation config carry the same pad/eos ids as the tokenizer.
+    * the model's config and generation config carry the same pad/eos ids as the tokenizer;
+    * ``attn_implementation`` (None: transformers' choice, SDPA) selects the attention kernel, e.g. ``"eager"``.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -469,9 +471,10 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", dropout: Optional[f
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     if dropout is not None:
         set_dropout(config, dropout)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=torch_dtype, use_safetensors=True, local_files_only=True,
-        trust_remote_code=trust_remote_code)
+        trust_remote_code=trust_remote_code, **extra)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -503,7 +506,9 @@ def set_dropout(config, p: float) -> list[str]:
 def load_seed_model(seed_cfg, *, dropout: Optional[float] = None, cache_dir: str | Path | None = None):
     """``(model, tokenizer)`` for a :class:`~lm_lexicon.config.SeedModelConfig` (name, dtype, trust_remote_code)."""
     path = resolve_seed_model(seed_cfg.name, cache_dir=cache_dir)
-    return load_causal_lm(path, dtype=seed_cfg.dtype, dropout=dropout, trust_remote_code=seed_cfg.trust_remote_code)
+    attention = None if seed_cfg.attn_implementation == "auto" else seed_cfg.attn_implementation
+    return load_causal_lm(path, dtype=seed_cfg.dtype, dropout=dropout, trust_remote_code=seed_cfg.trust_remote_code,
+                          attn_implementation=attention)
 
 
 def apply_dropout(model, p: float) -> int:
