@@ -3,6 +3,7 @@
     python bench/moe_cost.py            # print
     python bench/moe_cost.py --write    # also record the section in docs/BENCHMARKS.md
     python bench/moe_cost.py --merge-memory --write   # + peak memory of merging 4 x 250 MB experts (~1 min)
+    python bench/moe_cost.py --seed bundled-smollm2 --write   # the real seed (SmolLM2-135M) instead (own section)
 
 Model: a random Llama (hidden 256, intermediate 1024, 4 layers, 4 heads, vocab 2048 so that the FFN, not the LM
 head, dominates), fp32, torch threads 1 (stable numbers on a 2-core machine). MoE: N=4 experts made from the
@@ -45,6 +46,18 @@ def build_dense(hidden: int, intermediate: int, layers: int, vocab: int):
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # never stop early: every variant generates the same count
     return model
+
+
+def load_seed(args):
+    """The seed as the dense model (fp32, eval), and its sizes into ``args`` for the FLOP share."""
+    from lm_lexicon.seed_models import load_causal_lm, resolve_seed_model
+
+    model, _ = load_causal_lm(resolve_seed_model(args.seed))
+    c = model.config
+    args.hidden, args.intermediate, args.layers, args.vocab = (c.hidden_size, c.intermediate_size,
+                                                               c.num_hidden_layers, c.vocab_size)
+    model.generation_config.eos_token_id = None  # never stop early: every variant generates the same count
+    return model.eval()
 
 
 def naive_domain(block, x):
@@ -142,6 +155,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--seed", default=None, help="a seed model name or directory (e.g. bundled-smollm2) instead of "
+                                                 "the random Llama")
     ap.add_argument("--merge-memory", action="store_true", help="also measure the peak memory of a merge")
     ap.add_argument("--write", action="store_true", help="record the results in docs/BENCHMARKS.md")
     args = ap.parse_args()
@@ -149,7 +164,10 @@ def main() -> None:
 
     from lm_lexicon.moe.model import moe_from_dense
 
-    dense = build_dense(args.hidden, args.intermediate, args.layers, args.vocab)
+    if args.seed:
+        dense = load_seed(args)  # sets args.hidden/intermediate/layers/vocab from the seed's config
+    else:
+        dense = build_dense(args.hidden, args.intermediate, args.layers, args.vocab)
     moe_domain = moe_from_dense(dense, N_EXPERTS, routing="domain")
     moe_token = moe_from_dense(dense, N_EXPERTS, routing="token", top_k=2)
     moe_naive = moe_from_dense(dense, N_EXPERTS, routing="domain")
@@ -196,9 +214,10 @@ def main() -> None:
     tok_f, tok_g = results["token top-2"]
     naive_f, naive_g = results["naive domain (every expert, masked)"]
     ffn_share = ffn_flop_share(args)
+    model_name = f"seed `{args.seed}` (Llama, " if args.seed else "random Llama ("
     lines = [
-        f"Model: random Llama, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
-        f"vocab {args.vocab} (FFN = {ffn_share:.0%} of forward FLOPs); MoE N={N_EXPERTS}; fp32, CPU, "
+        f"Model: {model_name}hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+        f"vocab {args.vocab}; FFN = {ffn_share:.0%} of forward FLOPs); MoE N={N_EXPERTS}; fp32, CPU, "
         f"torch threads 1. Forward: batch {args.batch} x seq {args.seq}, no cache. Generate: batch {args.batch}, "
         f"16-token prompts, {args.new_tokens} greedy tokens with KV cache. Median of {args.repeats} (generate: "
         f"{max(3, args.repeats // 3)}) interleaved rounds.",
@@ -233,7 +252,8 @@ def main() -> None:
     if args.write:
         from bench_docs import write_section
 
-        write_section("MoE routing cost (bench/moe_cost.py)", lines)
+        title = f"MoE routing cost on {args.seed}" if args.seed else "MoE routing cost"
+        write_section(f"{title} (bench/moe_cost.py)", lines)
 
 
 def ffn_flop_share(args) -> float:

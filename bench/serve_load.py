@@ -237,13 +237,13 @@ def main() -> int:
     mb = args.max_batch_size
     lines = [
         f"Model: the pipeline's collapsed experts ({rel}, {len(layout.experts)} domains, {layout.experts[0].kind}), "
-        f"greedy, max_new_tokens {gen.get('max_new_tokens')} (the tiny model always writes all of them); test "
+        f"greedy, max_new_tokens {gen.get('max_new_tokens')} (a definition ends at EOS or there); test "
         f"prompts per domain {off.per_domain()}; {args.items_per_request} item per request; {cores} cores. Serve: "
         f"one replica per deployment, one torch thread each, 0 CPUs reserved; expert batch wait "
         f"{args.batch_wait_s * 1000:.0f} ms. Offline: the same checkpoints in process, batches of {mb} prompts of one "
         f"domain, {off.threads} torch thread(s); routing the {len(items)} prompts took {off.route_s:.1f} s.",
-        f"Other jobs share this 2-core machine: 1-minute load average {load_start} at the start (`uptime`), "
-        "and per measurement in the tables. Ratios are taken within interleaved rounds (same load, roughly).",
+        f"1-minute load average (`uptime`, the benchmark's own processes included) {load_start} at the start, and "
+        "per measurement in the tables. Ratios are taken within interleaved rounds (same load, roughly).",
         "",
         "| served | concurrency | definitions | definitions/s | p50 ms | p95 ms | p99 ms | mean batch | errors | load |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
