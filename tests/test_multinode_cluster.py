@@ -19,6 +19,16 @@ happened to ``<dir>/report.json``; the tests assert on it.
   node; both jobs end with the same losses and weights as the uninterrupted run. Stated tolerance: 1e-6 relative
   (resuming restores weights, optimizer, RNG and data order exactly on CPU; the tolerance only absorbs another
   node's identical but separately started process).
+* ``serve``: the Serve app with its HTTP proxy, ingress, router and scorer on the head and the experts' replicas on 2
+  serving nodes (``serve_node``); the node of Expert0's replica is killed while 40 requests for domain 0 (8 at a
+  time) are in flight. Checked: every request is answered 200 (the ingress retries calls that hit the dead replica
+  until the controller has a new one), none dropped; the replica now runs on the other node.
+* ``autoscale``: a head started with Ray's fake multi-node autoscaler (``RAY_FAKE_CLUSTER=1 ray start --head
+  --autoscaling-config``, not ``AutoscalingCluster``, whose ``ray stop --force`` would kill every Ray on the
+  machine) and cluster.yaml's shape in small: a ``cpu-train`` type (``expert_node``, 0-2 nodes) and a ``cpu-serve``
+  type (``serve_node``, 0-1). The experts stage (2 jobs at once) asks for ``expert_node`` workers; checked: the
+  autoscaler starts cpu-train nodes while the stage runs, never a cpu-serve node, and removes them once idle; the
+  node timeline is printed.
 """
 from __future__ import annotations
 
@@ -35,6 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from test_serve_app import pipeline_dir  # noqa: E402,F401 (a fixture: the tiny served pipeline)
+
 MB = 1024 * 1024
 STEPS, EVAL_EVERY = 6, 2
 
@@ -43,7 +55,7 @@ STEPS, EVAL_EVERY = 6, 2
 class SimulatedCluster:
     """Head (no training work) + ``n_workers`` expert nodes; records which actor ran on which node, and when."""
 
-    def __init__(self, n_workers: int = 3):
+    def __init__(self, n_workers: int = 3, worker_resources: dict | None = None):
         import ray
         from ray.cluster_utils import Cluster
 
@@ -51,7 +63,7 @@ class SimulatedCluster:
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 1, "resources": {"head_node": 1}, "object_store_memory": 100 * MB,
             "include_dashboard": False})
-        self.workers = [self.cluster.add_node(num_cpus=1, resources={"expert_node": 1},
+        self.workers = [self.cluster.add_node(num_cpus=1, resources=worker_resources or {"expert_node": 1},
                                               object_store_memory=100 * MB) for _ in range(n_workers)]
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, log_to_driver=False)
@@ -201,6 +213,87 @@ def scenario_experts(work: Path) -> dict:
     return report
 
 
+# =================================================================================================== serving
+def scenario_serve(work: Path, pipeline_dir: Path) -> dict:
+    """Serve on 2 serving nodes (the head holds the HTTP proxy, ingress, router and scorer); kill the node of
+    Expert0's replica while requests for domain 0 are in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from ray import serve
+
+    sys.path.insert(0, str(REPO))
+    from lm_lexicon.baselines import prompt_of
+    from lm_lexicon.routing import DomainRouter
+    from serve_app.app import build_app
+
+    cluster = SimulatedCluster(2, worker_resources={"serve_node": 1})
+    report: dict = {}
+    try:
+        port = _free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        on_head = {"num_cpus": 0, "resources": {"head_node": 0.01}}
+        expert = {"num_cpus": 0, "resources": {"serve_node": 0.4}, "max_batch_size": 8, "max_ongoing_requests": 16,
+                  "health_check_period_s": 2.0, "health_check_timeout_s": 10.0}
+        args = {"output_dir": str(pipeline_dir),
+                "ingress": {**on_head, "max_batch_size": 1, "max_ongoing_requests": 64},
+                "router": {**on_head, "max_batch_size": 32, "max_ongoing_requests": 64},
+                "scorer": {**on_head, "max_batch_size": 32, "max_ongoing_requests": 64}, "expert": expert,
+                "generation": {"max_new_tokens": 8}, "auth_token_env": None, "retry_window_s": 120.0,
+                "request_timeout_s": 240.0}
+        t0 = time.perf_counter()
+        serve.run(build_app(args), name="lexicon", route_prefix="/")
+        report["deploy_s"] = round(time.perf_counter() - t0, 1)
+        router = DomainRouter.load(pipeline_dir / "export" / "collapsed" / "router", load_embedder=True)
+        from lm_lexicon.data.records import Record
+
+        terms = ["river", "tree", "leaf", "rain", "hill", "lake", "bank", "loan", "tax", "price", "engine", "robot"]
+        prompts = [prompt_of(Record(term=t, context="", definition="", source="api")) for t in terms]
+        domain0 = [t for t, d in zip(terms, router.route_prompts(prompts)) if d == 0][:3]
+        replicas = [a for a in cluster.alive("ServeReplica:lexicon:Expert0")]
+        victim = replicas[0]["node_id"]
+        report["replica_node_before"] = replicas[0]["node"]
+        url = f"http://127.0.0.1:{port}"
+        statuses, errors = [], []
+
+        def one(i: int) -> None:
+            try:
+                r = httpx.post(f"{url}/v1/definitions", json={"items": [{"term": domain0[i % len(domain0)]}]},
+                               timeout=300)
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    assert r.json()["definitions"][0]["domain"] == 0
+            except Exception as e:  # a dropped connection would be a lost request
+                errors.append(repr(e))
+
+        n_requests = 40
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(one, i) for i in range(n_requests)]
+            time.sleep(1.0)
+            report["in_flight_at_kill"] = sum(not f.done() for f in futures)
+            report["killed"] = cluster.kill(victim)
+            t_kill = time.perf_counter()
+            for f in futures:
+                f.result()
+        report["all_answered_s"] = round(time.perf_counter() - t_kill, 1)
+        report.update(statuses=statuses, errors=errors, n_requests=n_requests)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            after = cluster.alive("ServeReplica:lexicon:Expert0")
+            if after and all(a["node_id"] != victim for a in after):
+                break
+            time.sleep(1)
+        report["replica_node_after"] = [a["node"] for a in cluster.alive("ServeReplica:lexicon:Expert0")]
+        r = httpx.post(f"{url}/v1/definitions", json={"items": [{"term": domain0[0]}]}, timeout=120)
+        report["after_status"] = r.status_code
+        report["retries"] = httpx.get(f"{url}/healthz", timeout=60).json()["stats"]["retries"]
+        report["events"] = cluster.events
+        serve.shutdown()
+    finally:
+        cluster.shutdown()
+    return report
+
+
 # =================================================================================================== autoscaling
 EXPERT_NODE = {"CPU": 1, "expert_node": 1}  # cluster.yaml's gpu-train-* types in small: what training asks for
 SERVE_NODE = {"CPU": 1, "serve_node": 1}    # cluster.yaml's gpu-serve-a10g in small: training never fits there
@@ -295,7 +388,8 @@ def scenario_autoscale(work: Path) -> dict:
     config.write_text(yaml.safe_dump(_autoscaling_config(address)))
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}
-    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
                              "--resources={\"head_node\": 1}", f"--object-store-memory={100 * MB}",
                              f"--autoscaling-config={config}", "--disable-usage-stats", "--include-dashboard=false",
                              f"--temp-dir={os.environ['RAY_TMPDIR']}"],
@@ -337,21 +431,21 @@ def scenario_autoscale(work: Path) -> dict:
             head.kill()
 
 
-SCENARIOS = {"experts": scenario_experts, "autoscale": scenario_autoscale}
+SCENARIOS = {"experts": scenario_experts, "autoscale": scenario_autoscale, "serve": scenario_serve}
 
 
 def main(argv: list[str]) -> int:
     scenario, work = argv[0], Path(argv[1])
-    report = SCENARIOS[scenario](work)
+    report = SCENARIOS[scenario](work, *[Path(a) for a in argv[2:]])
     (work / "report.json").write_text(json.dumps(report, indent=2))
     return 0
 
 
 # =================================================================================================== tests
-def _run_scenario(name: str, tmp_path: Path, timeout: float) -> dict:
+def _run_scenario(name: str, tmp_path: Path, timeout: float, *args: str) -> dict:
     from test_shutdown import Run
 
-    run = Run([sys.executable, str(Path(__file__).resolve()), name, str(tmp_path)], tmp_path,
+    run = Run([sys.executable, str(Path(__file__).resolve()), name, str(tmp_path), *args], tmp_path,
               env_extra={"RAY_TRAIN_V2_ENABLED": "1", "PYTHONPATH": os.pathsep.join(
                   [str(REPO / "platform"), os.environ.get("PYTHONPATH", "")])})
     try:
@@ -427,3 +521,18 @@ def test_autoscaler_starts_training_nodes_for_the_experts_and_releases_them(tmp_
     assert report["steps"] == {"expert_0": STEPS, "expert_1": STEPS}
     timeline = "; ".join(f"{n['type']} {n['node']}: up {n['up']}s, down {n['down']}s" for n in nodes)
     print(f"\nexperts stage {report['stage_started']}s-{report['stage_finished']}s; nodes: {timeline}")
+
+
+@pytest.mark.ray
+def test_killed_serving_node_loses_no_request_and_its_replica_moves(tmp_path, pipeline_dir):
+    report = _run_scenario("serve", tmp_path, 900, str(pipeline_dir))
+    statuses = report["statuses"]
+    assert report["errors"] == [] and len(statuses) == report["n_requests"], report  # every request answered
+    assert statuses.count(200) == report["n_requests"], report  # none lost: the ingress retried them
+    assert report["in_flight_at_kill"] > 0 and report["retries"] > 0, report
+    assert report["replica_node_after"] and report["killed"] not in report["replica_node_after"], report
+    assert report["after_status"] == 200
+    print(f"\nserving node kill: {report['killed']} (Expert0's replica) killed with {report['in_flight_at_kill']} of "
+          f"{report['n_requests']} requests in flight; all answered 200 within {report['all_answered_s']}s of the "
+          f"kill ({report['retries']} ingress retries); replica now on {report['replica_node_after']}; "
+          f"deploy took {report['deploy_s']}s")

@@ -59,6 +59,30 @@ def test_each_rank_gets_a_disjoint_equal_shard_in_every_epoch():
     assert epoch0[0] != epoch0[1]  # a new shuffle each epoch
 
 
+def test_worker_resources_are_validated_and_reach_the_trainers_scaling_config(tmp_path):
+    from lm_lexicon.config import ConfigError
+    from lm_lexicon.stages.experts import _trainer_for, max_concurrent
+
+    cfg = load_config("configs/tiny.yaml", ["resources.worker_resources={expert_node: 1}",
+                                            "resources.workers_per_expert=2", "resources.cpus_per_worker=0.5"])
+    assert cfg.resources.worker_resources == {"expert_node": 1.0}
+    assert load_config("configs/tiny.yaml").resources.worker_resources == {}  # recipes unchanged by default
+    for bad, needle in (("{CPU: 1}", "'CPU' has its own field"), ("{expert_node: 0}", "must be > 0")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config("configs/tiny.yaml", [f"resources.worker_resources={bad}"])
+    loop_cfg = {"resources": cfg.resources.model_dump(mode="json"), "storage_path": str(tmp_path)}
+    trainer = _trainer_for({"name": "expert_0", "domain": 0}, loop_cfg, "run")
+    per_worker = trainer.scaling_config.resources_per_worker
+    assert per_worker["expert_node"] == 1.0 and trainer.scaling_config.num_workers == 2
+    # jobs at once: also bounded by the custom resource present now (a job's 2 workers take 2 expert_node); an
+    # explicit max_concurrent_experts wins (an autoscaler adds the nodes on demand)
+    assert max_concurrent(cfg.resources, {"CPU": 8, "expert_node": 3}) == 1
+    assert max_concurrent(cfg.resources, {"CPU": 8, "expert_node": 4}) == 2
+    assert max_concurrent(cfg.resources, {"CPU": 1}) == 1
+    explicit = cfg.resources.model_copy(update={"max_concurrent_experts": 5})
+    assert max_concurrent(explicit, {"CPU": 1}) == 5
+
+
 def _records(rows) -> list[dict]:
     return [Record(term=t, context=c, definition=d, source="test").to_dict() for t, c, d in rows]
 

@@ -168,3 +168,35 @@ def test_serve_stops_on_sigterm_with_every_process_it_started(tmp_path, pipeline
     _assert_stopped(report, "lm-lexicon serve, SIGTERM")
     assert report["returncode"] == 0 and "shutting down" in run.log()
     assert any("DashboardAgent" in n for n in report["seen"]) and any("ServeReplica" in n for n in report["seen"])
+
+
+@pytest.mark.slow
+def test_pipeline_stops_on_ctrl_c_while_experts_train(tmp_path, micro_seed):
+    out = tmp_path / "run"
+    run = Run([sys.executable, "jobs/pipeline.py", "--config", "configs/tiny.yaml", *micro_overrides(out, micro_seed)],
+              tmp_path)
+    try:
+        run.wait_for(lambda: _descendant_named(run, "RayTrainWorker"), "the experts' Ray Train workers")
+        report = run.stop(signal.SIGINT, group=True)  # what Ctrl-C in a terminal sends: the foreground group
+    finally:
+        run.cleanup()
+    _assert_stopped(report, "jobs/pipeline.py, Ctrl-C during the experts stage")
+    assert report["returncode"] == 130 and "interrupted (SIGINT)" in " ".join(run.log().split())
+    assert any("RayTrainWorker" in n for n in report["seen"])
+    assert not (out / "experts" / "_SUCCESS.json").exists()
+
+
+@pytest.mark.slow
+def test_scan_stops_on_sigterm_with_its_trials_pipelines(tmp_path, micro_seed):
+    out = tmp_path / "run"
+    run = Run([sys.executable, "jobs/tune_experts.py", "--config", "configs/tiny.yaml", "--ns", "2",
+               "--out", str(tmp_path / "scan"), *micro_overrides(out, micro_seed)], tmp_path)
+    try:
+        run.wait_for(lambda: _descendant_named(run, "pipeline.py") and _descendant_named(run, "RayTrainWorker"),
+                     "a trial's pipeline training its experts")
+        report = run.stop(signal.SIGTERM)  # to the scan's own process only, as systemd or Kubernetes would
+    finally:
+        run.cleanup()
+    _assert_stopped(report, "jobs/tune_experts.py, SIGTERM during a trial")
+    assert report["returncode"] == 128 + signal.SIGTERM
+    assert any("pipeline.py" in n for n in report["seen"]) and any("RayTrainWorker" in n for n in report["seen"])

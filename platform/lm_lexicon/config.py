@@ -245,10 +245,10 @@ class ResourcesConfig(_Strict):
     def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
         for name, amount in v.items():
             if name.upper() in ("CPU", "GPU") or name in ("memory", "object_store_memory"):
-                raise ValueError(f"resources.worker_resources: {name!r} has its own field (cpus_per_worker, "
+                raise ValueError(f"{name!r} has its own field (cpus_per_worker, "
                                  "gpus_per_worker); list custom resources only")
             if not amount > 0:
-                raise ValueError(f"resources.worker_resources.{name} must be > 0, got {amount}")
+                raise ValueError(f"{name} must be > 0, got {amount}")
         return v
 
     @model_validator(mode="after")

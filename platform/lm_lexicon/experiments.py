@@ -99,21 +99,24 @@ def run_pipeline_process(config: str | Path, overrides: Sequence[str], log_file:
     cmd = [sys.executable, str(PIPELINE_SCRIPT), "--config", str(Path(config).resolve()), *overrides]
     with log_file.open("w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                              cwd=str(REPO), timeout=timeout, preexec_fn=_stop_with_parent)
+                              cwd=str(REPO), timeout=timeout, preexec_fn=_stop_with_parent())
     if proc.returncode != 0:
         tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"pipeline failed (exit {proc.returncode}); log {log_file}:\n{tail}")
 
 
-def _stop_with_parent() -> None:
-    """In the child, before exec (Linux): SIGTERM when the parent dies. A scan trial's actor is killed when the scan
-    stops, and its pipeline must not live on as an orphan (``jobs/pipeline.py`` stops cleanly on SIGTERM)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+def _stop_with_parent():
+    """A ``preexec_fn`` (Linux; None elsewhere): the child gets SIGTERM when its parent dies. A scan trial's actor is
+    killed when the scan stops, and its pipeline must not live on as an orphan (``jobs/pipeline.py`` stops cleanly on
+    SIGTERM). Everything is looked up here, in the parent: between fork and exec the child only calls prctl (an import
+    there could deadlock on a lock another thread of this Ray worker held at the fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl, pr_set_pdeathsig, sigterm = ctypes.CDLL(None, use_errno=True).prctl, 1, int(signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sigterm)
 
 
 # =================================================================================================== Tune scan
