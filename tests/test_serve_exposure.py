@@ -92,8 +92,10 @@ def test_serve_config_path_refuses_then_serves_with_insecure_or_a_token(public_s
     with pytest.raises(RuntimeError) as failed:  # serve.run raises when a deployment fails to start
         serve.run(build_app(_args(pipeline_dir)), name=APP, route_prefix="/")
     refused_s = time.perf_counter() - t0
-    assert "refusing to serve on 0.0.0.0 without authentication" in str(failed.value)
-    assert "insecure: true in the Serve args" in str(failed.value)
+    assert "Ingress" in str(failed.value)
+    message = serve.status().applications[APP].deployments["Ingress"].message  # what `serve status` shows
+    assert "refusing to serve on 0.0.0.0 without authentication" in message, message
+    assert "insecure: true in the Serve args" in message
     with httpx.Client(base_url=public_serve, timeout=60) as client:
         assert client.post("/v1/definitions", json={"items": [{"term": "bank"}]}).status_code != 200
     serve.delete(APP)

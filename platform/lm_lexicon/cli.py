@@ -332,8 +332,10 @@ def serve_cmd(
         except (FileNotFoundError, ValueError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
             console.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
             code = 2
-    if stop["stopped"] and stop["stopped"]["owned_ray"]:
-        show(f"stopped in {stop['stopped']['seconds']:.1f} s")
+    done = stop["stopped"]
+    if done and done["owned_ray"]:
+        show(f"stopped: Ray shut down and {done['terminated']} leftover processes ended ({done['killed']} needed "
+             f"SIGKILL) in {done['seconds']:.1f} s")
     if code:
         raise typer.Exit(code)
 

@@ -35,6 +35,7 @@ def init_ray(resources=None, *, log_to_driver: bool = False):
         if resources is not None and resources.object_store_memory_mb:
             kwargs["object_store_memory"] = resources.object_store_memory_mb * 1024 * 1024
         ray.init(**kwargs)
+    reclaim_stop_signals()
     return ray.cluster_resources()
 
 
@@ -53,6 +54,7 @@ def quiet_ray_data() -> None:
 # =================================================================================================== clean exit
 STOP_TIMEOUT_S = 30.0  # from the signal to the last process gone (docs/RAY_JOBS.md "Stopping a run")
 STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # systemd, Kubernetes, CI; a closed terminal
+_stop_handler: list = []  # the active clean_exit's handler (reinstalled after ray.init, which replaces it)
 
 
 @contextmanager
@@ -80,9 +82,12 @@ def clean_exit(timeout_s: float = STOP_TIMEOUT_S) -> Iterator[dict]:
     if main:
         for name in STOP_SIGNALS:
             previous[name] = signal.signal(getattr(signal, name), interrupt)
+        _stop_handler.append(interrupt)
     try:
         yield state
     finally:
+        if main:
+            _stop_handler.remove(interrupt)
         if main:  # the clean-up is bounded by timeout_s: a second signal must not cut it short
             previous.setdefault("SIGINT", signal.getsignal(signal.SIGINT))
             for name in (*STOP_SIGNALS, "SIGINT"):
@@ -92,6 +97,18 @@ def clean_exit(timeout_s: float = STOP_TIMEOUT_S) -> Iterator[dict]:
         finally:
             for name, handler in previous.items():
                 signal.signal(getattr(signal, name), handler)
+
+
+def reclaim_stop_signals() -> None:
+    """Call right after ``ray.init``: the driver's core worker installs its own SIGTERM handler (it logs "SIGTERM
+    received" and aborts the process, which left Ray's agents orphaned); inside :func:`clean_exit` this puts the
+    clean exit's handler back. A no-op elsewhere."""
+    import signal
+    import threading
+
+    if _stop_handler and threading.current_thread() is threading.main_thread():
+        for name in STOP_SIGNALS:
+            signal.signal(getattr(signal, name), _stop_handler[-1])
 
 
 def stop_ray_and_children(timeout_s: float = STOP_TIMEOUT_S) -> dict:

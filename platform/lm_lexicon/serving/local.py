@@ -54,6 +54,8 @@ def serve_local(output_dir: str | Path, *, host: str = "127.0.0.1", port: int = 
     import ray
     from ray import serve
 
+    from lm_lexicon.ray_utils import reclaim_stop_signals
+
     root = repo_root()
     if root is None:
         raise RuntimeError("cannot find serve_app/ (run from the lm-lexicon checkout)")
@@ -75,6 +77,7 @@ def serve_local(output_dir: str | Path, *, host: str = "127.0.0.1", port: int = 
             ray.init(address=address, **init_kw)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, **init_kw)
+        reclaim_stop_signals()  # ray.init replaced the clean exit's SIGTERM handler
     serve.start(http_options={"host": host, "port": int(port)})
     t0 = time.perf_counter()
     serve.run(app, name=APP_NAME, route_prefix="/")
