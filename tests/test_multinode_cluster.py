@@ -55,13 +55,13 @@ STEPS, EVAL_EVERY = 6, 2
 class SimulatedCluster:
     """Head (no training work) + ``n_workers`` expert nodes; records which actor ran on which node, and when."""
 
-    def __init__(self, n_workers: int = 3, worker_resources: dict | None = None):
+    def __init__(self, n_workers: int = 3, worker_resources: dict | None = None, head_cpus: int = 1):
         import ray
         from ray.cluster_utils import Cluster
 
         self.t0 = time.time()
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "resources": {"head_node": 1}, "object_store_memory": 100 * MB,
+            "num_cpus": head_cpus, "resources": {"head_node": 1}, "object_store_memory": 100 * MB,
             "include_dashboard": False})
         self.workers = [self.cluster.add_node(num_cpus=1, resources=worker_resources or {"expert_node": 1},
                                               object_store_memory=100 * MB) for _ in range(n_workers)]
@@ -88,7 +88,7 @@ class SimulatedCluster:
                         continue
                     seen = self.placements.setdefault(actor_id, {
                         "class": info["ActorClassName"], "node": self.names.get(info["Address"]["NodeID"], "?"),
-                        "first": self.now()})
+                        "job": info["JobID"], "first": self.now()})
                     seen["last"] = self.now()
             except Exception:
                 pass
@@ -100,7 +100,7 @@ class SimulatedCluster:
         out = []
         for actor_id, info in ray._private.state.actors().items():
             if info["State"] == "ALIVE" and info["ActorClassName"] == cls:
-                out.append({"id": actor_id, "node_id": info["Address"]["NodeID"],
+                out.append({"id": actor_id, "node_id": info["Address"]["NodeID"], "job": info["JobID"],
                             "node": self.names.get(info["Address"]["NodeID"], "?")})
         return out
 
@@ -294,6 +294,51 @@ def scenario_serve(work: Path, pipeline_dir: Path) -> dict:
     return report
 
 
+# =================================================================================================== N-scan
+def scenario_scan(work: Path) -> dict:
+    """The N-scan (one trial, N=2: the micro pipeline) on a head with no CPU and 3 worker nodes; the node of the
+    trial is killed once its pipeline has finished the partition stage."""
+    from lm_lexicon.experiments import expert_count_scan
+    from lm_lexicon.seed_models import tiny_llama
+    from micro_pipeline import micro_overrides
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    seed = tiny_llama(work / "seed")
+    cluster = SimulatedCluster(3, head_cpus=0)  # the trial (0.01 CPU) and every stage run on worker nodes
+    scan_dir = work / "scan"
+    killed: dict = {}
+
+    def killer() -> None:
+        while not (scan_dir / "n2" / "partition" / "_SUCCESS.json").is_file():
+            time.sleep(0.5)
+        import ray
+
+        mine = ray.get_runtime_context().get_job_id()  # the scan's trial, not the pipeline's expert trials
+        trials = [t for t in cluster.alive("ImplicitFunc") if t["job"] == mine]
+        if trials:
+            killed.update(node=cluster.kill(trials[0]["node_id"]), at=cluster.now())
+
+    thread = threading.Thread(target=killer, daemon=True)
+    report: dict = {}
+    try:
+        thread.start()
+        t0 = time.perf_counter()
+        result = expert_count_scan("configs/tiny.yaml", micro_overrides(work / "run", seed), [2], scan_dir,
+                                   trial_cpus=0.01, name="scan", log=lambda m: None)
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        thread.join(timeout=5)
+        import ray
+
+        mine = ray.get_runtime_context().get_job_id()
+        report.update(rows=result["rows"], killed=killed,
+                      trials=[t for t in cluster.ran_on("ImplicitFunc") if t["job"] == mine],
+                      events=cluster.events,
+                      pipeline_log=(scan_dir / "n2" / "pipeline.log").read_text(errors="replace")[-20000:])
+    finally:
+        cluster.shutdown()
+    return report
+
+
 # =================================================================================================== autoscaling
 EXPERT_NODE = {"CPU": 1, "expert_node": 1}  # cluster.yaml's gpu-train-* types in small: what training asks for
 SERVE_NODE = {"CPU": 1, "serve_node": 1}    # cluster.yaml's gpu-serve-a10g in small: training never fits there
@@ -380,6 +425,9 @@ def scenario_autoscale(work: Path) -> dict:
     from lm_lexicon.seed_models import tiny_llama
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # `ray start` turns token auth on when ~/.ray/auth_token exists (docs/RAY_JOBS.md "Token auth"), and then this
+    # driver, which sends no token, could not join: a private cluster on loopback runs without it
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     seed = tiny_llama(work / "seed")
     _partition_dir(work / "partition")
     port = _free_port()
@@ -431,7 +479,8 @@ def scenario_autoscale(work: Path) -> dict:
             head.kill()
 
 
-SCENARIOS = {"experts": scenario_experts, "autoscale": scenario_autoscale, "serve": scenario_serve}
+SCENARIOS = {"experts": scenario_experts, "autoscale": scenario_autoscale, "serve": scenario_serve,
+             "scan": scenario_scan}
 
 
 def main(argv: list[str]) -> int:
@@ -536,3 +585,22 @@ def test_killed_serving_node_loses_no_request_and_its_replica_moves(tmp_path, pi
           f"{report['n_requests']} requests in flight; all answered 200 within {report['all_answered_s']}s of the "
           f"kill ({report['retries']} ingress retries); replica now on {report['replica_node_after']}; "
           f"deploy took {report['deploy_s']}s")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_scan_trial_whose_node_died_is_retried(tmp_path):
+    report = _run_scenario("scan", tmp_path, 2400)
+    assert report["killed"], "the trial's node was not killed"
+    victim, at = report["killed"]["node"], report["killed"]["at"]
+    trials = report["trials"]
+    assert any(t["node"] == victim for t in trials), trials  # the trial ran there
+    retried = [t for t in trials if t["first"] > at]
+    assert retried and all(t["node"] not in (victim, "head") for t in retried), trials  # and again elsewhere
+    (row,) = report["rows"]
+    assert row["n"] == 2 and "moe_bleu_a" in row  # the retried trial finished the pipeline and reported
+    log = report["pipeline_log"]
+    for stage in ("data", "partition"):  # finished before the kill: reused by the retry, not recomputed
+        assert f"[{stage}] reusing" in log, log[-3000:]
+    print(f"\nscan: trial node {victim} killed at {at}s (after the partition stage); trial retried on "
+          f"{[t['node'] for t in retried]}, scan finished in {report['seconds']}s; row {row}")
