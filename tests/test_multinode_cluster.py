@@ -572,6 +572,7 @@ def test_autoscaler_starts_training_nodes_for_the_experts_and_releases_them(tmp_
     print(f"\nexperts stage {report['stage_started']}s-{report['stage_finished']}s; nodes: {timeline}")
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_killed_serving_node_loses_no_request_and_its_replica_moves(tmp_path, pipeline_dir):
     report = _run_scenario("serve", tmp_path, 900, str(pipeline_dir))
