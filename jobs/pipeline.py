@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # wor
 from lm_lexicon.config import ConfigError, load_config  # noqa: E402
 from lm_lexicon.console import pipeline_terminal  # noqa: E402
 from lm_lexicon.pipeline import STAGES, run_pipeline  # noqa: E402
+from lm_lexicon.ray_utils import STOP_TIMEOUT_S, clean_exit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     stages = tuple(s for s in args.stages.split(",") if s) if args.stages else None
+    with clean_exit() as stop:  # SIGTERM / Ctrl-C: every process the run started is gone within STOP_TIMEOUT_S
+        return run(cfg, args, stages, stop)
+
+
+def run(cfg, args, stages, stop: dict) -> int:
     from lm_lexicon.seed_models import SeedUnavailable
 
     with pipeline_terminal(cfg.output_dir, verbose=args.verbose) as term:
@@ -41,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             results = run_pipeline(cfg, stages=stages, force=tuple(s for s in args.force.split(",") if s),
                                    log=term.line)
         except KeyboardInterrupt:
-            term.notice("error", "interrupted")
-            return 130
+            term.notice("error", f"interrupted ({stop['signal'] or 'SIGINT'}): stopping every process of the run "
+                                 f"(at most {STOP_TIMEOUT_S:.0f} s); a re-run resumes after the last finished stage")
+            return stop["exit_code"]
         except (ValueError, SeedUnavailable) as e:  # bad input or a missing package: what to do, in full
             term.err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True, style="bold red")
             return 2

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # works from a plain checkout too
 
 from lm_lexicon.config import ConfigError  # noqa: E402
+from lm_lexicon.ray_utils import STOP_TIMEOUT_S, clean_exit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     out = Path(args.out or f"{cfg.output_dir}-scan")
-    result = expert_count_scan(args.config, args.overrides, ns, out, max_concurrent_trials=args.max_concurrent,
-                               trial_cpus=args.trial_cpus, name=cfg.name)
+    with clean_exit() as stop:  # SIGTERM / Ctrl-C: the trials' pipelines and Ray are gone within STOP_TIMEOUT_S
+        try:
+            result = expert_count_scan(args.config, args.overrides, ns, out, max_concurrent_trials=args.max_concurrent,
+                                       trial_cpus=args.trial_cpus, name=cfg.name)
+        except KeyboardInterrupt:
+            print(f"scan interrupted ({stop['signal'] or 'SIGINT'}): stopping its trials and Ray (at most "
+                  f"{STOP_TIMEOUT_S:.0f} s); finished trials are under {out.resolve()}", file=sys.stderr)
+            return stop["exit_code"]
     print(f"scan of N={ns} finished: {out.resolve() / 'scan.md'}, plot {out.resolve() / 'scan.png'}")
     return 0 if result["rows"] else 1
 

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lm_lexicon import __version__
 from lm_lexicon.serving.config import PipelineLayout, ServeArgs, generation_settings, model_card, resolve_args
 from lm_lexicon.serving.engines import GREEDY, metrics_settings, select_best
+from lm_lexicon.serving.exposure import check_exposure
 from lm_lexicon.serving.schemas import (ApiError, DefinitionsResponse, ErrorResponse, Limits, ScoreResponse,
                                         error_body, item_prompt, openapi_request_bodies, parse_definitions_request,
                                         parse_json_body, parse_score_request, references_of)
@@ -239,18 +240,36 @@ class Scorer:
         pass  # a missing reward model is a documented state, not an unhealthy replica
 
 
+async def _http_host() -> str:
+    """The address Serve's HTTP proxies bind (its controller's HTTP options)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return str((await controller.get_http_config.remote()).host)
+    except Exception as e:  # unknown: treated as exposed by check_exposure
+        log.warning("cannot read Serve's HTTP options (%s)", type(e).__name__)
+        return "<unknown address>"
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
     """HTTP API: validation, auth, composition of Router -> Expert{domain} -> Scorer."""
 
-    def __init__(self, router, experts: list, scorer, config: dict):
+    async def __init__(self, router, experts: list, scorer, config: dict):
         self.router = router
         self.experts = list(experts)
         self.scorer = scorer
         self.limits = Limits.model_validate(config["limits"])
         env = config.get("auth_token_env")
         self.token: Optional[str] = config.get("auth_token") or (os.environ.get(env) if env else None) or None
+        if not self.token:  # the token is read here, so this is where an exposed, unauthenticated API is refused
+            warning = check_exposure(await _http_host(), None, bool(config.get("insecure")), token_env=env,
+                                     opt_out="insecure: true in the Serve args (lm-lexicon serve --insecure)")
+            if warning:
+                log.warning(warning)
         self.card = config["card"]
         self.request_timeout_s = float(config.get("request_timeout_s", 120.0))
         self.retry_window_s = float(config.get("retry_window_s", 30.0))
@@ -491,5 +510,5 @@ def build_app(args: dict):
         s.max_batch_size, s.batch_wait_timeout_s, s.torch_threads, sa.device)
     config = {"limits": sa.limits.model_dump(), "auth_token": sa.auth_token, "auth_token_env": sa.auth_token_env,
               "card": card, "request_timeout_s": sa.request_timeout_s, "retry_window_s": sa.retry_window_s,
-              "app_name": sa.app_name}
+              "app_name": sa.app_name, "insecure": sa.insecure}
     return Ingress.options(**sa.ingress.serve_options("Ingress")).bind(router, experts, scorer, config)

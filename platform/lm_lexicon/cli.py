@@ -297,10 +297,14 @@ def serve_cmd(
                                                                 "LM_LEXICON_API_TOKEN; auth is off when unset)."),
         address: Optional[str] = typer.Option(None, help="Connect to a running Ray cluster instead of starting one."),
         reserve_cpus: bool = typer.Option(False, help="Keep the args' CPU reservations (default: 0 per replica "
-                                                      "locally, so every expert fits on a laptop).")) -> None:
-    """Serve a pipeline's experts over HTTP with Ray Serve (router + one expert per domain + scorer); Ctrl-C stops."""
+                                                      "locally, so every expert fits on a laptop)."),
+        insecure: bool = typer.Option(False, "--insecure", help="Serve without a bearer token on a non-loopback "
+                                                                "--host (refused otherwise).")) -> None:
+    """Serve a pipeline's experts over HTTP with Ray Serve (router + one expert per domain + scorer). Ctrl-C or
+    SIGTERM stops it and every process it started (Ray's included) within 30 s."""
     import yaml
 
+    from lm_lexicon.ray_utils import STOP_TIMEOUT_S, clean_exit
     from lm_lexicon.serving.local import serve_local
 
     overrides: dict = {}
@@ -317,12 +321,23 @@ def serve_cmd(
         overrides.setdefault("expert", {})["max_batch_size"] = max_batch_size
     if auth_token_env is not None:
         overrides["auth_token_env"] = auth_token_env
-    try:
-        serve_local(output_dir, host=host, port=port, overrides=overrides, address=address,
-                    local_resources=not reserve_cpus, log=lambda m: console.print(m, markup=False, highlight=False))
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
-        console.print(str(e), style="red", markup=False, highlight=False)
-        raise typer.Exit(2)
+    show = lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    code = 0
+    with clean_exit(STOP_TIMEOUT_S) as stop:
+        try:
+            serve_local(output_dir, host=host, port=port, overrides=overrides, address=address,
+                        local_resources=not reserve_cpus, insecure=insecure, log=show)
+        except KeyboardInterrupt:  # during start-up (serve_local handles it once serving)
+            show("interrupted; shutting down")
+        except (FileNotFoundError, ValueError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
+            console.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
+            code = 2
+    done = stop["stopped"]
+    if done and done["owned_ray"]:
+        show(f"stopped: Ray shut down and {done['terminated']} leftover processes ended ({done['killed']} needed "
+             f"SIGKILL) in {done['seconds']:.1f} s")
+    if code:
+        raise typer.Exit(code)
 
 
 FORMATS = ("table", "json", "csv")

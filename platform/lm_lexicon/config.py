@@ -228,6 +228,10 @@ class ResourcesConfig(_Strict):
     workers_per_expert: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks) per expert.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each training worker.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved by each training worker.")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each training worker also reserves, e.g. "
+                                          "{expert_node: 1} to keep training on the nodes that declare it "
+                                          "(cluster.yaml's node types); CPU and GPU have their own fields.")
     max_concurrent_experts: Optional[int] = Field(
         None, ge=1, description="Experts trained at once (None: as many as the cluster's resources allow).")
     storage_path: str = Field("runs/ray", description="Ray Train/Tune storage: a local dir or a cloud URI (s3://...).")
@@ -239,6 +243,17 @@ class ResourcesConfig(_Strict):
     ray_address: Optional[str] = Field(None, description="Ray cluster address; None: connect to a running one or start locally.")
     num_cpus: Optional[int] = Field(None, ge=1, description="When Ray is started locally: logical CPUs to give it.")
     object_store_memory_mb: Optional[int] = Field(None, ge=50, description="When started locally: object store size.")
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name.upper() in ("CPU", "GPU") or name in ("memory", "object_store_memory"):
+                raise ValueError(f"{name!r} has its own field (cpus_per_worker, "
+                                 "gpus_per_worker); list custom resources only")
+            if not amount > 0:
+                raise ValueError(f"{name} must be > 0, got {amount}")
+        return v
 
     @model_validator(mode="after")
     def _gpu_consistency(self) -> "ResourcesConfig":

@@ -99,10 +99,24 @@ def run_pipeline_process(config: str | Path, overrides: Sequence[str], log_file:
     cmd = [sys.executable, str(PIPELINE_SCRIPT), "--config", str(Path(config).resolve()), *overrides]
     with log_file.open("w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                              cwd=str(REPO), timeout=timeout)
+                              cwd=str(REPO), timeout=timeout, preexec_fn=_stop_with_parent())
     if proc.returncode != 0:
         tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"pipeline failed (exit {proc.returncode}); log {log_file}:\n{tail}")
+
+
+def _stop_with_parent():
+    """A ``preexec_fn`` (Linux; None elsewhere): the child gets SIGTERM when its parent dies. A scan trial's actor is
+    killed when the scan stops, and its pipeline must not live on as an orphan (``jobs/pipeline.py`` stops cleanly on
+    SIGTERM). Everything is looked up here, in the parent: between fork and exec the child only calls prctl (an import
+    there could deadlock on a lock another thread of this Ray worker held at the fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl, pr_set_pdeathsig, sigterm = ctypes.CDLL(None, use_errno=True).prctl, 1, int(signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sigterm)
 
 
 # =================================================================================================== Tune scan
@@ -116,7 +130,11 @@ def _scan_trial(trial: dict) -> None:
                  f"resources.storage_path={out / 'ray'}", "evaluate.split=valid",
                  f"tracking.mlflow_uri={trial['mlflow_uri']}", f"name={trial['name']}-n{n}"]
     t0 = time.perf_counter()
-    run_pipeline_process(trial["config"], overrides, out / "pipeline.log", env=trial["env"])
+    try:
+        run_pipeline_process(trial["config"], overrides, out / "pipeline.log", env=trial["env"])
+    except RuntimeError as e:  # reported, not raised: Tune retries only trials whose node died
+        tune.report({"n": n, "trial_error": str(e)})
+        return
     results = evaluation(out)["results"]
     report = {"n": n, "seconds": time.perf_counter() - t0}
     for model in ("moe", "dense"):
@@ -160,9 +178,13 @@ def expert_count_scan(config: str | Path, overrides: Sequence[str], ns: Sequence
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials, metric="moe_bleu_a",
                                         mode="max"),
             run_config=tune.RunConfig(name=f"{name}-expert-count", storage_path=str(scan_dir / "tune"),
-                                      verbose=0))
+                                      verbose=0,
+                                      # a trial whose node dies is run again: its pipeline resumes after the
+                                      # stages it had finished
+                                      failure_config=tune.FailureConfig(max_failures=base.resources.max_failures)))
         grid = tuner.fit()
-        errors = [str(r.error) for r in grid if r.error]
+        errors = [str(r.error or r.metrics.get("trial_error")) for r in grid
+                  if r.error or (r.metrics or {}).get("trial_error")]
         if errors:
             raise RuntimeError(f"{len(errors)} scan trial(s) failed: {errors[0][:2000]}")
         rows = sorted((dict(r.metrics) for r in grid), key=lambda m: m["n"])

@@ -355,6 +355,15 @@ def _distributed() -> bool:
         and torch.distributed.get_world_size() > 1
 
 
+def _sum_over_ranks(value: float) -> float:
+    """``value`` summed over the data-parallel ranks (float64 all-reduce: exact for token counts)."""
+    total = torch.tensor([float(value)], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        total = total.cuda()
+    torch.distributed.all_reduce(total)
+    return float(total.item()) if isinstance(value, float) else int(round(total.item()))
+
+
 @torch.no_grad()
 def evaluate_loss(model, tokenizer, records: Sequence[Record] | SFTDataset, *, max_length: int = 128,
                   batch_size: int = 16, precision: str = "fp32", domains: Optional[Sequence[int]] = None,
@@ -703,6 +712,12 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
             group = [next(stream) for _ in range(train_cfg.grad_accum)]
             micro = [collate([train_set[i] for i in idx], tokenizer.pad_token_id) for _, _, idx in group]
             n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+            # DDP averages the ranks' gradients: each rank divides its summed NLL by the step's target tokens over
+            # ALL ranks (times the world size), so the step's gradient is the global per-token mean, whatever each
+            # rank's share of the tokens (per-rank means would over-weight the rank with fewer targets)
+            ddp = runner is None and _distributed()
+            global_targets = _sum_over_ranks(n_targets) if ddp else n_targets
+            rank_share = torch.distributed.get_world_size() / max(1, global_targets) if ddp else None
             lr = train_cfg.lr * lr_factor(state["step"], horizon, warmup, train_cfg.schedule)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -719,7 +734,7 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
                     with (contextlib.nullcontext() if sync else model.no_sync()):
                         with autocast_context(precision, device):
                             nll, _ = definition_nll(model, batch, spec)
-                        (nll / max(1, n_targets)).backward()
+                        (nll * rank_share if ddp else nll / max(1, n_targets)).backward()
                 step_nll += float(nll.detach())
                 train_tokens += int(batch["attention_mask"].sum())
             if runner is not None:
@@ -733,7 +748,9 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
             state["step"] += 1
             epoch, index, _ = group[-1]
             state["next_epoch"], state["next_batch"] = (epoch, index + 1)
-            last_loss = step_nll / max(1, n_targets)
+            if ddp:  # the step's loss over every rank's tokens (what rank 0 reports)
+                step_nll = _sum_over_ranks(step_nll)
+            last_loss = step_nll / max(1, global_targets)
             if state["train_loss_first"] is None:
                 state["train_loss_first"] = last_loss
             step_losses.append(last_loss)

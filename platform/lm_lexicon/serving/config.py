@@ -56,6 +56,9 @@ class DeploymentOptions(BaseModel):
     max_queued_requests: int = Field(-1, ge=-1, description="-1: unbounded queue at the callers' handles.")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources of each replica "
+                                                                          "(e.g. {serve_node: 0.1}: only nodes "
+                                                                          "that declare it).")
     max_batch_size: int = Field(32, ge=1, description="@serve.batch size.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch wait for a fuller batch.")
     torch_threads: Optional[int] = Field(1, ge=1, description="torch intra-op threads per replica (None: torch's "
@@ -79,7 +82,8 @@ class DeploymentOptions(BaseModel):
         """Keyword arguments of ``Deployment.options(...)``."""
         opts: dict[str, Any] = {
             "name": name, "max_ongoing_requests": self.ongoing, "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {})},
+            "ray_actor_options": {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {}),
+                                  **({"resources": dict(self.resources)} if self.resources else {})},
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
@@ -128,6 +132,9 @@ class ServeArgs(BaseModel):
     auth_token_env: Optional[str] = Field(DEFAULT_TOKEN_ENV, description="Env var holding the bearer token, read "
                                                                          "by the ingress replica; auth is off "
                                                                          "when neither is set.")
+    insecure: bool = Field(False, description="Serve without a token on a non-loopback address (0.0.0.0): the "
+                                              "ingress refuses to start there otherwise "
+                                              "(lm_lexicon.serving.exposure).")
     request_timeout_s: float = Field(120.0, gt=0)
     retry_window_s: float = Field(30.0, ge=0, description="How long a call to a dead or restarting replica is "
                                                           "retried before the request gets a 503.")

@@ -43,12 +43,18 @@ def local_args(output_dir: str | Path, overrides: Optional[dict] = None, *, loca
 
 def serve_local(output_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
                 overrides: Optional[dict] = None, address: Optional[str] = None, num_cpus: Optional[int] = None,
-                local_resources: bool = True, block: bool = True,
+                local_resources: bool = True, insecure: bool = False, block: bool = True,
                 log: Callable[[str], None] = print) -> str:
     """Start Ray (or connect to ``address``), Serve's HTTP proxy on ``host:port``, and the application. Blocks
-    until Ctrl-C (then shuts Serve down) unless ``block=False``. Returns the base URL."""
+    until Ctrl-C (then shuts Serve down) unless ``block=False``. Returns the base URL.
+
+    A non-loopback ``host`` needs a bearer token or ``insecure=True``
+    (:class:`~lm_lexicon.serving.exposure.ExposureError` otherwise, before anything starts). Stopping every process
+    on SIGTERM is the caller's :func:`lm_lexicon.ray_utils.clean_exit` (``lm-lexicon serve`` runs inside one)."""
     import ray
     from ray import serve
+
+    from lm_lexicon.ray_utils import reclaim_stop_signals
 
     root = repo_root()
     if root is None:
@@ -57,8 +63,10 @@ def serve_local(output_dir: str | Path, *, host: str = "127.0.0.1", port: int = 
         sys.path.insert(0, str(root))
     from serve_app.app import build_app  # validates args and finds the artifacts before Ray starts
 
-    args = local_args(output_dir, overrides, local_resources=local_resources)
+    args = local_args(output_dir, {**(overrides or {}), **({"insecure": True} if insecure else {})},
+                      local_resources=local_resources)
     app = build_app(args)
+    warning = _check_exposure(host, args)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         from ray.job_config import JobConfig
@@ -69,12 +77,15 @@ def serve_local(output_dir: str | Path, *, host: str = "127.0.0.1", port: int = 
             ray.init(address=address, **init_kw)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, **init_kw)
+        reclaim_stop_signals()  # ray.init replaced the clean exit's SIGTERM handler
     serve.start(http_options={"host": host, "port": int(port)})
     t0 = time.perf_counter()
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
+    if warning:
+        log(warning)
     log(f"lm-lexicon is serving {Path(output_dir)} at {url} (ready in {time.perf_counter() - t0:.0f} s): "
-        f"POST {url}/v1/definitions, docs at {url}/docs")
+        f"POST {url}/v1/definitions, docs at {url}/docs" + ("; Ctrl-C or SIGTERM stops it" if block else ""))
     if not block:
         return url
     try:
@@ -85,3 +96,13 @@ def serve_local(output_dir: str | Path, *, host: str = "127.0.0.1", port: int = 
     finally:
         serve.shutdown()
     return url
+
+
+def _check_exposure(host: str, args: dict) -> Optional[str]:
+    """:func:`~lm_lexicon.serving.exposure.check_exposure` with the token the ingress will read (this machine's
+    environment, the args or the pipeline config's ``serve.auth_token_env``)."""
+    from lm_lexicon.serving.config import read_pipeline_config, resolve_args, resolve_token
+    from lm_lexicon.serving.exposure import check_exposure
+
+    sa = resolve_args(args, read_pipeline_config(Path(args["output_dir"]))[0])
+    return check_exposure(host, resolve_token(sa), sa.insecure, token_env=sa.auth_token_env)

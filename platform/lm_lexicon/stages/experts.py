@@ -156,6 +156,7 @@ def _trainer_for(job: dict, loop_cfg: dict, run_name: str):
     per_worker = {"CPU": cfg["cpus_per_worker"] - TRIAL_CPUS / cfg["workers_per_expert"]}
     if cfg["use_gpu"]:
         per_worker["GPU"] = cfg["gpus_per_worker"]
+    per_worker.update(cfg.get("worker_resources") or {})  # e.g. {"expert_node": 1}: only nodes that declare it
     callbacks = []
     from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
@@ -182,8 +183,8 @@ def expert_trial(config: dict) -> dict:
     loop_cfg = config["loop_cfg"]
     run_name = f"{config['recipe']}-{job['name']}-{config['run_tag']}"
     result = _trainer_for(job, loop_cfg, run_name).fit()
-    if result.error:
-        raise result.error
+    if result.error:  # reported, not raised: Tune retries only trials whose node died, not a failed training
+        return {"job_error": f"{type(result.error).__name__}: {result.error}"}
     target = Path(loop_cfg["stage_dir"]) / job["name"]
     if target.exists():
         shutil.rmtree(target)
@@ -205,15 +206,22 @@ def plan_jobs(n_experts: int, with_dense: bool = True) -> list[dict]:
 
 
 def max_concurrent(resources_cfg, cluster: dict) -> int:
-    """Jobs that fit at once: the cluster's CPUs (and GPUs) divided by one job's reservation, at least 1."""
+    """Jobs trained at once: ``resources.max_concurrent_experts`` when set, else the cluster's CPUs (GPUs, custom
+    worker resources) now divided by one job's reservation, at least 1.
+
+    The explicit value is not capped by the resources present: on an autoscaling cluster the training nodes do not
+    exist yet when the stage starts (cluster.yaml's worker types start at 0), and the trainers' pending resource
+    requests are what makes the autoscaler start them. A trial reserves almost nothing (``TRIAL_CPUS``) and a
+    trainer's workers are placed all at once (one placement group), so jobs beyond what fits wait, never deadlock."""
+    if resources_cfg.max_concurrent_experts:
+        return resources_cfg.max_concurrent_experts
     per_job_cpu = resources_cfg.workers_per_expert * resources_cfg.cpus_per_worker
     fits = int(cluster.get("CPU", 1) // per_job_cpu)
     if resources_cfg.use_gpu:
         fits = min(fits, int(cluster.get("GPU", 0) // (resources_cfg.workers_per_expert * resources_cfg.gpus_per_worker)))
-    fits = max(1, fits)
-    if resources_cfg.max_concurrent_experts:
-        fits = min(fits, resources_cfg.max_concurrent_experts)
-    return fits
+    for name, amount in resources_cfg.worker_resources.items():
+        fits = min(fits, int(cluster.get(name, 0) // (resources_cfg.workers_per_expert * amount)))
+    return max(1, fits)
 
 
 _LOG_SINKS: dict[str, object] = {}  # the driver's log functions, by id: Tune pickles callbacks, not their sinks
@@ -290,13 +298,18 @@ def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_ta
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=ray.tune.RunConfig(name=f"{cfg.name}-experts-{run_tag}", storage_path=storage, verbose=0,
-                                      callbacks=[ExpertProgress(log, len(jobs))]),
+                                      callbacks=[ExpertProgress(log, len(jobs))],
+                                      # the trial's own node may die too (its trainer's workers are retried by
+                                      # Ray Train): the trial then starts again and its trainer resumes from the
+                                      # job's last checkpoint (same run name, same storage)
+                                      failure_config=ray.tune.FailureConfig(max_failures=cfg.resources.max_failures)),
     )
     try:
         grid = tuner.fit()
     finally:
         bars.close()
-    failed = [(r.config["job"]["name"], r.error) for r in grid if r.error]
+    failed = [(r.config["job"]["name"], r.error or r.metrics.get("job_error")) for r in grid
+              if r.error or (r.metrics or {}).get("job_error")]
     if failed:
         raise RuntimeError("expert training failed: " + "; ".join(f"{n}: {e}" for n, e in failed))
     return {r.config["job"]["name"]: r.metrics for r in grid}

@@ -111,7 +111,8 @@ def run_finetune(cfg, merged_dir: Path, partition_dir: Path, out_dir: Path, run_
     init_ray(cfg.resources)
     res = cfg.resources
     storage = res.storage_path if "://" in res.storage_path else str(Path(res.storage_path).resolve())
-    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {}),
+                  **res.worker_resources}
     from lm_lexicon.console import RemoteBars
 
     bars = RemoteBars(["fine-tune"], unit="steps")  # a per-step bar fed by the rank-0 worker
