@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from lm_lexicon.config import load_config
 from lm_lexicon.pipeline import run_pipeline
-from lm_lexicon.stages.experts import FAIL_ONCE_ENV, max_concurrent, plan_jobs
+from lm_lexicon.stages.experts import FAIL_ONCE_ENV, finished_jobs, max_concurrent, plan_jobs
 
 pytestmark = pytest.mark.ray
 
@@ -134,3 +134,19 @@ def test_dense_baseline_switch_reaches_the_stage(tmp_path, monkeypatch, dense):
     experts.run_experts_stage(cfg, StageResult("partition", tmp_path, "p" * 16, False, 0.0, {}))
     assert seen["dense"] is dense
     assert [j["name"] for j in plan_jobs(2, with_dense=dense)] == (["dense"] if dense else []) + ["expert_0", "expert_1"]
+
+
+def test_an_interrupted_tune_run_stops_the_stage_before_it_reads_missing_models(tmp_path):
+    """Tune handles a stop signal itself and returns normally: a job with no error and no model is not finished."""
+    from types import SimpleNamespace
+
+    jobs = plan_jobs(2, with_dense=False)
+    grid = [SimpleNamespace(config={"job": j}, error=None, metrics={"steps": 3}) for j in jobs]
+    (tmp_path / jobs[0]["name"] / "model").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match=f"stopped before {jobs[1]['name']} finished"):
+        finished_jobs(grid, jobs, tmp_path)
+    (tmp_path / jobs[1]["name"] / "model").mkdir(parents=True)
+    assert finished_jobs(grid, jobs, tmp_path) == {j["name"]: {"steps": 3} for j in jobs}
+    grid[1].metrics = {"job_error": "ValueError: boom"}
+    with pytest.raises(RuntimeError, match="expert training failed: .*boom"):
+        finished_jobs(grid, jobs, tmp_path)

@@ -308,10 +308,22 @@ def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_ta
         grid = tuner.fit()
     finally:
         bars.close()
+    return finished_jobs(grid, jobs, stage_dir)
+
+
+def finished_jobs(grid, jobs: list[dict], stage_dir: Path) -> dict:
+    """Final metrics by job name from Tune's results; raises when a job failed or ended without its model.
+
+    The second case is an interrupted Tune run (a stop signal it handled itself): it returns normally, and the
+    stage must not go on to read models that were never written."""
     failed = [(r.config["job"]["name"], r.error or r.metrics.get("job_error")) for r in grid
               if r.error or (r.metrics or {}).get("job_error")]
     if failed:
         raise RuntimeError("expert training failed: " + "; ".join(f"{n}: {e}" for n, e in failed))
+    unfinished = [j["name"] for j in jobs if not (Path(stage_dir) / j["name"] / "model").is_dir()]
+    if unfinished:
+        raise RuntimeError(f"expert training stopped before {', '.join(unfinished)} finished; running the same "
+                           "command again resumes them from their last checkpoints")
     return {r.config["job"]["name"]: r.metrics for r in grid}
 
 
