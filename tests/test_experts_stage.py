@@ -150,3 +150,6 @@ def test_an_interrupted_tune_run_stops_the_stage_before_it_reads_missing_models(
     grid[1].metrics = {"job_error": "ValueError: boom"}
     with pytest.raises(RuntimeError, match="expert training failed: .*boom"):
         finished_jobs(grid, jobs, tmp_path)
+    grid[1] = SimpleNamespace(config=None, error=MemoryError("killed by Ray's memory monitor"), metrics={})
+    with pytest.raises(RuntimeError, match="a trial that did not start: killed by Ray's memory monitor"):
+        finished_jobs(grid, jobs, tmp_path)

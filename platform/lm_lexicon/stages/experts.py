@@ -316,7 +316,10 @@ def finished_jobs(grid, jobs: list[dict], stage_dir: Path) -> dict:
 
     The second case is an interrupted Tune run (a stop signal it handled itself): it returns normally, and the
     stage must not go on to read models that were never written."""
-    failed = [(r.config["job"]["name"], r.error or r.metrics.get("job_error")) for r in grid
+    def name(result) -> str:  # a trial that failed before it started has no config
+        return ((result.config or {}).get("job") or {}).get("name", "a trial that did not start")
+
+    failed = [(name(r), r.error or r.metrics.get("job_error")) for r in grid
               if r.error or (r.metrics or {}).get("job_error")]
     if failed:
         raise RuntimeError("expert training failed: " + "; ".join(f"{n}: {e}" for n, e in failed))
@@ -324,7 +327,7 @@ def finished_jobs(grid, jobs: list[dict], stage_dir: Path) -> dict:
     if unfinished:
         raise RuntimeError(f"expert training stopped before {', '.join(unfinished)} finished; running the same "
                            "command again resumes them from their last checkpoints")
-    return {r.config["job"]["name"]: r.metrics for r in grid}
+    return {name(r): r.metrics for r in grid}
 
 
 def token_budget(final: dict) -> dict:
