@@ -97,7 +97,7 @@ def test_stage_reports_purity_against_source_and_genre(stage):
     assert report["summary"]["agreement"]["source"]["per_domain"][0]["top"] == "wordnet"
 
 
-@pytest.mark.parametrize("features", ["definition", "prompt+definition"])
+@pytest.mark.parametrize("features", ["definition", pytest.param("prompt+definition", marks=pytest.mark.slow)])
 def test_definition_features_cluster_definitions_and_route_prompts_by_a_classifier(tmp_path, ray_local, features):
     from lm_lexicon.data.prompts import format_prompt
     from lm_lexicon.embed import Embedder

@@ -394,7 +394,7 @@ class _ArmRunner:
         marker = read_arm_marker(run_dir)
         if marker is not None:
             before = marker.get("pruned") or {"stages": [], "files": 0, "checkpoints": 0, "bytes": 0}
-            marker["pruned"] = {"stages": sorted(set(before["stages"]) | set(freed["stages"])),
+            marker["pruned"] = {"stages": [st for st in WEIGHT_STAGES if st in {*before["stages"], *freed["stages"]}],
                                 **{k: before.get(k, 0) + freed[k] for k in ("files", "checkpoints", "bytes")}}
             (run_dir / ARM_DONE).write_text(json.dumps(marker, indent=2))
         if freed["files"] or freed["checkpoints"]:
