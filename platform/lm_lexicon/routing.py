@@ -30,6 +30,7 @@ dim, embedder spec, classifier's settings and accuracy); a lexical router also w
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -102,6 +103,7 @@ class PromptClassifier:
         Every domain ``0..n_classes-1`` gets a row; one without training rows gets weight 0 and bias -1000, so it
         is never chosen (the other logits are bounded by the weights' norms on unit inputs).
         """
+        from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
         X = unit_rows(X)
@@ -113,13 +115,18 @@ class PromptClassifier:
             b[present[0]] = 0.0
             return cls(W, b, {"c": float(c)})
         lr = LogisticRegression(C=float(c), max_iter=2000, random_state=seed)
-        lr.fit(X.astype(np.float64), labels)
+        with warnings.catch_warnings(record=True) as caught:  # reported in info, not printed
+            warnings.simplefilter("always", ConvergenceWarning)
+            lr.fit(X.astype(np.float64), labels)
+        info = {"c": float(c)}
+        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+            info["converged"] = False
         if len(present) == 2:  # binary: sklearn keeps one row (logit of class 1); as softmax logits: +-/2
             W[present[1]], W[present[0]] = lr.coef_[0] / 2, -lr.coef_[0] / 2
             b[present[1]], b[present[0]] = lr.intercept_[0] / 2, -lr.intercept_[0] / 2
         else:
             W[present], b[present] = lr.coef_, lr.intercept_
-        return cls(W, b, {"c": float(c)})
+        return cls(W, b, info)
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         """``[n, k]`` float64 logits of the unit rows of ``X``."""
