@@ -51,7 +51,7 @@ class RayEmbedder:
 
 
 def embed_on_ray(prompts: list[str], embed_cfg, torch_threads: int | None = None,
-                 cpus_per_actor: float = 1.0) -> np.ndarray:
+                 cpus_per_actor: float = 1.0, label: str = "embedding prompts") -> np.ndarray:
     """Embed ``prompts`` with an actor pool on Ray Data; returns ``[n, d]`` in input order.
 
     Rows carry their index through the map because Ray Data does not promise output order.
@@ -82,7 +82,7 @@ def embed_on_ray(prompts: list[str], embed_cfg, torch_threads: int | None = None
 
     out: np.ndarray | None = None
     seen = 0
-    with bar("embedding prompts", total=len(prompts), unit="rows") as progress:
+    with bar(label, total=len(prompts), unit="rows") as progress:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             emb = batch["embedding"]
             if out is None:
@@ -157,7 +157,7 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
         what = "prompts" if pc.features == "prompt" else "prompts and definitions"
         log(f"[partition] embedding {len(flat):,} {what} with {cfg.embed.model} on Ray Data "
             f"({cfg.embed.num_actors} actor(s))")
-        emb_all = embed_on_ray(flat, cfg.embed, torch_threads=threads, cpus_per_actor=cpus)
+        emb_all = embed_on_ray(flat, cfg.embed, torch_threads=threads, cpus_per_actor=cpus, label=f"embedding {what}")
         embed_s = time.perf_counter() - t0
         embedded, start = {}, 0
         for key in texts:
