@@ -517,7 +517,7 @@ def combine_views(prompt_X: np.ndarray, definition_X: np.ndarray) -> np.ndarray:
     return (np.concatenate([P, D], axis=1) / np.float32(math.sqrt(2.0))).astype(np.float32)
 
 
-def classifier_router(labels: np.ndarray, n_clusters: int, prompt_X: np.ndarray, *, c: float = 10.0,
+def classifier_router(labels: np.ndarray, n_clusters: int, prompt_X: np.ndarray, *, c: float = 0.3,
                       seed: int = 0, held_out_X: np.ndarray | None = None, held_out_labels: np.ndarray | None = None,
                       n_folds: int = 3, method: str = "semantic", meta: dict | None = None,
                       embedder: Any = None) -> tuple[DomainRouter, dict]:

@@ -96,7 +96,7 @@ class PromptClassifier:
         return int(self.weight.shape[1])
 
     @classmethod
-    def fit(cls, X: np.ndarray, labels: np.ndarray, n_classes: int, c: float = 10.0,
+    def fit(cls, X: np.ndarray, labels: np.ndarray, n_classes: int, c: float = 0.3,
             seed: int = 0) -> "PromptClassifier":
         """Multinomial logistic regression (scikit-learn, L2, lbfgs) of ``labels`` on the unit rows of ``X``.
 
