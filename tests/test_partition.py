@@ -256,3 +256,15 @@ def test_purity_and_nmi_on_a_hand_made_labelling():
     assert none["categories"] == {"(none)": 2, "general": 1} and none["purity"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="2 categories for 3 labels"):
         label_agreement([0, 1, 1], ["a", "b"])
+
+
+def test_the_stage_clusters_the_vectors_its_features_name():
+    from lm_lexicon.partition import combine_views
+    from lm_lexicon.stages.partition import _cluster_features
+
+    rng = np.random.default_rng(0)
+    P, D = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=(4, 6)).astype(np.float32)
+    embedded = {("prompt", "train"): P, ("definition", "train"): D}
+    assert _cluster_features("prompt", embedded, "train") is P
+    assert _cluster_features("definition", embedded, "train") is D
+    np.testing.assert_array_equal(_cluster_features("prompt+definition", embedded, "train"), combine_views(P, D))
