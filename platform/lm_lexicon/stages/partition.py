@@ -127,7 +127,7 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
         from lm_lexicon import cluster_report
         from lm_lexicon.data.corpus import read_saved_corpus
         from lm_lexicon.data.prompts import format_prompt
-        from lm_lexicon.partition import classifier_router, label_agreement, partition
+        from lm_lexicon.partition import label_agreement, partition
         from lm_lexicon.ray_utils import init_ray, quiet_ray_data
 
         splits = read_saved_corpus(data_dir)
@@ -176,22 +176,10 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
 
         # The router that training, evaluation and serving use; for the lexical method it carries its featurizer,
         # for definition features it is a prompt -> domain classifier.
-        classifier_report = None
         if pc.features == "prompt":
-            router = result.router()
+            router, classifier_report = result.router(), None
         else:
-            valid_gold = None
-            if ("definition", "valid") in embedded:  # the clustering's own rule on the validation definitions
-                valid_gold = result.router().route_embeddings(_cluster_features(pc.features, embedded, "valid"))
-            router, classifier_report = classifier_router(
-                labels, n_clusters, emb["train"], c=pc.classifier_c, seed=pc.seed, held_out_X=emb.get("valid"),
-                held_out_labels=valid_gold, method=pc.method,
-                meta={"features": pc.features, "seed": pc.seed, "slack": pc.slack,
-                      "size_bounds": list(result.size_bounds), "cluster_margin": result.margin})
-            log(f"[partition] prompt -> domain classifier: held-out accuracy "
-                f"{classifier_report['held_out_accuracy']:.3f} ({classifier_report['held_out']}, "
-                f"{classifier_report['n_held_out']} rows; chance {classifier_report['chance']:.3f}), train "
-                f"{classifier_report['train_accuracy']:.3f}")
+            router, classifier_report = _classifier_router(pc, result, embedded, log)
         if pc.method != "lexical":
             router.meta["embedder"] = {"model_id": cfg.embed.model, "kind": "Embedder", "pooling": "mean",
                                        "max_length": cfg.embed.max_length}
@@ -256,6 +244,24 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
 
 FEATURE_NAMES = {"prompt": "prompt embeddings", "definition": "definition embeddings",
                  "prompt+definition": "prompt and definition embeddings, concatenated"}
+
+
+def _classifier_router(pc, result, embedded: dict, log):
+    """The prompt -> domain classifier router of clusters made of definitions, and its accuracy report."""
+    from lm_lexicon.partition import classifier_router
+
+    valid_gold = None
+    if ("definition", "valid") in embedded:  # the clustering's own rule on the validation definitions
+        valid_gold = result.router().route_embeddings(_cluster_features(pc.features, embedded, "valid"))
+    router, report = classifier_router(
+        result.labels, result.n_clusters, embedded[("prompt", "train")], c=pc.classifier_c, seed=pc.seed,
+        held_out_X=embedded.get(("prompt", "valid")), held_out_labels=valid_gold, method=pc.method,
+        meta={"features": pc.features, "seed": pc.seed, "slack": pc.slack, "size_bounds": list(result.size_bounds),
+              "cluster_margin": result.margin})
+    log(f"[partition] prompt -> domain classifier: held-out accuracy {report['held_out_accuracy']:.3f} "
+        f"({report['held_out']}, {report['n_held_out']} rows; chance {report['chance']:.3f}), train "
+        f"{report['train_accuracy']:.3f}")
+    return router, report
 
 
 def _cluster_features(features: str, embedded: dict, split: str) -> np.ndarray:
