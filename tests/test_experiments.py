@@ -3,6 +3,7 @@ scan table and plot; the Tune scan and an ablation end to end on a micro config 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,8 +115,126 @@ def test_routing_ablation_reuses_the_default_arms_upstream_stages(tmp_path, ray_
     for stage in ("data", "partition", "experts"):
         link = tmp_path / "abl" / "routing" / "token-top1-s21" / stage
         assert link.is_symlink() and link.resolve() == (default_arm / stage).resolve()
-    import yaml
-
     merged = yaml.safe_load((tmp_path / "abl" / "routing" / "token-top1-s21" / "merge" / "config.yaml").read_text())
     assert merged["merge"]["routing"] == "token" and merged["merge"]["top_k"] == 1
     assert (tmp_path / "abl" / "routing.md").read_text().count("|") > 10
+
+
+# ---- ablation arms delete their weights once evaluated, and still resume
+
+
+def _fake_pipeline(calls):
+    """Stands in for run_pipeline: writes a finished run's layout (weights, router, metrics, predictions, configs)
+    into the stage directories the arm owns (a symlinked upstream stage belongs to another arm)."""
+    def run(cfg, log=print):
+        out = Path(cfg.output_dir)
+        calls.append(out.name)
+        files = {"experts/expert_0/model/model.safetensors": 1000, "experts/dense/model/model.safetensors": 1000,
+                 "experts/expert_0/metrics.json": 10, "experts/_SUCCESS.json": 10,
+                 "merge/model/model.safetensors": 2000, "merge/model/router/router.safetensors": 50,
+                 "merge/model/config.json": 10, "merge/_SUCCESS.json": 10,
+                 "export/collapsed/domain-0/model.safetensors": 1000, "export/_SUCCESS.json": 10,
+                 "evaluate/predictions/moe.jsonl": 10, "evaluate/config.yaml": 10,
+                 "partition/router/router.safetensors": 50, "partition/_SUCCESS.json": 10, "data/_SUCCESS.json": 10,
+                 "ray/run-1/checkpoint_000001/model.pt": 500}
+        for rel, size in files.items():
+            path = out / rel
+            if (out / rel.split("/")[0]).is_symlink():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x" * size)
+        value = 10.0 + len(calls)
+        (out / "evaluate" / "metrics.json").write_text(json.dumps(
+            {"meta": {"split": "test"}, "results": {"moe": {"bleu_a": {"value": value}, "rouge_l": {"value": value}}}}))
+    return run
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    import contextlib
+
+    import lm_lexicon.experiments as experiments
+    import lm_lexicon.pipeline
+    import lm_lexicon.tracking
+
+    calls = []
+
+    class _Run:
+        def log_params(self, *a, **k): ...
+        def log_artifact(self, *a, **k): ...
+
+    monkeypatch.setattr(lm_lexicon.pipeline, "run_pipeline", _fake_pipeline(calls))
+    monkeypatch.setattr(lm_lexicon.tracking, "tracked_run", lambda *a, **k: contextlib.nullcontext(_Run()))
+    monkeypatch.setattr(experiments, "per_item_scores",
+                        lambda run_dir, model, metrics: {m: np.arange(4, dtype=float) for m in metrics})
+    monkeypatch.setattr(experiments, "plot_ablation", lambda *a, **k: None)
+    return calls
+
+
+def _weights(run_dir):
+    return sorted(str(f.relative_to(run_dir)) for f in run_dir.rglob("*")
+                  if f.is_file() and f.suffix in (".safetensors", ".pt") and "router" not in f.parts)
+
+
+def test_evaluated_arms_delete_their_weights_and_resume(tmp_path, fake_runs):
+    from lm_lexicon.experiments import ARM_DONE, PARTITION_VARIANTS, ROUTING_VARIANTS, run_ablation
+
+    abl, logs = tmp_path / "abl", []
+    run = lambda study, variants, **kw: run_ablation(  # noqa: E731
+        study, "configs/tiny.yaml", kw.pop("overrides", []), [1], abl, variants=variants, log=logs.append, **kw)
+    run("partition", [PARTITION_VARIANTS[0], PARTITION_VARIANTS[2]], keep_shared_upstream=True)
+    semantic, rand = abl / "partition" / "semantic-s1", abl / "partition" / "random-s1"
+    assert fake_runs == ["semantic-s1", "random-s1"]
+    # the default arm keeps only its experts (the routing arms' shared upstream); the other arm keeps no weights
+    assert _weights(semantic) == ["experts/dense/model/model.safetensors", "experts/expert_0/model/model.safetensors"]
+    assert _weights(rand) == []
+    for kept in ("evaluate/metrics.json", "evaluate/predictions/moe.jsonl", "evaluate/config.yaml",
+                 "merge/model/config.json", "merge/model/router/router.safetensors", "experts/expert_0/metrics.json"):
+        assert (rand / kept).is_file(), kept
+    marker = json.loads((rand / ARM_DONE).read_text())
+    assert marker["complete"] and marker["pruned"]["stages"] == ["experts", "merge", "export"]
+    assert marker["pruned"]["files"] == 4 and marker["pruned"]["checkpoints"] == 1
+    assert marker["pruned"]["bytes"] == 1000 + 1000 + 2000 + 1000 + 500
+    assert any("deleted 4 weight file(s)" in m for m in logs)
+
+    # resumed: finished arms are not rerun, and report the same numbers
+    first = json.loads((abl / "partition.json").read_text())["rows"]
+    run("partition", [PARTITION_VARIANTS[0], PARTITION_VARIANTS[2]], keep_shared_upstream=True)
+    assert fake_runs == ["semantic-s1", "random-s1"]
+    assert json.loads((abl / "partition.json").read_text())["rows"] == first
+
+    # routing arms link the default arm's experts; once they are done, those experts go too
+    run("routing", ROUTING_VARIANTS[:2])
+    assert fake_runs[2:] == ["domain-s1", "token-top1-s1"]
+    token = abl / "routing" / "token-top1-s1"
+    assert (token / "experts").is_symlink() and _weights(token) == [] and _weights(semantic) == []
+    assert json.loads((semantic / ARM_DONE).read_text())["pruned"]["stages"] == ["experts", "merge", "export"]
+
+    # a new routing arm after that: the default arm's experts are retrained first (the other stages are reused)
+    run("routing", ROUTING_VARIANTS[:3])
+    assert fake_runs[4:] == ["semantic-s1", "token-top2-s1"]
+    assert any("experts were deleted; retraining" in m for m in logs)
+
+    # a changed configuration reruns the arm, from scratch where its weights are gone
+    run("partition", [PARTITION_VARIANTS[2]], overrides=["evaluate.max_rows=5"])
+    assert fake_runs[6:] == ["random-s1"]
+    assert any("configuration changed" in m for m in logs)
+
+
+def test_keep_weights_and_the_features_study_reuses_the_semantic_arm(tmp_path, fake_runs):
+    from lm_lexicon.experiments import ARM_DONE, FEATURE_VARIANTS, PARTITION_VARIANTS, run_ablation
+
+    abl = tmp_path / "abl"
+    run_ablation("partition", "configs/tiny.yaml", [], [1], abl, variants=PARTITION_VARIANTS[:1], log=lambda m: None,
+                 keep_weights=True)
+    semantic = abl / "partition" / "semantic-s1"
+    assert len(_weights(semantic)) == 5 and json.loads((semantic / ARM_DONE).read_text())["pruned"] is None
+    res = run_ablation("features", "configs/tiny.yaml", [], [1], abl, variants=FEATURE_VARIANTS[:2],
+                       log=lambda m: None, keep_weights=True)
+    assert fake_runs == ["semantic-s1", "definition-s1"]  # the prompt arm is the semantic arm, not run again
+    assert not (abl / "features" / "prompt-s1").exists()
+    assert [r["variant"] for r in res.rows] == ["prompt", "definition"]
+    assert res.rows[0]["bleu_a"]["mean"] == 11.0 and res.rows[1]["bleu_a"]["mean"] == 12.0
+    assert len(_weights(abl / "features" / "definition-s1")) == 5
+    with pytest.raises(ValueError, match="study must be one of"):
+        run_ablation("nonsense", "configs/tiny.yaml", [], [1], abl)

@@ -165,3 +165,106 @@ def test_wrong_input_kind_and_degenerate_data():
     base = np.random.default_rng(0).normal(size=(20, 8))
     with pytest.raises(ValueError, match="deduplicate"):  # 20 prompts x 5 copies cannot make sizes in [31, 35]
         partition(np.repeat(base, 5, axis=0), "semantic", 3, slack=0.05)
+
+
+# ---- features other than the prompt: definition clusters, routed by a prompt -> domain classifier
+
+
+def two_views(n, seed=0, d=16):
+    """Rows in 3 groups: definitions cluster tightly by group; prompts carry the group only as a weaker linear signal."""
+    rng = np.random.default_rng(seed)
+    group = np.arange(n) % 3
+    centres = np.random.default_rng(99).normal(size=(2, 3, d))  # the same centres for train and valid draws
+    D = 3.0 * centres[0][group] + rng.normal(size=(n, d))
+    P = 1.5 * centres[1][group] + rng.normal(size=(n, d))
+    return group, P.astype(np.float32), D.astype(np.float32)
+
+
+def test_definition_clusters_are_routed_by_a_prompt_classifier_with_held_out_accuracy():
+    from lm_lexicon.partition import classifier_router, label_agreement
+
+    group, P, D = two_views(600)
+    vgroup, vP, vD = two_views(150, seed=1)
+    result = partition(D, "semantic", 3, 0.2, seed=0)
+    assert label_agreement(result.labels, group)["purity"] == 1.0  # the clusters are the definition groups
+    gold = result.router().route_embeddings(vD)  # the clustering's own rule on the held-out definitions
+    router, report = classifier_router(result.labels, 3, P, held_out_X=vP, held_out_labels=gold, seed=0)
+    assert report["held_out"] == "valid" and report["n_held_out"] == 150 and report["n_train"] == 600
+    assert report["chance"] == pytest.approx(np.bincount(gold).max() / 150)
+    assert report["held_out_accuracy"] > 0.9 > 0.5 > report["chance"]
+    routed = router.route_embeddings(vP)
+    assert report["held_out_accuracy"] == pytest.approx((routed == gold).mean())
+    np.testing.assert_array_equal(routed, router.classifier.predict(vP))
+    assert router.classifier is not None and router.biases is None and router.dim == 16
+    # centroids are the domains' mean prompt embeddings (what a token-routing gate may start from)
+    mean0 = P[result.labels == 0] / np.linalg.norm(P[result.labels == 0], axis=1, keepdims=True)
+    np.testing.assert_allclose(router.centroids[0], mean0.mean(0) / np.linalg.norm(mean0.mean(0)), atol=1e-6)
+    # without held-out rows the accuracy is cross-validated on the training rows
+    _, cv = classifier_router(result.labels, 3, P, seed=0)
+    assert cv["held_out"] == "3-fold cross-validation on train" and cv["n_held_out"] == 600
+    assert cv["held_out_accuracy"] > 0.9
+
+
+def test_classifier_on_unlearnable_labels_is_near_chance():
+    from lm_lexicon.partition import classifier_router
+
+    rng = np.random.default_rng(0)
+    P = rng.normal(size=(900, 16)).astype(np.float32)
+    labels = np.arange(900) % 3  # no relation to P
+    _, report = classifier_router(labels, 3, P, seed=0)
+    assert abs(report["held_out_accuracy"] - 1 / 3) < 0.08
+
+
+def test_combined_views_cosine_is_the_mean_of_the_two_cosines():
+    from lm_lexicon.partition import combine_views
+
+    rng = np.random.default_rng(0)
+    P, D = rng.normal(size=(5, 8)), rng.normal(size=(5, 4))
+    Z = combine_views(P, D)
+    assert Z.shape == (5, 12)
+    np.testing.assert_allclose(np.linalg.norm(Z, axis=1), 1.0, atol=1e-6)
+    cos = lambda A: (A / np.linalg.norm(A, axis=1, keepdims=True)) @ (A / np.linalg.norm(A, axis=1, keepdims=True)).T  # noqa: E731
+    np.testing.assert_allclose(Z.astype(np.float64) @ Z.T.astype(np.float64), (cos(P) + cos(D)) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="5 prompt rows but 4"):
+        combine_views(P, D[:4])
+
+
+# ---- agreement of the domains with the rows' own categories
+
+
+def test_purity_and_nmi_on_a_hand_made_labelling():
+    from math import log
+
+    from lm_lexicon.partition import label_agreement
+
+    # domain 0: a a b; domain 1: b b b -> purity (2 + 3) / 6; the commonest category (b, 4 of 6) is the floor
+    a = label_agreement([0, 0, 0, 1, 1, 1], ["a", "a", "b", "b", "b", "b"])
+    assert a["purity"] == pytest.approx(5 / 6, abs=1e-15) and a["majority_share"] == pytest.approx(4 / 6)
+    mi = 1 / 3 * log(2) + 1 / 6 * log(1 / 2) + 1 / 2 * log(3 / 2)  # sum p(k,c) log p(k,c) / (p(k) p(c))
+    h_domain, h_cat = log(2), -(1 / 3 * log(1 / 3) + 2 / 3 * log(2 / 3))
+    assert a["nmi"] == pytest.approx(mi / ((h_domain + h_cat) / 2), abs=1e-12)
+    assert a["categories"] == {"a": 2, "b": 4} and a["n_categories"] == 2
+    assert a["per_domain"] == [{"domain": 0, "rows": 3, "top": "a", "share": pytest.approx(2 / 3)},
+                               {"domain": 1, "rows": 3, "top": "b", "share": 1.0}]
+    # the same grouping under other names: 1; independent: purity at its floor, NMI 0
+    same = label_agreement([0, 0, 1, 1], ["x", "x", "y", "y"])
+    assert same["purity"] == 1.0 and same["nmi"] == pytest.approx(1.0)
+    indep = label_agreement([0, 1, 0, 1], ["x", "x", "y", "y"])
+    assert indep["purity"] == 0.5 and indep["nmi"] == pytest.approx(0.0, abs=1e-12)
+    # a missing genre is its own category, not a dropped row
+    none = label_agreement([0, 0, 1], ["general", None, None])
+    assert none["categories"] == {"(none)": 2, "general": 1} and none["purity"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="2 categories for 3 labels"):
+        label_agreement([0, 1, 1], ["a", "b"])
+
+
+def test_the_stage_clusters_the_vectors_its_features_name():
+    from lm_lexicon.partition import combine_views
+    from lm_lexicon.stages.partition import _cluster_features
+
+    rng = np.random.default_rng(0)
+    P, D = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=(4, 6)).astype(np.float32)
+    embedded = {("prompt", "train"): P, ("definition", "train"): D}
+    assert _cluster_features("prompt", embedded, "train") is P
+    assert _cluster_features("definition", embedded, "train") is D
+    np.testing.assert_array_equal(_cluster_features("prompt+definition", embedded, "train"), combine_views(P, D))

@@ -82,3 +82,54 @@ def test_empty_training_split_is_a_clear_error(tmp_path, ray_local):
     cfg = _cfg(tmp_path, "data.sources=[{format: wordnet, split: test}]")
     with pytest.raises(ValueError, match="training split .* is empty"):
         run_pipeline(cfg, stages=("partition",), log=lambda m: None)
+
+
+def test_stage_reports_purity_against_source_and_genre(stage):
+    _, res, _ = stage
+    d = res["partition"].path
+    manifest = json.loads((d / "partition.json").read_text())
+    # the tiny recipe is WordNet only: every domain is pure in source; rows carry no genre -> one "(none)" value
+    assert manifest["agreement"]["source"] == {"purity": 1.0, "nmi": 0.0, "majority_share": 1.0, "n_categories": 1}
+    assert manifest["agreement"]["genre"]["purity"] == 1.0
+    assert manifest["classifier"] is None and manifest["features"] == "prompt embeddings"
+    assert "## Agreement with the rows' source and genre" in (d / "cluster_report.md").read_text()
+    report = json.loads((d / "cluster_report.json").read_text())
+    assert report["summary"]["agreement"]["source"]["per_domain"][0]["top"] == "wordnet"
+
+
+@pytest.mark.parametrize("features", ["definition", pytest.param("prompt+definition", marks=pytest.mark.slow)])
+def test_definition_features_cluster_definitions_and_route_prompts_by_a_classifier(tmp_path, ray_local, features):
+    from lm_lexicon.data.prompts import format_prompt
+    from lm_lexicon.embed import Embedder
+    from lm_lexicon.partition import combine_views, label_agreement
+    from lm_lexicon.routing import DomainRouter
+
+    cfg = _cfg(tmp_path, f"partition.features={features}", "data.max_valid_rows=40")
+    logs = []
+    d = run_pipeline(cfg, stages=("partition",), log=logs.append)["partition"].path
+    manifest = json.loads((d / "partition.json").read_text())
+    clf = manifest["classifier"]
+    assert clf["held_out"] == "valid" and clf["n_held_out"] == 40 and clf["n_train"] == 150
+    assert 0 <= clf["held_out_accuracy"] <= 1 and 0 < clf["chance"] <= 1 and clf["train_accuracy"] > clf["chance"]
+    assert any("held-out accuracy" in m for m in logs)
+    assert manifest["router_reproduces_train_labels"] == pytest.approx(clf["train_accuracy"])
+    assert manifest["feature_space"]["separation_mean"] > 0
+    assert "Prompt -> domain classifier" in (d / "cluster_report.md").read_text()
+
+    # the domains are the clusters of the definitions (or of both), recomputed here in process
+    embedder = Embedder("bundled-minilm")
+    train = pd.concat([pd.read_parquet(d / f"domain_{i}.parquet") for i in range(3)])
+    definitions = embedder.encode(list(train.definition))
+    prompts = [format_prompt(t, c, lang) for t, c, lang in zip(train.term, train.context, train.lang)]
+    X = definitions if features == "definition" else combine_views(embedder.encode(prompts), definitions)
+    C = np.stack([X[train.domain.to_numpy() == k].mean(0) for k in range(3)])
+    C /= np.linalg.norm(C, axis=1, keepdims=True)
+    nearest = np.argmax(X @ C.T, axis=1)
+    assert label_agreement(nearest, train.domain.to_numpy())["purity"] > 0.8  # cohesive in the clustering space
+
+    # the saved router is the classifier, and it routed the held-out rows from their prompts
+    router = DomainRouter.load(d / "router", embedder=embedder)
+    assert router.classifier is not None and router.meta["features"] == features
+    test = pd.read_parquet(d / "test.parquet")
+    test_prompts = [format_prompt(t, c, lang) for t, c, lang in zip(test.term, test.context, test.lang)]
+    np.testing.assert_array_equal(router.route_prompts(test_prompts), test.domain.to_numpy())

@@ -96,3 +96,46 @@ def test_router_errors():
         DomainRouter(C).route_embeddings(np.array([[np.nan, 0, 1]]))
     with pytest.raises(ValueError, match="embedder dim"):
         DomainRouter(C, embedder=HashEmbedder())
+
+
+def test_classifier_router_roundtrips_exactly_and_routes_prompts(tmp_path):
+    from lm_lexicon.routing import PromptClassifier
+
+    rng = np.random.default_rng(0)
+    emb = HashEmbedder()
+    prompts = [f"{w} means something {i}" for i, w in enumerate(["cat", "dog", "car", "bus", "tree", "leaf"] * 20)]
+    X = emb.encode(prompts)
+    labels = np.arange(len(prompts)) % 6 // 2  # cat/dog -> 0, car/bus -> 1, tree/leaf -> 2
+    clf = PromptClassifier.fit(X, labels, 3, c=10.0)
+    centroids = unit_rows(rng.normal(size=(3, 16)))
+    router = DomainRouter(centroids, None, emb, classifier=clf, meta={"features": "definition"})
+    router.save(tmp_path)
+    doc = json.loads((tmp_path / "router.json").read_text())
+    assert doc["classifier"] == {"kind": "logistic-regression", "c": 10.0} and not doc["biased"]
+    loaded = DomainRouter.load(tmp_path, embedder=emb)
+    np.testing.assert_array_equal(loaded.classifier.weight, clf.weight)  # identity is the point: stored bits
+    np.testing.assert_array_equal(loaded.classifier.bias, clf.bias)
+    np.testing.assert_array_equal(loaded.centroids, router.centroids)
+    np.testing.assert_array_equal(loaded.scores(X), router.scores(X))
+    np.testing.assert_array_equal(loaded.route_prompts(prompts), clf.predict(X))
+    np.testing.assert_allclose(router.scores(X[:2]), X[:2].astype(np.float64) @ clf.weight.T + clf.bias, atol=1e-12)
+    assert (loaded.route_prompts(prompts) == labels).mean() > 0.9
+    assert DomainRouter.load(tmp_path, backend="faiss").classifier is not None  # logits need no index
+
+
+def test_classifier_router_rejects_inconsistent_parts(tmp_path):
+    from lm_lexicon.routing import PromptClassifier
+
+    clf = PromptClassifier(np.zeros((3, 4)), np.zeros(3))
+    with pytest.raises(ValueError, match="no centroid biases"):
+        DomainRouter(np.eye(3, 4), np.zeros(3), classifier=clf)
+    with pytest.raises(ValueError, match=r"classifier \[3, 4\] does not match the centroids \[2, 4\]"):
+        DomainRouter(np.eye(2, 4), classifier=clf)
+    with pytest.raises(ValueError, match="do not match"):
+        PromptClassifier(np.zeros((3, 4)), np.zeros(2))
+    DomainRouter(np.eye(3, 4), classifier=clf).save(tmp_path)
+    from safetensors.numpy import save_file
+
+    save_file({"centroids": np.eye(3, 4, dtype=np.float32)}, str(tmp_path / "router.safetensors"))
+    with pytest.raises(ValueError, match="lacks its tensors"):
+        DomainRouter.load(tmp_path)

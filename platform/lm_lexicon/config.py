@@ -145,13 +145,34 @@ class PartitionConfig(_Strict):
     slack: float = Field(0.05, ge=0.0, lt=1.0, description="Allowed relative deviation of a cluster size from n/N.")
     seed: int = Field(0, description="Seed of k-means initialisation and of the random partition.")
     plot_sample: int = Field(3000, ge=10, description="Points drawn in the 2-D cluster plot.")
+    features: Literal["prompt", "definition", "prompt+definition"] = Field(
+        "prompt", description="What the semantic clusters are made of: the prompt embeddings (routed by nearest "
+                              "centroid), the gold definitions' embeddings, or both (the concatenation of the two "
+                              "unit embeddings: its cosine is the mean of the two cosines). The last two are routed "
+                              "at test time, when there is no definition, by a prompt -> domain classifier.")
+    classifier_c: float = Field(0.3, gt=0, description="Inverse L2 strength of that classifier (multinomial "
+                                                       "logistic regression on unit prompt embeddings); 0.3 was best "
+                                                       "by 5-fold accuracy on lexicon-mix-small (docs/PARTITION.md).")
 
     @model_validator(mode="after")
     def _none_means_one(self) -> "PartitionConfig":
         if self.method == "none" and self.n_experts != 1:
             raise ValueError(f"partition.method='none' means one domain, but n_experts={self.n_experts}; "
                              "set n_experts=1 or choose another method")
+        if self.features != "prompt" and self.method != "semantic":
+            raise ValueError(f"partition.features={self.features!r} clusters embeddings: it needs "
+                             f"partition.method='semantic', not {self.method!r}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_features(self, handler):
+        # Left out at their defaults so a recipe that does not use them dumps (and fingerprints:
+        # PipelineConfig.stage_hash) exactly as before they existed: its partition stays reusable.
+        out = handler(self)
+        for name, default in (("features", "prompt"), ("classifier_c", 0.3)):
+            if out.get(name) == default:
+                out.pop(name, None)
+        return out
 
 
 class SeedModelConfig(_Strict):

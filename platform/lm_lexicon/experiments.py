@@ -14,13 +14,21 @@ variants differ only from the merge stage on, so they link the data / partition 
 variant of the same seed (a symlink; the stage fingerprints prove they are the same) and compute merge, evaluate and
 export only. Per variant: mean ± sample std over seeds of each metric (the seed's mean over test items); against the
 default variant, a paired sign-flip permutation test on the per-item scores averaged over seeds (same test items in
-every variant: ``data.seed`` is fixed).
+every variant: ``data.seed`` is fixed). The ``features`` study compares what the semantic clusters are made of
+(prompt / definition / prompt+definition); its prompt arm *is* the partition study's semantic arm (same directory).
+
+Disk: an evaluated arm keeps its metrics, predictions, reports and configs, and its model weights (experts, dense,
+merged model, exports; see :func:`prune_weights`) are deleted unless ``keep_weights``. Its ``ARM_DONE.json`` marker
+records that it is complete (and what was deleted), so a resumed ablation skips it; if the arm's configuration has
+changed since, its weight-bearing stages are recomputed from scratch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -243,12 +251,16 @@ def plot_scan(rows: Sequence[dict], path: Path, title: str) -> None:
 # =================================================================================================== ablations
 @dataclass
 class Variant:
-    """One ablation arm: a name, its config overrides, and whether it reuses the default arm's upstream stages."""
+    """One ablation arm: a name, its config overrides, and whether it reuses the default arm's upstream stages.
+
+    ``same_as``: ``"study/variant"`` of an arm with the same configuration, whose run this arm reads (and runs,
+    if it has not run yet) instead of repeating it."""
 
     name: str
     overrides: list[str]
     shares_upstream: bool = False
     label: str = ""
+    same_as: Optional[str] = None
 
 
 PARTITION_VARIANTS = [Variant("semantic", ["partition.method=semantic"], label="semantic (default)"),
@@ -260,7 +272,17 @@ ROUTING_VARIANTS = [Variant("domain", ["merge.routing=domain"], True, "domain (d
                     Variant("token-top2", ["merge.routing=token", "merge.top_k=2"], True, "token top-2"),
                     Variant("soft-sequence", ["merge.routing=soft-sequence"], True, "soft-sequence"),
                     Variant("hard-sequence", ["merge.routing=hard-sequence"], True, "hard-sequence")]
+FEATURE_VARIANTS = [Variant("prompt", ["partition.method=semantic", "partition.features=prompt"],
+                            label="prompt (default)", same_as="partition/semantic"),
+                    Variant("definition", ["partition.method=semantic", "partition.features=definition"],
+                            label="definition (classifier-routed)"),
+                    Variant("prompt+definition", ["partition.method=semantic", "partition.features=prompt+definition"],
+                            label="prompt+definition (classifier-routed)")]
+STUDIES = {"partition": PARTITION_VARIANTS, "routing": ROUTING_VARIANTS, "features": FEATURE_VARIANTS}
 UPSTREAM = ("data", "partition", "experts")
+ARM_DONE = "ARM_DONE.json"
+WEIGHT_STAGES = ("experts", "merge", "export")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 
 @dataclass
@@ -288,41 +310,50 @@ def _link_upstream(source: Path, target: Path) -> None:
 
 def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
                  metrics: Sequence[str] = ("bleu_a", "rouge_l"), model: str = "moe",
-                 variants: Optional[Sequence[Variant]] = None, log: Callable[[str], None] = print) -> AblationResult:
-    """Every variant x seed of ``study`` (``partition`` or ``routing``), in process; writes ``{study}.json``,
-    ``{study}.md`` and ``{study}.png`` under ``out_dir``. The first variant is the default the others are tested
-    against. Routing arms link the upstream stages of ``out_dir/partition/semantic-s{seed}`` (run that study first,
-    or let this function run the default partition arm when it is missing)."""
+                 variants: Optional[Sequence[Variant]] = None, log: Callable[[str], None] = print,
+                 keep_weights: bool = False, keep_shared_upstream: bool = False) -> AblationResult:
+    """Every variant x seed of ``study`` (``partition``, ``routing`` or ``features``), in process; writes
+    ``{study}.json``, ``{study}.md`` and ``{study}.png`` under ``out_dir``. The first variant is the default the
+    others are tested against. Routing arms link the upstream stages of ``out_dir/partition/semantic-s{seed}`` (run
+    that study first, or let this function run the default partition arm when it is missing).
+
+    Weights: each evaluated arm's are deleted unless ``keep_weights`` (module docstring). The default partition
+    arm's experts are the routing arms' shared upstream: ``keep_shared_upstream`` keeps them after the partition
+    study (pass it when the routing study follows), and the routing study deletes them once a seed's routing arms
+    are done; when they were already deleted, the routing study retrains them first."""
     from lm_lexicon.config import load_config
     from lm_lexicon.pipeline import run_pipeline
     from lm_lexicon.tracking import tracked_run
 
-    if study not in ("partition", "routing"):
-        raise ValueError(f"study must be 'partition' or 'routing', got {study!r}")
-    variants = list(variants or (PARTITION_VARIANTS if study == "partition" else ROUTING_VARIANTS))
+    if study not in STUDIES:
+        raise ValueError(f"study must be one of {list(STUDIES)}, got {study!r}")
+    variants = list(variants or STUDIES[study])
     out_dir = Path(out_dir).resolve()
     base = load_config(config, list(overrides))
     scores: dict[str, dict[int, dict]] = {v.name: {} for v in variants}
     items: dict[str, dict[int, dict[str, np.ndarray]]] = {v.name: {} for v in variants}
+    arm = _ArmRunner(base, config, overrides, out_dir, keep_weights, run_pipeline, load_config, log)
     with tracked_run(base.tracking, out_dir, f"{base.name}-ablation-{study}", tags={"kind": "ablation"}) as parent:
         parent.log_params({"study": study, "seeds": list(seeds), "variants": [v.name for v in variants]})
         for seed in seeds:
+            default_arm = out_dir / "partition" / f"semantic-s{seed}"
             for v in variants:
-                run_dir = out_dir / study / f"{v.name}-s{seed}"
-                if v.shares_upstream:
-                    default_arm = out_dir / "partition" / f"semantic-s{seed}"
-                    if not (default_arm / "experts" / "_SUCCESS.json").exists():
-                        log(f"[ablate] seed {seed}: running the default partition arm first (shared stages)")
-                        _run_arm(base, config, overrides, PARTITION_VARIANTS[0], seed, default_arm, run_pipeline,
-                                 load_config, log)
-                    _link_upstream(default_arm, run_dir)
+                arm_dir = out_dir / (v.same_as or f"{study}/{v.name}")
+                run_dir = arm_dir.parent / f"{arm_dir.name}-s{seed}"
                 t0 = time.perf_counter()
-                _run_arm(base, config, overrides, v, seed, run_dir, run_pipeline, load_config, log)
+                if v.shares_upstream and not arm.done(v, seed, run_dir):
+                    arm.ensure_upstream(seed, default_arm)
+                    _link_upstream(default_arm, run_dir)
+                keep = WEIGHT_STAGES[:1] if (study == "partition" and v is variants[0] and keep_shared_upstream) \
+                    else ()
+                arm.run(v, seed, run_dir, keep_stages=keep)
                 results = evaluation(run_dir)["results"][model]
                 scores[v.name][seed] = {m: results[m]["value"] for m in metrics}
                 items[v.name][seed] = per_item_scores(run_dir, model, metrics)
                 log(f"[ablate] {study}/{v.name} seed {seed}: " + ", ".join(
                     f"{m} {scores[v.name][seed][m]:.2f}" for m in metrics) + f" ({time.perf_counter() - t0:.0f}s)")
+            if study == "routing" and not keep_weights and default_arm.is_dir():
+                arm.prune(default_arm)  # every routing arm of this seed is done with the shared experts
         rows = summarize(variants, scores, items, metrics)
         table = ablation_table(study, rows, metrics, list(seeds))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -337,12 +368,133 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
     return AblationResult(study, rows, table)
 
 
-def _run_arm(base, config, overrides, variant: Variant, seed: int, run_dir: Path, run_pipeline, load_config, log):
-    cfg = load_config(config, [*overrides, *variant.overrides, *_seed_overrides(seed), f"output_dir={run_dir}",
-                               f"name={base.name}-{variant.name}-s{seed}",
-                               f"resources.storage_path={run_dir / 'ray'}",
-                               f"tracking.mlflow_uri=sqlite:///{run_dir.parents[1] / 'mlflow.db'}"])
-    run_pipeline(cfg, log=log)
+class _ArmRunner:
+    """Runs one arm's pipeline, skips arms whose marker says they are complete, and deletes evaluated arms' weights."""
+
+    def __init__(self, base, config, overrides, out_dir: Path, keep_weights: bool, run_pipeline, load_config, log):
+        self.base, self.config, self.overrides, self.out_dir = base, config, list(overrides), out_dir
+        self.keep_weights, self.run_pipeline, self.load_config, self.log = keep_weights, run_pipeline, load_config, log
+
+    def arm_config(self, variant: Variant, seed: int, run_dir: Path):
+        return self.load_config(self.config, [
+            *self.overrides, *variant.overrides, *_seed_overrides(seed), f"output_dir={run_dir}",
+            f"name={self.base.name}-{run_dir.name.rsplit('-s', 1)[0]}-s{seed}",
+            f"resources.storage_path={run_dir / 'ray'}",
+            f"tracking.mlflow_uri=sqlite:///{run_dir.parents[1] / 'mlflow.db'}"])
+
+    def done(self, variant: Variant, seed: int, run_dir: Path) -> bool:
+        """True when the arm finished with this configuration; a stale marker of a pruned arm clears its
+        weight-bearing stages (they cannot be reused without their weights) so that they rerun."""
+        marker = read_arm_marker(run_dir)
+        if marker is None:
+            return False
+        if marker.get("config_hash") == config_hash(self.arm_config(variant, seed, run_dir)):
+            return True
+        self.log(f"[ablate] {run_dir.name}: its configuration changed since it ran; recomputing it")
+        if marker.get("pruned", {}).get("stages"):
+            for stage in (*WEIGHT_STAGES, "evaluate"):
+                path = run_dir / stage
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+        (run_dir / ARM_DONE).unlink()
+        return False
+
+    def run(self, variant: Variant, seed: int, run_dir: Path, keep_stages: Sequence[str] = ()) -> None:
+        if self.done(variant, seed, run_dir):
+            self.log(f"[ablate] {run_dir.name}: complete ({ARM_DONE}); reusing its results")
+            if not self.keep_weights:
+                self.prune(run_dir, keep_stages)  # a no-op unless a kept stage is no longer needed
+            return
+        cfg = self.arm_config(variant, seed, run_dir)
+        self.run_pipeline(cfg, log=self.log)
+        _write_arm_marker(run_dir, config_hash(cfg), variant.name, seed)
+        if not self.keep_weights:
+            self.prune(run_dir, keep_stages)
+
+    def prune(self, run_dir: Path, keep_stages: Sequence[str] = ()) -> None:
+        freed = prune_weights(run_dir, keep_stages)
+        marker = read_arm_marker(run_dir)
+        if marker is not None:
+            before = marker.get("pruned") or {"stages": [], "files": 0, "checkpoints": 0, "bytes": 0}
+            marker["pruned"] = {"stages": [st for st in WEIGHT_STAGES if st in {*before["stages"], *freed["stages"]}],
+                                **{k: before.get(k, 0) + freed[k] for k in ("files", "checkpoints", "bytes")}}
+            (run_dir / ARM_DONE).write_text(json.dumps(marker, indent=2))
+        if freed["files"] or freed["checkpoints"]:
+            self.log(f"[ablate] {run_dir.name}: deleted {freed['files']} weight file(s) "
+                     f"({', '.join(freed['stages']) or 'none'}) and {freed['checkpoints']} Ray Train checkpoint(s), "
+                     f"{freed['bytes'] / 1e6:.0f} MB; metrics, predictions and configs kept "
+                     "(--keep-weights keeps the weights)")
+
+    def ensure_upstream(self, seed: int, default_arm: Path) -> None:
+        """The default partition arm's experts, with their weights, for the routing arms to link."""
+        if (default_arm / "experts" / "_SUCCESS.json").exists() and not _has_weights(default_arm / "experts"):
+            self.log(f"[ablate] seed {seed}: the default arm's experts were deleted; retraining them for the "
+                     "routing arms")
+            shutil.rmtree(default_arm / "experts")
+        if not (default_arm / "experts" / "_SUCCESS.json").exists():
+            self.log(f"[ablate] seed {seed}: running the default partition arm first (shared stages)")
+            cfg = self.arm_config(PARTITION_VARIANTS[0], seed, default_arm)
+            self.run_pipeline(cfg, log=self.log)
+            if read_arm_marker(default_arm) is None:
+                _write_arm_marker(default_arm, config_hash(cfg), PARTITION_VARIANTS[0].name, seed)
+
+
+def config_hash(cfg) -> str:
+    """Fingerprint of an arm's whole resolved configuration."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_arm_marker(run_dir: Path) -> Optional[dict]:
+    path = Path(run_dir) / ARM_DONE
+    if not path.is_file() or not (Path(run_dir) / "evaluate" / "metrics.json").is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _write_arm_marker(run_dir: Path, cfg_hash: str, variant: str, seed: int) -> None:
+    doc = {"complete": True, "variant": variant, "seed": seed, "config_hash": cfg_hash, "pruned": None,
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (run_dir / ARM_DONE).write_text(json.dumps(doc, indent=2))
+
+
+def _weight_files(stage_dir: Path) -> list[Path]:
+    """Model weight files under a stage directory; a router's small centroid file is not a model weight."""
+    return sorted(f for f in stage_dir.rglob("*") if f.is_file() and not f.is_symlink()
+                  and f.name.endswith(WEIGHT_SUFFIXES) and "router" not in f.relative_to(stage_dir).parts)
+
+
+def _has_weights(stage_dir: Path) -> bool:
+    return stage_dir.is_dir() and bool(_weight_files(stage_dir))
+
+
+def prune_weights(run_dir: str | Path, keep_stages: Sequence[str] = ()) -> dict:
+    """Delete the model weights of an evaluated arm: the weight files of its own ``experts`` (experts and dense),
+    ``merge`` and ``export`` stage directories (not of stages linked from another arm, nor the routers), and its
+    Ray Train checkpoints. Returns ``{"stages": [...], "files": n, "checkpoints": c, "bytes": b}``."""
+    run_dir = Path(run_dir)
+    stages, files, checkpoints, freed = [], 0, 0, 0
+    for stage in WEIGHT_STAGES:
+        path = run_dir / stage
+        if stage in keep_stages or path.is_symlink() or not path.is_dir():
+            continue
+        victims = _weight_files(path)
+        for f in victims:
+            freed += f.stat().st_size
+            f.unlink()
+        if victims:
+            stages.append(stage)
+            files += len(victims)
+    ray_dir = run_dir / "ray"
+    if ray_dir.is_dir() and not ray_dir.is_symlink():
+        for ckpt in sorted(d for d in ray_dir.rglob("checkpoint_*") if d.is_dir()):
+            if ckpt.exists():
+                freed += sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+                shutil.rmtree(ckpt)
+                checkpoints += 1
+    return {"stages": stages, "files": files, "checkpoints": checkpoints, "bytes": freed}
 
 
 def summarize(variants: Sequence[Variant], scores: dict, items: dict, metrics: Sequence[str]) -> list[dict]:

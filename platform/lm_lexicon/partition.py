@@ -39,10 +39,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lm_lexicon.routing import DomainRouter, biased_argmax, json_safe, unit_rows
+from lm_lexicon.routing import DomainRouter, PromptClassifier, biased_argmax, json_safe, unit_rows
 from lm_lexicon._util import as_str_list
 
 METHODS = ("semantic", "lexical", "random", "none")
+FEATURES = ("prompt", "definition", "prompt+definition")
 FEATURIZER_JSON = "lexical_featurizer.json"
 FEATURIZER_TENSORS = "lexical_featurizer.safetensors"
 
@@ -497,3 +498,108 @@ def partition(features_or_texts, method: str = "semantic", n_clusters: int = 4, 
                            sizes=np.bincount(labels, minlength=k).astype(np.int64), method=method, seed=int(seed),
                            slack=float(slack), size_bounds=size_bounds(n, k, slack),
                            margin=float("inf") if k == 1 else float("nan"), routable=(k == 1), objective=objective)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# clustering on what the prompt does not carry (features: definition / prompt+definition)
+
+
+def combine_views(prompt_X: np.ndarray, definition_X: np.ndarray) -> np.ndarray:
+    """``[p / sqrt(2), d / sqrt(2)]`` of the unit rows: ``[n, d_p + d_d]`` unit rows.
+
+    Concatenation rather than the normalised sum: the cosine of two concatenated rows is exactly the mean of their
+    prompt cosine and their definition cosine, so both views weigh the same and nothing else enters; a sum would
+    add the cross terms prompt_i . definition_j and let the prompt-definition angle of each row set its norm.
+    """
+    P, D = unit_rows(prompt_X), unit_rows(definition_X)
+    if P.shape[0] != D.shape[0]:
+        raise ValueError(f"{P.shape[0]} prompt rows but {D.shape[0]} definition rows")
+    return (np.concatenate([P, D], axis=1) / np.float32(math.sqrt(2.0))).astype(np.float32)
+
+
+def classifier_router(labels: np.ndarray, n_clusters: int, prompt_X: np.ndarray, *, c: float = 0.3,
+                      seed: int = 0, held_out_X: np.ndarray | None = None, held_out_labels: np.ndarray | None = None,
+                      n_folds: int = 3, method: str = "semantic", meta: dict | None = None,
+                      embedder: Any = None) -> tuple[DomainRouter, dict]:
+    """A router that predicts domains ``labels`` (made from features the prompt lacks) from prompt embeddings.
+
+    Fits a :class:`PromptClassifier` on all ``[n, d]`` ``prompt_X`` rows. Its held-out accuracy is measured on
+    ``held_out_X`` against ``held_out_labels`` when given (e.g. the validation rows, whose domain the partition's
+    own rule gives from their definitions), else by ``n_folds``-fold cross-validation on the training rows.
+    ``chance`` is the accuracy of always answering the commonest held-out domain. The router's centroids are the
+    domains' normalised mean prompt embeddings.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    X = unit_rows(prompt_X)
+    if X.shape[0] != labels.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for {X.shape[0]} prompt rows")
+    t0 = time.perf_counter()
+    clf = PromptClassifier.fit(X, labels, n_clusters, c=c, seed=seed)
+    report = {"c": float(c), "n_train": int(len(labels)),
+              "train_accuracy": float((clf.predict(X) == labels).mean())}
+    if held_out_X is not None and held_out_labels is not None and len(held_out_labels):
+        gold = np.asarray(held_out_labels, dtype=np.int64)
+        pred = clf.predict(held_out_X)
+        report.update(held_out="valid", n_held_out=int(len(gold)))
+    else:
+        gold, pred = _cross_validated(X, labels, n_clusters, c, seed, n_folds)
+        report.update(held_out=f"{n_folds}-fold cross-validation on train", n_held_out=int(len(gold)))
+    report["held_out_accuracy"] = float((pred == gold).mean())
+    report["chance"] = float(np.bincount(gold, minlength=n_clusters).max() / len(gold))
+    report["fit_s"] = round(time.perf_counter() - t0, 3)
+    clf.info.update({k: report[k] for k in ("train_accuracy", "held_out", "held_out_accuracy", "chance")})
+    router = DomainRouter(_normalised_means(X, labels, n_clusters), None, embedder, method=method,
+                          meta=meta, classifier=clf)
+    return router, report
+
+
+def _cross_validated(X: np.ndarray, labels: np.ndarray, k: int, c: float, seed: int,
+                     n_folds: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gold, predicted) over the rows, each predicted by a classifier fitted without its fold."""
+    n_folds = max(2, min(int(n_folds), len(labels)))
+    fold = np.random.default_rng(seed).permutation(len(labels)) % n_folds
+    pred = np.empty_like(labels)
+    for f in range(n_folds):
+        test = fold == f
+        pred[test] = PromptClassifier.fit(X[~test], labels[~test], k, c=c, seed=seed).predict(X[test])
+    return labels, pred
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# agreement with the rows' own categories (source, genre)
+
+
+def label_agreement(labels: Sequence[int], categories: Sequence[Any]) -> dict:
+    """How well the domains line up with a given labelling of the rows (e.g. each row's ``source``).
+
+    ``purity``: the share of rows whose domain's commonest category is their own (1 = every domain is pure);
+    ``majority_share``: the purity of a single domain, i.e. the commonest category's share (purity's floor);
+    ``nmi``: normalised mutual information (arithmetic mean of the entropies; 0 = independent, 1 = the same
+    partition up to renaming; 1 as well when both labellings are constant); ``per_domain``: each domain's
+    commonest category and its share. ``None`` categories count as their own category ``"(none)"``.
+    """
+    from sklearn.metrics import normalized_mutual_info_score
+
+    labels = np.asarray(labels, dtype=np.int64)
+    cats = ["(none)" if c is None else str(c) for c in categories]
+    if len(cats) != len(labels):
+        raise ValueError(f"{len(cats)} categories for {len(labels)} labels")
+    if not len(cats):
+        raise ValueError("no rows to compare")
+    names, cat_ids = np.unique(np.asarray(cats, dtype=object).astype(str), return_inverse=True)
+    k = int(labels.max()) + 1
+    table = np.zeros((k, len(names)), dtype=np.int64)  # [domain, category] counts
+    np.add.at(table, (labels, cat_ids), 1)
+    n = len(labels)
+    per_domain = []
+    for d in range(k):
+        size = int(table[d].sum())
+        top = int(table[d].argmax())
+        per_domain.append({"domain": d, "rows": size, "top": str(names[top]) if size else None,
+                           "share": float(table[d, top] / size) if size else None})
+    return {"purity": float(table.max(axis=1).sum() / n),
+            "majority_share": float(table.sum(axis=0).max() / n),
+            "nmi": float(normalized_mutual_info_score(cat_ids, labels)),
+            "n_categories": int(len(names)),
+            "categories": {str(nm): int(v) for nm, v in zip(names, table.sum(axis=0))},
+            "per_domain": per_domain}

@@ -16,12 +16,21 @@ float32 router could route a training prompt differently when it arrives alone. 
 therefore scores in float64 (k is small: one [n, d] x [d, k] product), which is batch-independent to ~1e-16.
 ``backend="faiss"`` (IndexFlatIP over all k centroids) remains available, e.g. for very many centroids.
 
-Files (never pickle): ``router.safetensors`` (centroids ``[k, d]`` float32, biases ``[k]`` float64) and
-``router.json`` (method, k, dim, embedder spec); a lexical router also writes its featurizer beside them.
+Domains made from something the prompt does not carry (``partition.features: definition``: clusters of the gold
+definitions) cannot be reproduced by a nearest-centroid rule on the prompt. Their router holds a
+:class:`PromptClassifier` (multinomial logistic regression, prompt embedding -> domain) and scores by its logits
+instead of by cosines; everything else (``route_prompts``, ``route_embeddings``, save/load) is the same call, so
+evaluation and serving need nothing new. Its centroids are then the domains' mean prompt embeddings (used to seed
+token-routing gates, not to route).
+
+Files (never pickle): ``router.safetensors`` (centroids ``[k, d]`` float32, biases ``[k]`` float64, and a
+classifier's ``classifier_weight`` ``[k, d]`` / ``classifier_bias`` ``[k]`` float64) and ``router.json`` (method, k,
+dim, embedder spec, classifier's settings and accuracy); a lexical router also writes its featurizer beside them.
 """
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,16 +72,85 @@ def biased_argmax(scores: np.ndarray, biases: np.ndarray | None) -> np.ndarray:
     return np.argmax(scores - np.asarray(biases, dtype=np.float64)[None, :], axis=1).astype(np.int64)
 
 
+class PromptClassifier:
+    """Linear prompt -> domain classifier: ``logits = x @ weight.T + bias`` on unit-normalised embeddings ``x``.
+
+    ``weight`` ``[k, d]``, ``bias`` ``[k]`` (float64); ``info``: JSON facts (C, accuracies) kept with the router.
+    """
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, info: dict | None = None):
+        self.weight = np.ascontiguousarray(weight, dtype=np.float64)
+        self.bias = np.ascontiguousarray(bias, dtype=np.float64).reshape(-1)
+        if self.weight.ndim != 2 or self.bias.shape != (self.weight.shape[0],):
+            raise ValueError(f"classifier weight {self.weight.shape} and bias {self.bias.shape} do not match")
+        if not (np.isfinite(self.weight).all() and np.isfinite(self.bias).all()):
+            raise ValueError("classifier parameters must be finite")
+        self.info = dict(info or {})
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[1])
+
+    @classmethod
+    def fit(cls, X: np.ndarray, labels: np.ndarray, n_classes: int, c: float = 0.3,
+            seed: int = 0) -> "PromptClassifier":
+        """Multinomial logistic regression (scikit-learn, L2, lbfgs) of ``labels`` on the unit rows of ``X``.
+
+        Every domain ``0..n_classes-1`` gets a row; one without training rows gets weight 0 and bias -1000, so it
+        is never chosen (the other logits are bounded by the weights' norms on unit inputs).
+        """
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        X = unit_rows(X)
+        labels = np.asarray(labels, dtype=np.int64)
+        present = np.unique(labels)
+        W = np.zeros((n_classes, X.shape[1]))
+        b = np.full(n_classes, -1e3)  # a domain without training rows is never chosen
+        if len(present) == 1:  # one class: scikit-learn refuses; route everything there
+            b[present[0]] = 0.0
+            return cls(W, b, {"c": float(c)})
+        lr = LogisticRegression(C=float(c), max_iter=2000, random_state=seed)
+        with warnings.catch_warnings(record=True) as caught:  # reported in info, not printed
+            warnings.simplefilter("always", ConvergenceWarning)
+            lr.fit(X.astype(np.float64), labels)
+        info = {"c": float(c)}
+        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+            info["converged"] = False
+        if len(present) == 2:  # binary: sklearn keeps one row (logit of class 1); as softmax logits: +-/2
+            W[present[1]], W[present[0]] = lr.coef_[0] / 2, -lr.coef_[0] / 2
+            b[present[1]], b[present[0]] = lr.intercept_[0] / 2, -lr.intercept_[0] / 2
+        else:
+            W[present], b[present] = lr.coef_, lr.intercept_
+        return cls(W, b, info)
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        """``[n, k]`` float64 logits of the unit rows of ``X``."""
+        X = unit_rows(X)
+        if X.shape[1] != self.dim:
+            raise ValueError(f"embedding dim {X.shape[1]} != classifier dim {self.dim}")
+        return X.astype(np.float64) @ self.weight.T + self.bias[None, :]
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return biased_argmax(self.logits(X), None)
+
+
 class DomainRouter:
     """Routes embeddings (or prompts, given the embedder they were embedded with) to domain ids ``0..k-1``.
 
     ``centroids``: ``[k, d]`` (normalised here); ``biases``: ``[k]`` or None (plain nearest centroid);
     ``embedder``: anything with ``encode(list[str]) -> [n, d]`` unit vectors and a ``model_id`` (an
-    :class:`lm_lexicon.embed.Embedder`, or the lexical partition's featurizer).
+    :class:`lm_lexicon.embed.Embedder`, or the lexical partition's featurizer); ``classifier``: a
+    :class:`PromptClassifier` that scores instead of the centroids (then ``biases`` must be None).
     """
 
     def __init__(self, centroids: np.ndarray, biases: np.ndarray | None = None, embedder: Any = None, *,
-                 method: str = "semantic", meta: dict | None = None, backend: str = "numpy"):
+                 method: str = "semantic", meta: dict | None = None, backend: str = "numpy",
+                 classifier: PromptClassifier | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         C = unit_rows(centroids)
@@ -84,6 +162,14 @@ class DomainRouter:
                 raise ValueError(f"{biases.shape[0]} biases for {C.shape[0]} centroids")
             if not np.isfinite(biases).all():
                 raise ValueError("biases must be finite")
+        if classifier is not None:
+            if biases is not None:
+                raise ValueError("a classifier router scores by logits: it takes no centroid biases")
+            if (classifier.n_classes, classifier.dim) != C.shape:
+                raise ValueError(f"classifier [{classifier.n_classes}, {classifier.dim}] does not match the "
+                                 f"centroids {list(C.shape)}")
+            if backend != "numpy":
+                raise ValueError("a classifier router scores with numpy only")
         if embedder is not None and getattr(embedder, "dim", C.shape[1]) != C.shape[1]:
             raise ValueError(f"embedder dim {embedder.dim} != centroid dim {C.shape[1]}")
         self.centroids = C  # [k, d] float32
@@ -92,6 +178,7 @@ class DomainRouter:
         self.method = method
         self.meta = dict(meta or {})
         self.backend = backend
+        self.classifier = classifier
         self._C64 = C.astype(np.float64)  # [k, d]
         self._index = None
         if backend == "faiss":
@@ -111,16 +198,20 @@ class DomainRouter:
     def __repr__(self) -> str:
         emb = getattr(self.embedder, "model_id", None)
         return (f"DomainRouter(k={self.n_clusters}, dim={self.dim}, method={self.method!r}, "
-                f"biased={self.biases is not None}, embedder={emb!r}, backend={self.backend!r})")
+                f"biased={self.biases is not None}, classifier={self.classifier is not None}, embedder={emb!r}, "
+                f"backend={self.backend!r})")
 
     def scores(self, X: np.ndarray) -> np.ndarray:
-        """Biased scores ``[n, k]`` (float64): cosine to each centroid minus that domain's bias.
+        """Scores ``[n, k]`` (float64) whose argmax is the domain: cosine to each centroid minus that domain's
+        bias, or the classifier's logits when the router has one.
 
         Rows of ``X`` are normalised unless already unit length (then used bit-for-bit, see :func:`unit_rows`).
         """
         X = unit_rows(X)
         if X.shape[1] != self.dim:
             raise ValueError(f"embedding dim {X.shape[1]} != router dim {self.dim}")
+        if self.classifier is not None:
+            return self.classifier.logits(X)
         n, k = X.shape[0], self.n_clusters
         if self._index is None:
             S = X.astype(np.float64) @ self._C64.T  # [n, k]
@@ -174,13 +265,18 @@ class DomainRouter:
         tensors = {"centroids": np.ascontiguousarray(self.centroids)}
         if self.biases is not None:
             tensors["biases"] = np.ascontiguousarray(self.biases)
+        if self.classifier is not None:
+            tensors["classifier_weight"] = self.classifier.weight
+            tensors["classifier_bias"] = self.classifier.bias
         save_file(tensors, str(path / ROUTER_TENSORS))
         spec = self._embedder_spec()
         if self.embedder is not None and hasattr(self.embedder, "save"):
             self.embedder.save(path)
         meta = {k: v for k, v in self.meta.items() if k != "embedder"}
         doc = {"format": FORMAT, "version": FORMAT_VERSION, "method": self.method, "n_clusters": self.n_clusters,
-               "dim": self.dim, "biased": self.biases is not None, "embedder": spec, "meta": meta}
+               "dim": self.dim, "biased": self.biases is not None, "embedder": spec, "meta": meta,
+               "classifier": None if self.classifier is None else {"kind": "logistic-regression",
+                                                                   **self.classifier.info}}
         (path / ROUTER_JSON).write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
         return path
 
@@ -214,8 +310,16 @@ class DomainRouter:
             embedder = Embedder(spec["model_id"], **kw)
         meta = dict(doc.get("meta") or {})
         meta["embedder"] = spec or None
+        classifier = None
+        if doc.get("classifier") is not None:
+            if "classifier_weight" not in tensors or "classifier_bias" not in tensors:
+                raise ValueError(f"{path / ROUTER_JSON} names a classifier but {ROUTER_TENSORS} lacks its tensors")
+            info = {k: v for k, v in doc["classifier"].items() if k != "kind"}
+            classifier = PromptClassifier(tensors["classifier_weight"], tensors["classifier_bias"], info)
+            if backend != "numpy":
+                backend = "numpy"  # logits are one small float64 product; faiss would only search centroids
         router = cls(tensors["centroids"], tensors.get("biases"), embedder, method=doc.get("method", "semantic"),
-                     meta=meta, backend=backend)
+                     meta=meta, backend=backend, classifier=classifier)
         if router.n_clusters != doc.get("n_clusters") or router.dim != doc.get("dim"):
             raise ValueError(f"{path}: router.json says k={doc.get('n_clusters')}, dim={doc.get('dim')} but the "
                              f"tensors are {router.centroids.shape}")

@@ -10,8 +10,13 @@ Reads the data stage (``{split}.jsonl``) and writes::
       partition.json            manifest: method, N, sizes, embedder, seed, timings, config
       cluster_report.{md,json}, clusters.png   cohesion / separation tables (paper Tables 7/8) and the 2-D plot
 
-The features are the embeddings of ``prompt(context, term)``, never of the definition: the router must compute the
-same features at test time, when there is no definition.
+By default (``partition.features: prompt``) the features are the embeddings of ``prompt(context, term)``: the router
+computes the same features at test time, when there is no definition, and reproduces the training labels exactly.
+With ``definition`` (or ``prompt+definition``) the clusters are made of the gold definitions' embeddings (or both),
+which a prompt cannot reproduce; the router is then a prompt -> domain classifier, and ``partition.json`` reports
+its accuracy on the validation rows (whose domain the clustering rule gives from their definitions).
+``partition.json`` and the cluster report also give the domains' purity and NMI against each row's ``source`` and
+``genre``.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ class RayEmbedder:
 
 
 def embed_on_ray(prompts: list[str], embed_cfg, torch_threads: int | None = None,
-                 cpus_per_actor: float = 1.0) -> np.ndarray:
+                 cpus_per_actor: float = 1.0, label: str = "embedding prompts") -> np.ndarray:
     """Embed ``prompts`` with an actor pool on Ray Data; returns ``[n, d]`` in input order.
 
     Rows carry their index through the map because Ray Data does not promise output order.
@@ -77,7 +82,7 @@ def embed_on_ray(prompts: list[str], embed_cfg, torch_threads: int | None = None
 
     out: np.ndarray | None = None
     seen = 0
-    with bar("embedding prompts", total=len(prompts), unit="rows") as progress:
+    with bar(label, total=len(prompts), unit="rows") as progress:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             emb = batch["embedding"]
             if out is None:
@@ -122,7 +127,7 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
         from lm_lexicon import cluster_report
         from lm_lexicon.data.corpus import read_saved_corpus
         from lm_lexicon.data.prompts import format_prompt
-        from lm_lexicon.partition import partition
+        from lm_lexicon.partition import label_agreement, partition
         from lm_lexicon.ray_utils import init_ray, quiet_ray_data
 
         splits = read_saved_corpus(data_dir)
@@ -137,32 +142,44 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
             raise ValueError(f"partition.n_experts={n_clusters} is larger than the {len(train)} training rows")
 
         held_out = {s: rows for s, rows in splits.items() if s != "train" and rows}
-        prompts = {s: [format_prompt(r.term, r.context, r.lang) for r in rows]
-                   for s, rows in [("train", train), *held_out.items()]}
-        flat = [p for s in prompts for p in prompts[s]]
+        texts = {("prompt", s): [format_prompt(r.term, r.context, r.lang) for r in rows]
+                 for s, rows in [("train", train), *held_out.items()]}
+        if pc.features != "prompt":  # the validation definitions give the classifier's held-out answers
+            texts.update({("definition", s): [r.definition for r in rows]
+                          for s, rows in [("train", train), *held_out.items()] if s in ("train", "valid")})
+        prompts = {s: texts[("prompt", s)] for kind, s in texts if kind == "prompt"}
+        flat = [t for key in texts for t in texts[key]]
 
         init_ray(cfg.resources)
         quiet_ray_data()
         threads, cpus = _actor_threads(cfg.resources, cfg.embed.num_actors)
         t0 = time.perf_counter()
-        log(f"[partition] embedding {len(flat):,} prompts with {cfg.embed.model} on Ray Data "
+        what = "prompts" if pc.features == "prompt" else "prompts and definitions"
+        log(f"[partition] embedding {len(flat):,} {what} with {cfg.embed.model} on Ray Data "
             f"({cfg.embed.num_actors} actor(s))")
-        emb_all = embed_on_ray(flat, cfg.embed, torch_threads=threads, cpus_per_actor=cpus)
+        emb_all = embed_on_ray(flat, cfg.embed, torch_threads=threads, cpus_per_actor=cpus, label=f"embedding {what}")
         embed_s = time.perf_counter() - t0
-        offsets, start = {}, 0
-        for s in prompts:
-            offsets[s] = (start, start + len(prompts[s]))
-            start += len(prompts[s])
-        emb = {s: emb_all[a:b] for s, (a, b) in offsets.items()}
+        embedded, start = {}, 0
+        for key in texts:
+            embedded[key] = emb_all[start:start + len(texts[key])]
+            start += len(texts[key])
+        emb = {s: embedded[("prompt", s)] for s in prompts}  # prompt embeddings: what the router sees
 
         t1 = time.perf_counter()
-        features = prompts["train"] if pc.method == "lexical" else emb["train"]
+        if pc.method == "lexical":
+            features = prompts["train"]
+        else:
+            features = _cluster_features(pc.features, embedded, "train")
         result = partition(features, pc.method, n_clusters, pc.slack, pc.seed)
         cluster_s = time.perf_counter() - t1
         labels = result.labels
 
-        # The router that training, evaluation and serving use; for the lexical method it carries its featurizer.
-        router = result.router()
+        # The router that training, evaluation and serving use; for the lexical method it carries its featurizer,
+        # for definition features it is a prompt -> domain classifier.
+        if pc.features == "prompt":
+            router, classifier_report = result.router(), None
+        else:
+            router, classifier_report = _classifier_router(pc, result, embedded, log)
         if pc.method != "lexical":
             router.meta["embedder"] = {"model_id": cfg.embed.model, "kind": "Embedder", "pooling": "mean",
                                        "max_length": cfg.embed.max_length}
@@ -185,20 +202,32 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
             _records_frame(held_out[s], dom).to_parquet(work / f"{s}.parquet", index=False)
             held_out_sizes[s] = np.bincount(dom, minlength=n_clusters).tolist()
 
+        agreement = {"source": label_agreement(labels, [r.source for r in train]),
+                     "genre": label_agreement(labels, [r.genre for r in train])}
         report = cluster_report.write_report(
             work, emb["train"], labels, cluster_report_centroids(emb["train"], labels, n_clusters),
             terms=[r.term for r in train], sources=[r.source for r in train], sample=pc.plot_sample, seed=pc.seed,
-            summary={"method": pc.method, "n_experts": n_clusters, "embedder": cfg.embed.model})
+            summary={"method": pc.method, "n_experts": n_clusters, "embedder": cfg.embed.model,
+                     "features": pc.features, "agreement": agreement, "classifier": classifier_report})
+        _append_agreement(work / "cluster_report.md", agreement, classifier_report)
         quality = report["quality"]
+        feature_space = None
+        if pc.features != "prompt":  # the report is in prompt space (comparable across arms); this is their own
+            q = cluster_report.cohesion_separation(features, labels, result.centroids)
+            feature_space = {"cohesion_mean": q.mean_cohesion, "separation_mean": q.mean_separation}
         manifest = {
             "method": pc.method, "n_experts": n_clusters, "slack": pc.slack, "seed": pc.seed,
             "sizes": sizes.tolist(), "size_bounds": list(result.size_bounds), "held_out_sizes": held_out_sizes,
             "embedder": {"model": cfg.embed.model, "dim": int(emb_all.shape[1]), "max_length": cfg.embed.max_length,
                          "pooling": "mean"},
-            "features": "lexical TF-IDF + SVD" if pc.method == "lexical" else "prompt embeddings",
+            "features": "lexical TF-IDF + SVD" if pc.method == "lexical" else FEATURE_NAMES[pc.features],
             "router_reproduces_train_labels": reproduced,
+            "classifier": classifier_report,
             "margin": result.summary()["margin"],
             "cohesion_mean": quality.mean_cohesion, "separation_mean": quality.mean_separation,
+            "feature_space": feature_space,
+            "agreement": {key: {m: a[m] for m in ("purity", "nmi", "majority_share", "n_categories")}
+                          for key, a in agreement.items()},
             "timings": {"embed_s": round(embed_s, 2), "cluster_s": round(cluster_s, 2),
                         "prompts_per_s": round(len(flat) / max(embed_s, 1e-9), 1), **result.timings},
             "config": {"partition": pc.model_dump(mode="json"), "embed": cfg.embed.model_dump(mode="json")},
@@ -208,9 +237,61 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
             f"(bounds {list(result.size_bounds)}); embed {embed_s:.1f}s, cluster {cluster_s:.1f}s; "
             f"router reproduces train labels: {reproduced}")
         return {k: manifest[k] for k in ("method", "n_experts", "sizes", "router_reproduces_train_labels",
-                                         "cohesion_mean", "separation_mean", "timings")}
+                                         "cohesion_mean", "separation_mean", "agreement", "timings")}
 
     return build
+
+
+FEATURE_NAMES = {"prompt": "prompt embeddings", "definition": "definition embeddings",
+                 "prompt+definition": "prompt and definition embeddings, concatenated"}
+
+
+def _classifier_router(pc, result, embedded: dict, log):
+    """The prompt -> domain classifier router of clusters made of definitions, and its accuracy report."""
+    from lm_lexicon.partition import classifier_router
+
+    valid_gold = None
+    if ("definition", "valid") in embedded:  # the clustering's own rule on the validation definitions
+        valid_gold = result.router().route_embeddings(_cluster_features(pc.features, embedded, "valid"))
+    router, report = classifier_router(
+        result.labels, result.n_clusters, embedded[("prompt", "train")], c=pc.classifier_c, seed=pc.seed,
+        held_out_X=embedded.get(("prompt", "valid")), held_out_labels=valid_gold, method=pc.method,
+        meta={"features": pc.features, "seed": pc.seed, "slack": pc.slack, "size_bounds": list(result.size_bounds),
+              "cluster_margin": result.margin})
+    log(f"[partition] prompt -> domain classifier: held-out accuracy {report['held_out_accuracy']:.3f} "
+        f"({report['held_out']}, {report['n_held_out']} rows; chance {report['chance']:.3f}), train "
+        f"{report['train_accuracy']:.3f}")
+    return router, report
+
+
+def _cluster_features(features: str, embedded: dict, split: str) -> np.ndarray:
+    """The vectors the clusters are made of, for ``split``'s rows."""
+    from lm_lexicon.partition import combine_views
+
+    if features == "prompt":
+        return embedded[("prompt", split)]
+    if features == "definition":
+        return embedded[("definition", split)]
+    return combine_views(embedded[("prompt", split)], embedded[("definition", split)])
+
+
+def _append_agreement(path: Path, agreement: dict, classifier: dict | None) -> None:
+    """Add the purity / NMI table (and the classifier's accuracy) to the cluster report's markdown."""
+    lines = ["", "## Agreement with the rows' source and genre", "",
+             "Purity: share of rows whose domain's commonest value is theirs (floor: the commonest value's share). "
+             "NMI: 0 = independent of the domains, 1 = the same grouping.", "",
+             "| field | values | purity | floor | NMI | commonest value per domain (share) |", "|---|---:|---:|---:|---:|---|"]
+    for key, a in agreement.items():
+        tops = ", ".join(f"{d['domain']}: {d['top']} ({d['share']:.2f})" for d in a["per_domain"] if d["rows"])
+        lines.append(f"| {key} | {a['n_categories']} | {a['purity']:.3f} | {a['majority_share']:.3f} | "
+                     f"{a['nmi']:.3f} | {tops} |")
+    if classifier:
+        lines += ["", f"Prompt -> domain classifier (the router): held-out accuracy "
+                      f"{classifier['held_out_accuracy']:.3f} on {classifier['n_held_out']} rows "
+                      f"({classifier['held_out']}; chance {classifier['chance']:.3f}), train accuracy "
+                      f"{classifier['train_accuracy']:.3f}, C = {classifier['c']:g}."]
+    with path.open("a") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def cluster_report_centroids(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
