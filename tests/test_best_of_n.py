@@ -202,12 +202,14 @@ def test_bon_section_renders_new_and_old_reports():
     assert "sample vs sample **0.750**" in old and "every metric" not in old and "length-matched" not in old
     orm.update(valid_length_matched_pairs=2, valid_accuracy_length_matched=0.5, length_match_gap=0,
                valid_accuracy_length_matched_untrained=0.5, valid_accuracy_samples_shorter_wins=0.625,
-               train_sample_pair_stats={"sample_pairs": 9, "ties": 2, "near_ties": 3}, model="RewardModel(...)")
+               train_sample_pair_stats={"sample_pairs": 9, "ties": 2, "near_ties": 3}, model="RewardModel(...)",
+               length_balance=True, train_pairs_dropped_length_balance=3)
     analysis = {"metrics": {"rouge_l": {"curves": {"reward model": {1: 20.0, 2: 22.0}}, "p_value": {1: 1.0, 2: 0.04}}},
                 "pick_length": {"reward model": {1: 5.0, 2: 4.5}}, "pick_length_p_value": {1: 1.0, 2: 0.5},
                 "skipped_metrics": {"meteor": "nltk is not installed"}}
     new = render_bon_section({**bon, "analysis": analysis})
     assert "`RewardModel(...)`" in new and "2 ties and 3 near-ties were dropped" in new
+    assert "(3 dropped so that the preferred definition is as often the shorter as the longer one" in new
     assert "within length-matched pairs (at most 0 words apart) **0.500** on 2" in new and "0.625" in new
     assert "### Best-of-N on every metric" in new and "| reward model | 20.00 | 22.00 |" in new
     assert "| p, reward model vs sample 1 | 1 | 0.04 |" in new and "Not drawn: meteor (nltk is not installed)" in new

@@ -14,8 +14,8 @@ import pytest
 from lm_lexicon.data.records import Record
 from lm_lexicon.metrics import sentence_bleu_a
 from lm_lexicon.reward import (PreferencePair, RewardModel, best_of_n, bon_curve, build_preference_pairs,
-                               build_ranked_sample_pairs, length_matched, oracle_best_of_n, pairwise_accuracy,
-                               plot_bon_curve, shorter_wins_accuracy, word_count)
+                               balance_lengths, build_ranked_sample_pairs, length_matched, oracle_best_of_n,
+                               pairwise_accuracy, plot_bon_curve, shorter_wins_accuracy, word_count)
 from lm_lexicon.sft import record_prompt
 
 ADJ = ["small", "large", "red", "wooden", "quiet", "bright", "old", "sharp", "soft", "heavy", "cold", "round"]
@@ -174,6 +174,18 @@ def test_accuracy_within_length_matched_pairs():
     assert pairwise_accuracy(PrefersShort(), length_matched(pairs)) == 0.0  # length ties count as wrong
     with pytest.raises(ValueError, match="max_gap"):
         length_matched(pairs, max_gap=-1)
+
+
+def test_length_balanced_pairs_prefer_the_shorter_as_often_as_the_longer():
+    shorter = [PreferencePair("p", "a b", f"a b c {i}", i) for i in range(5)]  # the preferred one is shorter
+    longer = [PreferencePair("p", f"a b c {i}", "a b", 10 + i) for i in range(2)]
+    level = [PreferencePair("p", "a b", "c d", 20)]
+    pairs = shorter[:3] + level + longer + shorter[3:]
+    balanced, dropped = balance_lengths(pairs, seed=1)
+    assert dropped == 3 and len(balanced) == 5 and shorter_wins_accuracy(balanced) == 0.5
+    assert level[0] in balanced and all(p in balanced for p in longer)  # the minority and the level pairs all stay
+    assert balanced == [p for p in pairs if p in balanced]  # original order kept
+    assert balanced == balance_lengths(pairs, seed=1)[0] and balance_lengths(level, seed=0) == (level, 0)
 
 
 # =================================================================================================== selection

@@ -10,7 +10,9 @@
 2. **Outcome reward model**: :class:`lm_lexicon.reward.RewardModel` (``reward.backbone``: the MiniLM encoder or the
    pretrained seed LM) trained with ``-log sigma(r(x,y_w) - r(x,y_l))``. Held-out sample-vs-sample accuracy is
    reported overall and within length-matched pairs (definitions within ``reward.length_match_gap`` words), next to
-   the "prefer the shorter" rule's accuracy on the same pairs: what length alone would score.
+   the "prefer the shorter" rule's accuracy on the same pairs: what length alone would score. ``reward.length_balance``
+   trains on a subset where the preferred definition is as often the shorter as the longer one
+   (:func:`lm_lexicon.reward.balance_lengths`), so length alone earns nothing in training.
 3. **Reranking**: ``best_of_n`` samples per test input; the reward model picks one. The BoN curve (mean Protocol A
    BLEU of the pick among the first N samples) is drawn for the reward model, for no selection (sample 1: the N = 1
    baseline) and for the oracle (the sample closest to the references: an UPPER BOUND, labelled as such); the same
@@ -94,8 +96,8 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
     sample, overall and within length-matched pairs. ``seed_model``: the backbone when ``reward_cfg.backbone`` is
     ``"seed"``.
     """
-    from lm_lexicon.reward import (build_preference_pairs, build_ranked_sample_pairs, length_matched,
-                                   pairwise_accuracy, shorter_wins_accuracy)
+    from lm_lexicon.reward import (balance_lengths, build_preference_pairs, build_ranked_sample_pairs,
+                                   length_matched, pairwise_accuracy, shorter_wins_accuracy)
 
     def pairs_of(sampled: SampledSet):
         gold = build_preference_pairs(sampled.records, sampled.samples, sampled.logprobs, top_k=reward_cfg.top_k,
@@ -113,7 +115,9 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
     train_gold, train_ranked = pairs_of(train)
     valid_gold, valid_ranked = pairs_of(valid)
     valid_matched = length_matched(valid_ranked, reward_cfg.length_match_gap)
-    train_pairs = train_gold + train_ranked
+    train_pairs, balance_dropped = train_gold + train_ranked, 0
+    if reward_cfg.length_balance:
+        train_pairs, balance_dropped = balance_lengths(train_pairs, seed)
     if not train_pairs:
         raise ValueError("no preference pairs: every sample equals its gold definition")
     model = new_reward_model(reward_cfg, seed_model, seed, attn_implementation)
@@ -139,6 +143,7 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
         f"{before_gold:.3f}, chance 0.5) on {len(valid_gold)} pairs{ranked_note}")
     # valid_accuracy / valid_pairs: gold vs sample (the paper's check); *_samples: sample vs sample (what BoN needs)
     report = {"train_pairs": len(train_pairs), "train_gold_pairs": len(train_gold),
+              "length_balance": reward_cfg.length_balance, "train_pairs_dropped_length_balance": balance_dropped,
               "train_sample_pairs": len(train_ranked), "valid_pairs": len(valid_gold),
               "valid_accuracy": after_gold, "valid_accuracy_untrained": before_gold,
               "valid_sample_pairs": len(valid_ranked), "valid_accuracy_samples": after_ranked,

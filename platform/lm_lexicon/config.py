@@ -298,6 +298,9 @@ class RewardConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "fp32", description="Training forwards under bf16 autocast (auto: where the CPU/GPU computes bf16 natively); "
                             "weights and scores stay float32.")
+    length_balance: bool = Field(False, description="Train on a seeded subset of the pairs in which the preferred "
+                                                    "definition is as often the shorter as the longer one (held-out "
+                                                    "pairs are never balanced).")
     length_match_gap: int = Field(0, ge=0, le=5, description="Held-out pairs whose definitions differ by at most this "
                                                             "many words count as length-matched (their accuracy is "
                                                             "reported beside the overall one).")

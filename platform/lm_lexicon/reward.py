@@ -228,6 +228,22 @@ def length_matched(pairs: Sequence[PreferencePair], max_gap: int = 0) -> list[Pr
     return [p for p in pairs if abs(word_count(p.chosen) - word_count(p.rejected)) <= max_gap]
 
 
+def balance_lengths(pairs: Sequence[PreferencePair], seed: int = 0) -> tuple[list[PreferencePair], int]:
+    """A seeded subset in which the preferred definition is the shorter one in exactly as many pairs as it is the
+    longer one (pairs of equal length all stay): trained on it, a reward model gains nothing by preferring a length.
+    Returns ``(pairs, in their original order; how many were dropped)``."""
+    pairs = list(pairs)
+    gaps = [word_count(p.rejected) - word_count(p.chosen) for p in pairs]
+    shorter = [i for i, g in enumerate(gaps) if g > 0]
+    longer = [i for i, g in enumerate(gaps) if g < 0]
+    majority, minority = (shorter, longer) if len(shorter) > len(longer) else (longer, shorter)
+    excess = len(majority) - len(minority)
+    if excess == 0:
+        return pairs, 0
+    drop = set(np.random.default_rng(seed).choice(majority, size=excess, replace=False).tolist())
+    return [p for i, p in enumerate(pairs) if i not in drop], excess
+
+
 def shorter_wins_accuracy(pairs: Sequence[PreferencePair]) -> float:
     """Accuracy of the rule "prefer the shorter definition" (a tie in length counts as half right): how much of a
     reward model's accuracy length alone could explain."""

@@ -590,7 +590,7 @@ def render_bon_section(bon: dict) -> str:
         f"(`{bon['sampling']['num_return_sequences']}` samples per input, T "
         f"{bon['sampling']['temperature']}, top-k {bon['sampling']['top_k']}, top-p {bon['sampling']['top_p']}): "
         f"trained on {orm.get('train_gold_pairs', orm['train_pairs'])} (gold, sample) pairs"
-        f"{_ranked_pairs_note(orm)} from {orm['train_records']} training records; "
+        f"{_ranked_pairs_note(orm)} from {orm['train_records']} training records{_balance_note(orm)}; "
         f"held-out pairwise accuracy gold vs sample **{orm['valid_accuracy']:.3f}** on {orm['valid_pairs']} pairs "
         f"from {orm['valid_records']} validation records (untrained head: {orm['valid_accuracy_untrained']:.3f}; "
         f"chance: 0.5){_ranked_accuracy_note(orm)}.", "",
@@ -622,6 +622,13 @@ def _ranked_pairs_note(orm: dict) -> str:
                f"{stats['near_ties']} near-ties were dropped" if stats.get("sample_pairs") else "")
     return (f" and {orm['train_sample_pairs']} (better, worse) pairs of samples ranked by Protocol A BLEU (gap >= "
             f"{100 * orm['sample_margin']:.0f} points{dropped})")
+
+
+def _balance_note(orm: dict) -> str:
+    if not orm.get("length_balance"):
+        return ""
+    return (f" ({orm['train_pairs_dropped_length_balance']} dropped so that the preferred definition is as often the "
+            f"shorter as the longer one: {orm['train_pairs']} trained on)")
 
 
 def _ranked_accuracy_note(orm: dict) -> str:
