@@ -138,9 +138,8 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
     dropped = (f" ({stats['ties']} ties and {stats['near_ties']} near-ties of {stats['sample_pairs']} sample pairs "
                f"dropped)" if stats.get("sample_pairs") else "")
     log(f"[evaluate] reward model ({model!r}): {len(train_gold)} gold + {len(train_ranked)} sample-vs-sample{dropped} "
-        f"training pairs in "
-        f"{time.perf_counter() - t0:.0f}s; held-out pairwise accuracy gold-vs-sample {after_gold:.3f} (untrained head "
-        f"{before_gold:.3f}, chance 0.5) on {len(valid_gold)} pairs{ranked_note}")
+        f"training pairs in {time.perf_counter() - t0:.0f}s; held-out pairwise accuracy gold-vs-sample "
+        f"{after_gold:.3f} (untrained head {before_gold:.3f}, chance 0.5) on {len(valid_gold)} pairs{ranked_note}")
     # valid_accuracy / valid_pairs: gold vs sample (the paper's check); *_samples: sample vs sample (what BoN needs)
     report = {"train_pairs": len(train_pairs), "train_gold_pairs": len(train_gold),
               "length_balance": reward_cfg.length_balance, "train_pairs_dropped_length_balance": balance_dropped,

@@ -361,7 +361,8 @@ class RewardModel:
         hidden = int(model.config.hidden_size)
         net = RewardNet(model, hidden)
         _init_head(net, seed)
-        cfg = {"format": REWARD_FORMAT, "backbone": "encoder", "encoder": encoder, "encoder_path": path, "pooling": "mean",
+        cfg = {"format": REWARD_FORMAT, "backbone": "encoder", "encoder": encoder, "encoder_path": path,
+               "pooling": POOLING["encoder"],
                "input": "tokenizer pair encoding of (prompt, definition)", "max_length": int(max_length),
                "num_hidden_layers": int(model.config.num_hidden_layers), "hidden_size": hidden, "seed": int(seed),
                "loss": "-log sigmoid(r(x, y_w) - r(x, y_l))"}
@@ -555,8 +556,9 @@ class RewardModel:
         total = steps_per_epoch * epochs
         warmup = int(round(warmup_ratio * total))
         metrics: dict[str, Any] = {"pairs": len(pairs), "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                                   "seed": seed, "precision": precision, "epoch_loss": [], "epoch_accuracy": [], "loss_first": None,
-                                   "loss_last": None, "valid_accuracy": [] if valid_pairs else None}
+                                   "seed": seed, "precision": precision, "epoch_loss": [], "epoch_accuracy": [],
+                                   "loss_first": None, "loss_last": None,
+                                   "valid_accuracy": [] if valid_pairs else None}
         step = 0
         t0 = time.perf_counter()
         self.net.train()
