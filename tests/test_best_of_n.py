@@ -90,3 +90,126 @@ def test_no_pairs_is_an_error():
     same = SampledSet([Record(term="t", definition="d", context=None, source="toy")], None, [["d", "d."]], [[0.0, 0.0]])
     with pytest.raises(ValueError, match="no preference pairs"):
         train_outcome_reward_model(same, same, RewardConfig(num_hidden_layers=1, sample_pairs=0), log=lambda m: None)
+
+
+# =================================================================================================== seed backbone
+@pytest.fixture(scope="module")
+def tiny_seed(tmp_path_factory):
+    from lm_lexicon.seed_models import tiny_llama
+
+    return str(tiny_llama(tmp_path_factory.mktemp("bon_seed") / "seed"))
+
+
+def test_seed_backbone_ranks_samples_and_reports_length_control(tiny_seed):
+    cfg = RewardConfig(backbone="seed", epochs=3, lr=3e-3, batch_size=8, top_k=1, max_length=48, sample_pairs=3,
+                       sample_margin=0.05, length_match_gap=0)
+    model, report = train_outcome_reward_model(_damaged_set(48, 0), _damaged_set(16, 1), cfg, log=lambda m: None,
+                                               seed_model=tiny_seed)
+    assert model.backbone == "seed" and report["backbone"] == "seed"
+    assert report["train_sample_pairs"] == 48 * 3
+    stats = report["train_sample_pair_stats"]  # 4 distinct samples: 6 pairs a record, the 1-word gaps all clear 0.05
+    assert stats["sample_pairs"] == 48 * 6 and stats["drawn"] == 48 * 3
+    assert stats["ties"] + stats["near_ties"] + stats["eligible"] == stats["sample_pairs"]
+    # damage replaces words: both samples of every pair have the gold's length, so every pair is length-matched
+    assert report["valid_length_matched_pairs"] == report["valid_sample_pairs"] == 16 * 3
+    assert report["valid_accuracy_length_matched"] == report["valid_accuracy_samples"] > 0.8
+    assert report["valid_accuracy_samples_shorter_wins"] == 0.5
+    with pytest.raises(ValueError, match="seed_model"):
+        train_outcome_reward_model(_damaged_set(4, 0), _damaged_set(4, 1), cfg, log=lambda m: None)
+
+
+# =================================================================================================== every metric
+def test_candidate_metric_scores_are_the_evaluations_per_sentence_scores():
+    from lm_lexicon.best_of_n import candidate_metric_scores
+    from lm_lexicon.metrics import sentence_bleu_a
+    from lm_lexicon.metrics.text import rouge_l, sacrebleu_sentence
+
+    rows = [{"term": "bank", "split": "test", "lang": "en", "references": ["land beside a river"]},
+            {"term": "bat", "split": "test", "lang": "en", "references": ["a club used in cricket"]}]
+    candidates = [["land near a river", "a place for money", "land beside a river"],
+                  ["a flying animal", "a club for cricket", "a wooden club"]]
+    scores, skipped = candidate_metric_scores(rows, candidates, ["bleu_a", "rouge_l", "sacrebleu", "length",
+                                                                  "distinct_1"])
+    assert list(scores) == ["bleu_a", "rouge_l", "sacrebleu"] and skipped == {}  # length/distinct: no BoN curve
+    for i, (row, cs) in enumerate(zip(rows, candidates)):
+        refs = row["references"]
+        assert scores["bleu_a"][i] == pytest.approx([100 * sentence_bleu_a(c, refs) for c in cs])
+        assert scores["rouge_l"][i] == pytest.approx(rouge_l(cs, [refs] * 3)[0])
+        assert scores["sacrebleu"][i] == pytest.approx(sacrebleu_sentence(cs, [refs] * 3)[0])
+
+
+def test_bon_analysis_matches_a_hand_computation():
+    from lm_lexicon.best_of_n import analysis_tables, bon_analysis
+
+    candidates = [["a b", "a b c d", "a"], ["x y z", "x", "x y"]]
+    metric = {"m": [[10.0, 30.0, 20.0], [40.0, 0.0, 50.0]]}
+    selections = {"reward model": [[0.1, 0.9, 0.5], [0.3, 0.2, 0.8]], "no selection (sample 1)": [[1, 0, 0], [1, 0, 0]]}
+    out = bon_analysis(candidates, [["a b"], ["x y"]], selections, metric, ns=[1, 2, 3], n_permutations=100)
+    curves = out["metrics"]["m"]["curves"]
+    # N=1: everyone takes sample 1 -> (10 + 40) / 2
+    assert {rule: c[1] for rule, c in curves.items()} == {"reward model": 25.0, "no selection (sample 1)": 25.0,
+                                                          "oracle (upper bound)": 25.0}
+    # N=2: reward model picks [1, 0] -> (30 + 40) / 2; oracle picks the best of the first two: (30 + 40) / 2
+    assert curves["reward model"][2] == 35.0 and curves["oracle (upper bound)"][2] == 35.0
+    assert curves["no selection (sample 1)"][2] == 25.0
+    # N=3: reward model [1, 2] -> (30 + 50) / 2; oracle also [1, 2]
+    assert curves["reward model"][3] == 40.0 == curves["oracle (upper bound)"][3]
+    p = out["metrics"]["m"]["p_value"]
+    assert p[1] == 1.0 and 0.0 < p[3] <= 1.0  # N=1: the same picks, no difference
+    # lengths in words: sample 1 -> (2 + 3) / 2; reward model at N=2 -> (4 + 3) / 2, at N=3 -> (4 + 2) / 2; the
+    # oracle picks by BLEU-A against the references given ("a b" / "x y": candidates 0 and 2)
+    lengths = out["pick_length"]
+    assert lengths["no selection (sample 1)"] == {1: 2.5, 2: 2.5, 3: 2.5}
+    assert lengths["reward model"] == {1: 2.5, 2: 3.5, 3: 3.0}
+    assert lengths["oracle (upper bound)"][3] == 2.0 and set(out["pick_length_p_value"]) == {1, 2, 3}
+    table = analysis_tables(out)
+    assert "**m**" in table and "| p, reward model vs sample 1 |" in table and "Mean length of the picks" in table
+
+
+def test_rerank_reports_every_metric_and_bleu_a_agrees_with_the_headline_curve():
+    from lm_lexicon.best_of_n import candidate_metric_scores
+
+    records = _damaged_set(6, 3)
+    rows = [{"term": r.term, "split": "test", "lang": "en", "references": refs}
+            for r, refs in zip(records.records, records.references)]
+
+    class PrefersFewFillers:
+        def score_candidates(self, prompts, candidates):
+            return [[-sum(w in ("zq", "xv", "wk", "jj") for w in c.split()) for c in cs] for cs in candidates]
+
+    scores, _ = candidate_metric_scores(rows, records.samples, ["bleu_a", "rouge_l"])
+    result = rerank(PrefersFewFillers(), ["p"] * 6, records.samples, records.references, ns=[1, 2, 4],
+                    metric_scores=scores)
+    analysis = result["analysis"]
+    assert set(analysis["metrics"]) == {"bleu_a", "rouge_l"}
+    for rule, curve in result["curves"].items():  # two routes to Protocol A BLEU: the same numbers
+        assert analysis["metrics"]["bleu_a"]["curves"][rule] == pytest.approx(curve)
+    rouge = analysis["metrics"]["rouge_l"]["curves"]
+    assert rouge["reward model"][4] == pytest.approx(100.0) == rouge["oracle (upper bound)"][4]  # the undamaged one
+    assert analysis["pick_length"]["reward model"][4] == 6.0  # damage keeps the length: 6 words each
+
+
+def test_bon_section_renders_new_and_old_reports():
+    from lm_lexicon.stages.evaluate import render_bon_section
+
+    orm = {"train_pairs": 10, "train_gold_pairs": 6, "train_sample_pairs": 4, "sample_margin": 0.05,
+           "train_records": 3, "valid_accuracy": 0.7, "valid_pairs": 5, "valid_records": 2,
+           "valid_accuracy_untrained": 0.5, "valid_sample_pairs": 4, "valid_accuracy_samples": 0.75,
+           "valid_accuracy_samples_untrained": 0.5}
+    bon = {"model": "moe", "sampling": {"num_return_sequences": 2, "temperature": 0.6, "top_k": 50, "top_p": 0.9},
+           "curves": {"reward model": {1: 10.0, 2: 12.0}}, "reward_model": orm}
+    old = render_bon_section(bon)  # a report written before the length control and the per-metric curves
+    assert "sample vs sample **0.750**" in old and "every metric" not in old and "length-matched" not in old
+    orm.update(valid_length_matched_pairs=2, valid_accuracy_length_matched=0.5, length_match_gap=0,
+               valid_accuracy_length_matched_untrained=0.5, valid_accuracy_samples_shorter_wins=0.625,
+               train_sample_pair_stats={"sample_pairs": 9, "ties": 2, "near_ties": 3}, model="RewardModel(...)",
+               length_balance=True, train_pairs_dropped_length_balance=3)
+    analysis = {"metrics": {"rouge_l": {"curves": {"reward model": {1: 20.0, 2: 22.0}}, "p_value": {1: 1.0, 2: 0.04}}},
+                "pick_length": {"reward model": {1: 5.0, 2: 4.5}}, "pick_length_p_value": {1: 1.0, 2: 0.5},
+                "skipped_metrics": {"meteor": "nltk is not installed"}}
+    new = render_bon_section({**bon, "analysis": analysis})
+    assert "`RewardModel(...)`" in new and "2 ties and 3 near-ties were dropped" in new
+    assert "(3 dropped so that the preferred definition is as often the shorter as the longer one" in new
+    assert "within length-matched pairs (at most 0 words apart) **0.500** on 2" in new and "0.625" in new
+    assert "### Best-of-N on every metric" in new and "| reward model | 20.00 | 22.00 |" in new
+    assert "| p, reward model vs sample 1 | 1 | 0.04 |" in new and "Not drawn: meteor (nltk is not installed)" in new

@@ -24,7 +24,7 @@ def test_micro_pipeline_through_evaluate_and_export(tmp_path, ray_local):
         "evaluate.baselines=[constant, seed, dense, icl-random, icl-retrieval]", "evaluate.icl_shots=2",
         "evaluate.best_of_n=2", "evaluate.bon_ns=[1, 2, 4]", "evaluate.no_repeat_ngram_size=2",
         "evaluate.reward.train_rows=8", "evaluate.reward.valid_rows=6", "evaluate.reward.samples=2",
-        "evaluate.reward.num_hidden_layers=1", "evaluate.reward.max_length=48"])
+        "evaluate.reward.backbone=seed", "evaluate.reward.max_length=48"])
     results = run_pipeline(cfg, log=lambda m: None)
     ev = results["evaluate"].path
     metrics = json.loads((ev / "metrics.json").read_text())["results"]
@@ -51,8 +51,19 @@ def test_micro_pipeline_through_evaluate_and_export(tmp_path, ray_local):
     assert all(len(s["predictions"]) == 2 and p["prediction"] in s["predictions"] for s, p in zip(samples, picked))
     from lm_lexicon.reward import RewardModel
 
-    assert RewardModel.load(ev / "reward_model").score(["p"], ["d"]).shape == (1,)
+    reward_model = RewardModel.load(ev / "reward_model")  # on the seed (evaluate.reward.backbone=seed)
+    assert reward_model.backbone == "seed" and reward_model.score(["p"], ["d"]).shape == (1,)
     assert metrics["moe:bon-orm-n2"]["bleu_a"]["value"] == pytest.approx(curves["reward model"]["2"], abs=1e-6)
+    # every per-sentence metric of the table gets its curves; at N=2 the reward model's are its row's values
+    analysis = bon["analysis"]
+    assert set(analysis["metrics"]) == {"bleu_a", "sacrebleu", "rouge_l", "exact_match"}
+    for m, res in analysis["metrics"].items():
+        assert res["curves"]["reward model"]["2"] == pytest.approx(metrics["moe:bon-orm-n2"][m]["value"], abs=1e-6)
+        assert res["curves"]["no selection (sample 1)"]["1"] == pytest.approx(metrics["moe:sample"][m]["value"])
+        assert set(res["p_value"]) == {"1", "2"}
+    lengths = analysis["pick_length"]
+    assert lengths["reward model"]["2"] == pytest.approx(metrics["moe:bon-orm-n2"]["length"]["value"])
+    assert json.loads((ev / "metrics.json").read_text())["best_of_n"]["analysis"]["pick_length"] == lengths
 
     vs_floor = json.loads((ev / "metrics.json").read_text())["vs_floor"]
     assert set(vs_floor) == set(metrics) - {"constant"} and "length" not in vs_floor["moe"]
@@ -64,6 +75,7 @@ def test_micro_pipeline_through_evaluate_and_export(tmp_path, ray_local):
     report = (ev / "report.md").read_text()
     assert "## Against the constant floor" in report
     assert "## Best-of-N (moe)" in report and "held-out pairwise accuracy" in report
+    assert "### Best-of-N on every metric" in report and "Mean length of the picks" in report
     assert "| moe |" in report and "By domain" in report and (ev / "metrics.png").stat().st_size > 1000
 
     exported = json.loads((results["export"].path / "export.json").read_text())

@@ -14,8 +14,8 @@ import pytest
 from lm_lexicon.data.records import Record
 from lm_lexicon.metrics import sentence_bleu_a
 from lm_lexicon.reward import (PreferencePair, RewardModel, best_of_n, bon_curve, build_preference_pairs,
-                               build_ranked_sample_pairs,
-                               oracle_best_of_n, pairwise_accuracy, plot_bon_curve)
+                               balance_lengths, build_ranked_sample_pairs, length_matched, oracle_best_of_n,
+                               pairwise_accuracy, plot_bon_curve, shorter_wins_accuracy, word_count)
 from lm_lexicon.sft import record_prompt
 
 ADJ = ["small", "large", "red", "wooden", "quiet", "bright", "old", "sharp", "soft", "heavy", "cold", "round"]
@@ -140,6 +140,52 @@ def test_ranked_sample_pairs_prefer_the_sample_closer_to_the_references():
         build_ranked_sample_pairs(records, samples, references[:1])
     with pytest.raises(ValueError, match="margin"):
         build_ranked_sample_pairs(records, samples, references, margin=1.0)
+
+
+def test_ranked_sample_pairs_count_the_ties_and_near_ties_they_drop():
+    records = [Record(term="t", context="", definition="a b c d", source="t"),
+               Record(term="u", context="", definition="e f", source="t")]
+    # BLEU vs "a b c d": "a b c d" 1.0, "a b c x" = "a b c y" 0.6687 (a tie), "q r s t" 0.3021. Of the 6 pairs of
+    # distinct samples at margin 0.35: x/y tie (gap 0), d/x and d/y near ties (.331), x/q, y/q (.367), d/q (.698) kept
+    samples = [["a b c x", "a b c d", "q r s t", "a b c y"], ["e f"]]
+    pairs = build_ranked_sample_pairs(records, samples, [["a b c d"], ["e f"]], per_record=2, margin=0.35, seed=0)
+    assert pairs.stats == {"margin": 0.35, "records": 2, "records_without_two_samples": 1, "sample_pairs": 6,
+                           "ties": 1, "near_ties": 2, "eligible": 3, "drawn": 2}
+    assert len(pairs) == 2 and all(p.rejected == "q r s t" or p.chosen == "a b c d" for p in pairs)
+    loose = build_ranked_sample_pairs(records, samples, [["a b c d"], ["e f"]], per_record=8, margin=0.05)
+    assert (loose.stats["ties"], loose.stats["near_ties"], loose.stats["eligible"], len(loose)) == (1, 0, 5, 5)
+
+
+def test_accuracy_within_length_matched_pairs():
+    pairs = [PreferencePair("p", "a b c", "a b c d e", 0),   # chosen 2 words shorter
+             PreferencePair("p", "a b c d", "x y z", 1),     # chosen 1 word longer
+             PreferencePair("p", "one two", "three four", 2),  # same length
+             PreferencePair("p", "k l m.", "n o p", 3)]      # same length once the period is stripped
+    assert [word_count(p.chosen) for p in pairs] == [3, 4, 2, 3]
+    assert length_matched(pairs) == pairs[2:]
+    assert length_matched(pairs, max_gap=1) == pairs[1:]
+    assert shorter_wins_accuracy(pairs) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+
+    class PrefersShort:  # a reward model that has learned length and nothing else
+        def score(self, prompts, definitions, batch_size=64):
+            return -np.array([word_count(d) for d in definitions], dtype=np.float32)
+
+    assert pairwise_accuracy(PrefersShort(), pairs) == 0.25  # right only where the chosen one is shorter
+    assert pairwise_accuracy(PrefersShort(), length_matched(pairs)) == 0.0  # length ties count as wrong
+    with pytest.raises(ValueError, match="max_gap"):
+        length_matched(pairs, max_gap=-1)
+
+
+def test_length_balanced_pairs_prefer_the_shorter_as_often_as_the_longer():
+    shorter = [PreferencePair("p", "a b", f"a b c {i}", i) for i in range(5)]  # the preferred one is shorter
+    longer = [PreferencePair("p", f"a b c {i}", "a b", 10 + i) for i in range(2)]
+    level = [PreferencePair("p", "a b", "c d", 20)]
+    pairs = shorter[:3] + level + longer + shorter[3:]
+    balanced, dropped = balance_lengths(pairs, seed=1)
+    assert dropped == 3 and len(balanced) == 5 and shorter_wins_accuracy(balanced) == 0.5
+    assert level[0] in balanced and all(p in balanced for p in longer)  # the minority and the level pairs all stay
+    assert balanced == [p for p in pairs if p in balanced]  # original order kept
+    assert balanced == balance_lengths(pairs, seed=1)[0] and balance_lengths(level, seed=0) == (level, 0)
 
 
 # =================================================================================================== selection

@@ -2,7 +2,8 @@
 
 A tiny pipeline-output-like directory is built once for the module: two perturbed tiny Llama experts merged into a
 domain-routed MoE whose router comes from a 2-way semantic partition of bundled-MiniLM prompt embeddings, exported
-to export/collapsed/domain-{0,1}; a 1-layer MiniLM reward model in evaluate/reward_model; a metrics.json. Every
+to export/collapsed/domain-{0,1}; a reward model on a tiny Llama seed (reward.backbone=seed: the Scorer serves
+whichever kind the pipeline saved) in evaluate/reward_model; a metrics.json. Every
 deployment reserves 0 CPUs (the session's Ray has 2) and decodes at most 8 new tokens.
 
 Serve is shut down at module teardown; the session's Ray (tests/conftest.py) stays up.
@@ -84,8 +85,8 @@ def pipeline_dir(tmp_path_factory, perturb_weights):
         part = partition(embedder.encode(prompts), "semantic", 2, 0.1, seed=0)
         merge_experts(experts, root / "merge" / "model", router=part.router(embedder), seed=0)
         export_collapsed(root / "merge" / "model", root / "export" / "collapsed")
-        RewardModel.from_encoder("bundled-minilm", num_hidden_layers=1, max_length=64, seed=0).save(
-            root / "evaluate" / "reward_model")
+        reward_seed = tiny_llama(root / "reward_seed", tokenizer=tok, seed=7)
+        RewardModel.from_seed(str(reward_seed), max_length=64, seed=0).save(root / "evaluate" / "reward_model")
         (root / "evaluate" / "metrics.json").write_text(json.dumps(
             {"meta": {"split": "test", "n_rows": 2}, "results": {"moe": {"bleu_a": {"value": 12.5}},
                                                                   "dense": {"bleu_a": {"value": 11.0}}}}))
@@ -240,7 +241,9 @@ def test_best_of_n_with_the_reward_model(server, pipeline_dir, definition_traces
     assert isinstance(greedy_scored["score"], float) and greedy_scored["selection"] == "greedy"
 
 
-def test_score_endpoint(server):
+def test_score_endpoint(server, pipeline_dir):
+    from lm_lexicon.reward import RewardModel
+
     r = server.post("/v1/score", json={"items": [
         {"term": "bank", "context": "the bank of the river", "definition": "sloping land beside water",
          "reference": ["sloping land beside water", "a financial institution"]},
@@ -248,6 +251,10 @@ def test_score_endpoint(server):
     assert r.status_code == 200, r.text
     res = r.json()["results"]
     assert all(isinstance(x["score"], float) for x in res)
+    rm = RewardModel.load(pipeline_dir / "evaluate" / "reward_model")  # the seed-backbone model the pipeline saved
+    offline = rm.score([_prompt("bank", "the bank of the river"), _prompt("loan")],
+                       ["sloping land beside water", "money lent"])
+    np.testing.assert_allclose([x["score"] for x in res], offline, rtol=1e-4, atol=1e-5)  # batched with others
     assert res[0]["metrics"]["exact_match"] == 100.0 and res[0]["metrics"]["bleu_a"] == pytest.approx(100.0)
     assert res[1]["metrics"] is None  # no reference given
 

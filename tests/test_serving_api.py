@@ -272,6 +272,19 @@ def test_scorer_without_reward_model_reports_null_with_a_reason(tmp_path):
 
 
 @pytest.mark.usefixtures("one_torch_thread")
+def test_scorer_serves_a_reward_model_on_the_seed(tmp_path):
+    from lm_lexicon.reward import RewardModel
+    from lm_lexicon.seed_models import tiny_llama
+
+    saved = RewardModel.from_seed(str(tiny_llama(tmp_path / "seed")), max_length=32, seed=3).save(tmp_path / "rm")
+    s = ScorerEngine(saved, None)
+    assert s.available and s.model.backbone == "seed" and s.info()["reason"] is None
+    prompts, defs = ['What is the definition of "bank"?'] * 2, ["land beside a river", "a place for money"]
+    expected = RewardModel.load(saved).score(prompts, defs)
+    assert s.reward(prompts, defs) == pytest.approx(expected.tolist(), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_pinned_moe_expert_equals_the_collapsed_checkpoint(tmp_path, perturb_weights):
     """The fallback (MoE pinned to domain i) generates what the exported domain-i checkpoint generates: the same
     weights through the same kernels (one label for the whole batch runs expert i on all of it), hence exactly."""

@@ -5,10 +5,20 @@
    sample's log-probability under that same model, keep the ``reward.top_k`` most likely as negatives and pair each
    with the gold definition (:func:`lm_lexicon.reward.build_preference_pairs`). The same on ``reward.valid_rows``
    held-out validation records gives the pairs the reward model is judged on (pairwise accuracy; chance = 0.5).
-2. **Outcome reward model**: :class:`lm_lexicon.reward.RewardModel` trained with ``-log sigma(r(x,y_w) - r(x,y_l))``.
+   With ``reward.sample_pairs``, (better, worse) pairs of samples ranked by BLEU against the headword's references
+   too; ties and near-ties (gap < ``reward.sample_margin``) are dropped and counted.
+2. **Outcome reward model**: :class:`lm_lexicon.reward.RewardModel` (``reward.backbone``: the MiniLM encoder or the
+   pretrained seed LM) trained with ``-log sigma(r(x,y_w) - r(x,y_l))``. Held-out sample-vs-sample accuracy is
+   reported overall and within length-matched pairs (definitions within ``reward.length_match_gap`` words), next to
+   the "prefer the shorter" rule's accuracy on the same pairs: what length alone would score. ``reward.length_balance``
+   trains on a subset where the preferred definition is as often the shorter as the longer one
+   (:func:`lm_lexicon.reward.balance_lengths`), so length alone earns nothing in training.
 3. **Reranking**: ``best_of_n`` samples per test input; the reward model picks one. The BoN curve (mean Protocol A
    BLEU of the pick among the first N samples) is drawn for the reward model, for no selection (sample 1: the N = 1
-   baseline) and for the oracle (the sample closest to the references: an UPPER BOUND, labelled as such).
+   baseline) and for the oracle (the sample closest to the references: an UPPER BOUND, labelled as such); the same
+   curves on every evaluated metric with a per-sentence form (:func:`candidate_metric_scores`, the oracle picking
+   by that metric), with the mean length of the picks and the reward model's paired permutation p-value against
+   sample 1 per N (:func:`bon_analysis`).
 4. **Language filter** (``evaluate.bon_language_filter``, on for non-English inputs by default): before the reward
    model picks, the samples not identified as the input's language (:func:`lm_lexicon.metrics.language.complies`)
    are set aside; when none of an input's first N samples complies, all N stay (the fallback, counted and reported).
@@ -18,7 +28,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
 
 
 @dataclass
@@ -59,14 +71,33 @@ def sample_definitions(generator, records: Sequence, domains: Optional[Sequence[
     return SampledSet(records, None if domains is None else list(domains), samples, logprobs, refs)
 
 
+def new_reward_model(reward_cfg, seed_model: Optional[str] = None, seed: int = 0,
+                     attn_implementation: Optional[str] = None):
+    """A fresh reward model of the configured backbone: the encoder, or ``seed_model`` (the pipeline's seed)."""
+    from lm_lexicon.reward import RewardModel
+
+    if reward_cfg.backbone == "seed":
+        if not seed_model:
+            raise ValueError("reward.backbone='seed' needs the pipeline's seed_model name")
+        return RewardModel.from_seed(seed_model, max_length=reward_cfg.max_length, seed=seed,
+                                     attn_implementation=attn_implementation)
+    return RewardModel.from_encoder(reward_cfg.encoder, max_length=reward_cfg.max_length, seed=seed,
+                                    num_hidden_layers=reward_cfg.num_hidden_layers)
+
+
 def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg, seed: int = 0,
-                               log: Callable[[str], None] = print):
+                               log: Callable[[str], None] = print, *, seed_model: Optional[str] = None,
+                               attn_implementation: Optional[str] = None):
     """Preference pairs from ``train`` / ``valid`` samples, then the reward model; returns ``(model, report)``.
 
-    ``report``: pair counts, training metrics, and ``valid_accuracy`` (fraction of held-out pairs where the gold
-    definition outscores the sample) next to the accuracy before training (the random head), so the gain is visible.
+    ``report``: pair counts (and the ranked pairs' ties and near-ties dropped), training metrics, and
+    ``valid_accuracy`` (fraction of held-out pairs where the gold definition outscores the sample) next to the
+    accuracy before training (the random head), so the gain is visible; with ranked pairs, the same for sample vs
+    sample, overall and within length-matched pairs. ``seed_model``: the backbone when ``reward_cfg.backbone`` is
+    ``"seed"``.
     """
-    from lm_lexicon.reward import RewardModel, build_preference_pairs, build_ranked_sample_pairs, pairwise_accuracy
+    from lm_lexicon.reward import (balance_lengths, build_preference_pairs, build_ranked_sample_pairs,
+                                   length_matched, pairwise_accuracy, shorter_wins_accuracy)
 
     def pairs_of(sampled: SampledSet):
         gold = build_preference_pairs(sampled.records, sampled.samples, sampled.logprobs, top_k=reward_cfg.top_k,
@@ -83,33 +114,46 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
 
     train_gold, train_ranked = pairs_of(train)
     valid_gold, valid_ranked = pairs_of(valid)
-    train_pairs = train_gold + train_ranked
+    valid_matched = length_matched(valid_ranked, reward_cfg.length_match_gap)
+    train_pairs, balance_dropped = train_gold + train_ranked, 0
+    if reward_cfg.length_balance:
+        train_pairs, balance_dropped = balance_lengths(train_pairs, seed)
     if not train_pairs:
         raise ValueError("no preference pairs: every sample equals its gold definition")
-    model = RewardModel.from_encoder(reward_cfg.encoder, max_length=reward_cfg.max_length, seed=seed,
-                                     num_hidden_layers=reward_cfg.num_hidden_layers)
+    model = new_reward_model(reward_cfg, seed_model, seed, attn_implementation)
 
-    def accuracies() -> tuple[float, float]:
+    def accuracies() -> tuple[float, float, float]:
         nan = float("nan")
-        return (pairwise_accuracy(model, valid_gold) if valid_gold else nan,
-                pairwise_accuracy(model, valid_ranked) if valid_ranked else nan)
+        return tuple(pairwise_accuracy(model, pairs) if pairs else nan
+                     for pairs in (valid_gold, valid_ranked, valid_matched))
 
-    before_gold, before_ranked = accuracies()
+    before_gold, before_ranked, before_matched = accuracies()
     t0 = time.perf_counter()
     metrics = model.train(train_pairs, epochs=reward_cfg.epochs, lr=reward_cfg.lr, batch_size=reward_cfg.batch_size,
-                          seed=seed)
-    after_gold, after_ranked = accuracies()
-    ranked_note = (f"; sample-vs-sample {after_ranked:.3f} (untrained {before_ranked:.3f}) on {len(valid_ranked)}"
-                   if valid_ranked else "")
-    log(f"[evaluate] reward model: {len(train_gold)} gold + {len(train_ranked)} sample-vs-sample training pairs in "
-        f"{time.perf_counter() - t0:.0f}s; held-out pairwise accuracy gold-vs-sample {after_gold:.3f} (untrained head "
-        f"{before_gold:.3f}, chance 0.5) on {len(valid_gold)} pairs{ranked_note}")
+                          seed=seed, precision=reward_cfg.precision)
+    after_gold, after_ranked, after_matched = accuracies()
+    ranked_note = (f"; sample-vs-sample {after_ranked:.3f} (untrained {before_ranked:.3f}) on {len(valid_ranked)}, "
+                   f"length-matched {after_matched:.3f} on {len(valid_matched)}" if valid_ranked else "")
+    stats = getattr(train_ranked, "stats", None) or {}
+    dropped = (f" ({stats['ties']} ties and {stats['near_ties']} near-ties of {stats['sample_pairs']} sample pairs "
+               f"dropped)" if stats.get("sample_pairs") else "")
+    log(f"[evaluate] reward model ({model!r}): {len(train_gold)} gold + {len(train_ranked)} sample-vs-sample{dropped} "
+        f"training pairs in {time.perf_counter() - t0:.0f}s; held-out pairwise accuracy gold-vs-sample "
+        f"{after_gold:.3f} (untrained head {before_gold:.3f}, chance 0.5) on {len(valid_gold)} pairs{ranked_note}")
     # valid_accuracy / valid_pairs: gold vs sample (the paper's check); *_samples: sample vs sample (what BoN needs)
     report = {"train_pairs": len(train_pairs), "train_gold_pairs": len(train_gold),
+              "length_balance": reward_cfg.length_balance, "train_pairs_dropped_length_balance": balance_dropped,
               "train_sample_pairs": len(train_ranked), "valid_pairs": len(valid_gold),
               "valid_accuracy": after_gold, "valid_accuracy_untrained": before_gold,
               "valid_sample_pairs": len(valid_ranked), "valid_accuracy_samples": after_ranked,
               "valid_accuracy_samples_untrained": before_ranked,
+              "valid_length_matched_pairs": len(valid_matched), "valid_accuracy_length_matched": after_matched,
+              "valid_accuracy_length_matched_untrained": before_matched,
+              "length_match_gap": reward_cfg.length_match_gap,
+              "valid_accuracy_samples_shorter_wins": shorter_wins_accuracy(valid_ranked) if valid_ranked else None,
+              "train_sample_pair_stats": getattr(train_ranked, "stats", None),
+              "valid_sample_pair_stats": getattr(valid_ranked, "stats", None),
+              "backbone": reward_cfg.backbone, "model": repr(model), "precision": metrics.get("precision"),
               "sample_margin": reward_cfg.sample_margin, "train_records": len(train.records),
               "valid_records": len(valid.records), "loss_first": metrics["loss_first"],
               "loss_last": metrics["loss_last"], "train_accuracy": metrics["epoch_accuracy"][-1],
@@ -173,11 +217,14 @@ def language_filter_report(keep: Sequence[Sequence[bool]], langs: Sequence[str],
 
 
 def rerank(model, prompts: Sequence[str], candidates: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
-           ns: Sequence[int], keep: Optional[Sequence[Sequence[bool]]] = None) -> dict:
+           ns: Sequence[int], keep: Optional[Sequence[Sequence[bool]]] = None,
+           metric_scores: Optional[Mapping[str, Sequence[Sequence[float]]]] = None) -> dict:
     """Reward-model picks at the largest N, and BoN curves (Protocol A BLEU x 100) for ORM / first / oracle.
 
     ``keep`` (from :func:`language_keep_mask`): the language filter -- the reward model picks among the kept samples
     of the first N (all of them when none is kept), and a "language filter (first compliant)" curve is added.
+    ``metric_scores`` (from :func:`candidate_metric_scores`): the same curves on those metrics, with p-values and
+    the picks' lengths (:func:`bon_analysis`, under ``"analysis"``; the lengths are there without it too).
     """
     from lm_lexicon.reward import best_of_n, bon_curve
 
@@ -185,14 +232,128 @@ def rerank(model, prompts: Sequence[str], candidates: Sequence[Sequence[str]], r
     scores = raw if keep is None else filter_scores(raw, keep)
     available = min(len(c) for c in candidates)
     ns = [n for n in ns if n <= available] or [available]
+    selections = {"reward model": scores, "no selection (sample 1)": _first(candidates)}
+    if keep is not None:  # no reward model: the first kept sample (sample 1 when none is kept)
+        selections["language filter (first compliant)"] = filter_scores(
+            [[-float(j) for j in range(len(cs))] for cs in candidates], keep)
     curves = {"reward model": bon_curve(candidates, references, scorer=scores, ns=ns),
               "no selection (sample 1)": bon_curve(candidates, references, scorer="first", ns=ns),
               "oracle (upper bound)": bon_curve(candidates, references, scorer="oracle", ns=ns)}
-    if keep is not None:  # no reward model: the first kept sample (sample 1 when none is kept)
-        first_kept = filter_scores([[-float(j) for j in range(len(cs))] for cs in candidates], keep)
-        curves["language filter (first compliant)"] = bon_curve(candidates, references, scorer=first_kept, ns=ns)
+    if keep is not None:
+        curves["language filter (first compliant)"] = bon_curve(
+            candidates, references, scorer=selections["language filter (first compliant)"], ns=ns)
+    analysis = bon_analysis(candidates, references, selections, dict(metric_scores or {}), ns)
     picks = best_of_n(candidates, scores)
-    return {"picks": picks, "scores": scores, "raw_scores": raw, "curves": curves, "n": available}
+    return {"picks": picks, "scores": scores, "raw_scores": raw, "curves": curves, "n": available,
+            "analysis": analysis}
+
+
+#: The evaluation metrics Best-of-N is drawn on: those with a per-sentence score. Length is reported as the picks'
+#: length instead, and language compliance is what the language filter acts on, not a quality score.
+BON_METRICS = ("bleu_a", "bleu_nltk", "sacrebleu", "rouge_l", "meteor", "bertscore", "exact_match")
+ORACLE = "oracle (upper bound)"
+METHOD = "reward model"
+BASELINE = "no selection (sample 1)"
+
+
+def candidate_metric_scores(rows: Sequence[Mapping], candidates: Sequence[Sequence[str]], metrics: Sequence[str],
+                            settings=None, reference_groups: Optional[Mapping] = None) -> tuple[dict, dict]:
+    """Every candidate's score on each of ``metrics`` that has a per-sentence form (:data:`BON_METRICS`), computed as
+    the evaluation table computes it: :func:`lm_lexicon.metrics.compute_metrics` on ``rows[i]`` (a prediction row:
+    term, split, references ...) with candidate j as its prediction -- the same references, protocols and settings.
+
+    Returns ``({metric: [[score of candidate j of input i]]}, {metric: why it was skipped})``.
+    """
+    from lm_lexicon.metrics import compute_metrics
+
+    if len(rows) != len(candidates):
+        raise ValueError(f"{len(rows)} rows for {len(candidates)} candidate lists")
+    names = [m for m in metrics if m in BON_METRICS]
+    flat = [dict(row, prediction=c, predictions=[c]) for row, cs in zip(rows, candidates) for c in cs]
+    results = compute_metrics(flat, names, settings, reference_groups=reference_groups) if flat and names else {}
+    scores: dict[str, list[list[float]]] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        values = results[name].get("per_item")
+        if values is None:
+            skipped[name] = results[name].get("skipped_reason") or "no per-sentence scores"
+            continue
+        per_input, k = [], 0
+        for cs in candidates:
+            per_input.append([float(v) for v in values[k:k + len(cs)]])
+            k += len(cs)
+        scores[name] = per_input
+    return scores, skipped
+
+
+def _first(candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+    return [[1.0] + [0.0] * (len(cs) - 1) for cs in candidates]
+
+
+def pick_indices(selection: Sequence[Sequence[float]], n: int) -> list[int]:
+    """Per input: the position of the highest selection score among its first ``n`` candidates (the first on a tie)."""
+    return [int(np.argmax(np.asarray(ss[:n], dtype=np.float64))) for ss in selection]
+
+
+def bon_analysis(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+                 selections: Mapping[str, Sequence[Sequence[float]]],
+                 metric_scores: Mapping[str, Sequence[Sequence[float]]], ns: Sequence[int],
+                 n_permutations: int = 10000, seed: int = 0) -> dict:
+    """What Best-of-N does on every metric, and to the length of what it picks.
+
+    ``selections``: selection rule -> per-candidate scores (the argmax among the first N is picked); the oracle is
+    added per metric (picking by that metric: an upper bound). Returns ``{"metrics": {metric: {"curves": {rule: {n:
+    mean score of the picks}}, "p_value": {n: paired permutation p of reward model vs sample 1}}}, "pick_length":
+    {rule: {n: mean words}}, "pick_length_p_value": {n: p}}``; the oracle's picks for the lengths are Protocol A
+    BLEU's (the headline oracle row). Means are on the scale of the metric's table value.
+    """
+    from lm_lexicon.experiments import paired_permutation_test
+    from lm_lexicon.reward import _bleu_a_scores, word_count
+
+    ns = sorted({int(n) for n in ns})
+
+    def p_value(a, b) -> float:
+        return paired_permutation_test(a, b, n_permutations=n_permutations, seed=seed) if len(a) else 1.0
+
+    out: dict[str, Any] = {"metrics": {}}
+    for name, ms in metric_scores.items():
+        rules = {**selections, ORACLE: ms}
+        picked = {rule: {n: [row[j] for row, j in zip(ms, pick_indices(sel, n))] for n in ns}
+                  for rule, sel in rules.items()}
+        out["metrics"][name] = {
+            "curves": {rule: {n: float(np.mean(v)) for n, v in by_n.items()} for rule, by_n in picked.items()},
+            "p_value": {n: p_value(picked[METHOD][n], picked[BASELINE][n]) for n in ns} if METHOD in rules else {}}
+    bleu = metric_scores.get("bleu_a") or [_bleu_a_scores(cs, refs) for cs, refs in zip(candidates, references)]
+    lengths = [[word_count(c) for c in cs] for cs in candidates]
+    by_rule = {rule: {n: [row[j] for row, j in zip(lengths, pick_indices(sel, n))] for n in ns}
+               for rule, sel in {**selections, ORACLE: bleu}.items()}
+    out["pick_length"] = {rule: {n: float(np.mean(v)) for n, v in by_n.items()} for rule, by_n in by_rule.items()}
+    if METHOD in by_rule:
+        out["pick_length_p_value"] = {n: p_value(by_rule[METHOD][n], by_rule[BASELINE][n]) for n in ns}
+    return out
+
+
+def analysis_tables(analysis: Mapping) -> str:
+    """Markdown: per metric, the curves (one row per selection rule, one column per N) and the reward model's
+    p-value against sample 1; then the mean length of the picks."""
+    lines: list[str] = []
+    for name, res in analysis.get("metrics", {}).items():
+        lines += [f"**{name}**", "", curve_table(res["curves"])]
+        if res.get("p_value"):
+            ns = sorted({int(n) for c in res["curves"].values() for n in c})
+            lines.append("| p, reward model vs sample 1 | " + " | ".join(
+                f"{res['p_value'][n]:.3g}" if n in res["p_value"] else "" for n in ns) + " |")
+        lines.append("")
+    if analysis.get("pick_length"):
+        lines += ["**Mean length of the picks** (words; the oracle picks by Protocol A BLEU)", "",
+                  curve_table(analysis["pick_length"])]
+        p = analysis.get("pick_length_p_value")
+        if p:
+            ns = sorted({int(n) for c in analysis["pick_length"].values() for n in c})
+            lines.append("| p, reward model vs sample 1 | " + " | ".join(
+                f"{p[n]:.3g}" if n in p else "" for n in ns) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def curve_table(curves: dict) -> str:

@@ -309,7 +309,11 @@ class FinetuneConfig(_Strict):
 class RewardConfig(_Strict):
     """Outcome reward model for Best-of-N (paper §3.4): gold definitions preferred over the model's own samples."""
 
-    encoder: str = Field("bundled-minilm", description="Encoder under the scalar head.")
+    backbone: Literal["encoder", "seed"] = Field(
+        "encoder", description="What reads (prompt, definition) under the scalar head: 'encoder' (the cheap one: "
+                               "`encoder`, mean-pooled) or 'seed' (the pipeline's pretrained seed_model, reading the "
+                               "policy's own input format, pooled at its last token).")
+    encoder: str = Field("bundled-minilm", description="Encoder under the scalar head (backbone 'encoder').")
     train_rows: int = Field(512, ge=1, description="Training records whose samples become negatives.")
     valid_rows: int = Field(200, ge=1, description="Held-out validation records: pairwise accuracy is reported.")
     samples: int = Field(16, ge=1, le=64, description="Definitions sampled per record.")
@@ -327,6 +331,21 @@ class RewardConfig(_Strict):
     max_length: int = Field(128, ge=8, description="Tokens of (prompt, definition).")
     num_hidden_layers: Optional[int] = Field(None, ge=1, description="Keep only the encoder's first k layers "
                                                                     "(None: all; small values for fast tests).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="Training forwards under bf16 autocast (auto: where the CPU/GPU computes bf16 natively); "
+                            "weights and scores stay float32.")
+    length_balance: bool = Field(False, description="Train on a seeded subset of the pairs in which the preferred "
+                                                    "definition is as often the shorter as the longer one (held-out "
+                                                    "pairs are never balanced).")
+    length_match_gap: int = Field(0, ge=0, le=5, description="Held-out pairs whose definitions differ by at most this "
+                                                            "many words count as length-matched (their accuracy is "
+                                                            "reported beside the overall one).")
+
+    @model_validator(mode="after")
+    def _layers_only_for_the_encoder(self) -> "RewardConfig":
+        if self.backbone == "seed" and self.num_hidden_layers is not None:
+            raise ValueError("reward.num_hidden_layers cuts the encoder; the seed backbone is used whole")
+        return self
 
 
 class EvalConfig(_Strict):

@@ -1,9 +1,18 @@
 """Best-of-N (shared/DESIGN.md §4): an outcome reward model, reward-model and oracle selection, the BoN curve.
 
-**Reward model.** ``r(x, y)`` = a linear head on the attention-masked mean of an encoder's last hidden states over
-the pair ``[CLS] prompt [SEP] definition [SEP]`` (the tokenizer's own pair encoding). The encoder defaults to the
-bundled all-MiniLM-L6-v2 (resolved like :class:`lm_lexicon.embed.Embedder`: offline, hub ids from the local cache
-only unless ``LM_LEXICON_ALLOW_DOWNLOADS=1``). Training minimises the pairwise (Bradley-Terry) loss
+**Reward model.** ``r(x, y)`` = a linear head on a backbone's last hidden states, one of two kinds
+(``reward_config.json`` ``backbone``):
+
+* ``"encoder"`` (the cheap one): the attention-masked mean over the pair ``[CLS] prompt [SEP] definition [SEP]`` (the
+  tokenizer's own pair encoding). The encoder defaults to the bundled all-MiniLM-L6-v2 (resolved like
+  :class:`lm_lexicon.embed.Embedder`: offline, hub ids from the local cache only unless
+  ``LM_LEXICON_ALLOW_DOWNLOADS=1``). Directories saved before the key existed are this kind.
+* ``"seed"``: the pretrained seed causal LM's backbone (:meth:`RewardModel.from_seed`) reading exactly what the policy
+  was trained on (:func:`lm_lexicon.sft.encode_example`: ``[BOS] prompt, a space, the definition, EOS``), pooled at
+  the LAST real token: in a causal model it is the only position that has read the prompt and the whole definition.
+  Right padding; over ``max_length`` the prompt loses its first tokens (after BOS), never the definition.
+
+Training minimises the pairwise (Bradley-Terry) loss
 
     L = -log sigma(r(x, y_w) - r(x, y_l))
 
@@ -23,8 +32,9 @@ result to report as a method. :func:`bon_curve` gives mean BLEU of the selected 
 (using the first N samples of each input: samples are i.i.d., so the prefix is a fair draw of N), and
 :func:`plot_bon_curve` draws it.
 
-Persistence: ``reward_config.json`` + ``model.safetensors`` (encoder and head) + the encoder's ``config.json`` and
-the tokenizer's JSON/text files. Never pickle.
+Persistence: ``reward_config.json`` + ``model.safetensors`` (backbone and head) + the backbone's ``config.json`` (in
+``encoder/`` for both kinds; :meth:`RewardModel.load` rebuilds it with ``AutoModel.from_config``) and the tokenizer's
+JSON/text files. Never pickle.
 """
 from __future__ import annotations
 
@@ -47,6 +57,8 @@ WEIGHTS_FILE = "model.safetensors"
 ENCODER_DIR = "encoder"
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_NS = (1, 2, 4, 8, 16, 32)
+BACKBONES = ("encoder", "seed")
+POOLING = {"encoder": "mean", "seed": "last"}
 
 
 # =================================================================================================== preference data
@@ -133,16 +145,28 @@ def build_preference_pairs(records: Sequence[Any], samples_per_record: Sequence[
     return pairs
 
 
+class RankedPairs(list):
+    """The pairs of :func:`build_ranked_sample_pairs` (a list of :class:`PreferencePair`) and ``stats``: what was
+    kept and what dropped, in unordered pairs of distinct samples of one record -- ``sample_pairs`` (all of them),
+    ``ties`` (equal BLEU), ``near_ties`` (gap below the margin), ``eligible`` (gap >= margin), ``drawn`` (kept after
+    the ``per_record`` cap), ``records`` and ``records_without_two_samples`` (fewer than two distinct samples)."""
+
+    def __init__(self, pairs=(), stats: Optional[dict] = None):
+        super().__init__(pairs)
+        self.stats = dict(stats or {})
+
+
 def build_ranked_sample_pairs(records: Sequence[Any], samples_per_record: Sequence[Sequence[str]],
                               references: Sequence[Sequence[str] | str], per_record: int = 4,
-                              margin: float = 0.05, *, seed: int = 0) -> list[PreferencePair]:
+                              margin: float = 0.05, *, seed: int = 0) -> RankedPairs:
     """(better sample, worse sample) pairs of the same prompt, ranked by Protocol A BLEU against ``references[i]``.
 
     Gold-vs-sample pairs teach the reward model to tell a dictionary definition from the policy's samples; Best-of-N
     needs it to rank the samples among themselves, which those pairs never show it. Here the reference decides which
     of two samples is better: every pair of distinct (normalised) samples whose BLEU differs by at least ``margin``
-    (in [0, 1]) is a candidate, and at most ``per_record`` of them are drawn (seeded, uniformly). Records with
-    fewer than two distinct samples, or no pair that far apart, contribute nothing.
+    (in [0, 1]) is a candidate, and at most ``per_record`` of them are drawn (seeded, uniformly). Ties and near-ties
+    (gap below ``margin``: the reference cannot tell them apart) are dropped and counted in ``.stats``
+    (:class:`RankedPairs`), as are records with fewer than two distinct samples.
     """
     if len(samples_per_record) != len(records) or len(references) != len(records):
         raise ValueError(f"{len(records)} records, {len(samples_per_record)} sample lists, "
@@ -151,7 +175,9 @@ def build_ranked_sample_pairs(records: Sequence[Any], samples_per_record: Sequen
         raise ValueError(f"per_record must be >= 0, got {per_record}")
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
-    pairs: list[PreferencePair] = []
+    stats = {"margin": margin, "records": len(records), "records_without_two_samples": 0, "sample_pairs": 0,
+             "ties": 0, "near_ties": 0, "eligible": 0, "drawn": 0}
+    pairs = RankedPairs(stats=stats)
     if per_record == 0:
         return pairs
     rng = np.random.default_rng(seed)
@@ -167,17 +193,65 @@ def build_ranked_sample_pairs(records: Sequence[Any], samples_per_record: Sequen
                 distinct[key] = text
         texts = list(distinct.values())
         if len(texts) < 2:
+            pairs.stats["records_without_two_samples"] += 1
             continue
         scores = _bleu_a_scores(texts, refs)
+        gaps = [abs(scores[a] - scores[b]) for a in range(len(texts)) for b in range(a + 1, len(texts))]
+        pairs.stats["sample_pairs"] += len(gaps)
+        pairs.stats["ties"] += sum(g < 1e-12 for g in gaps)
+        pairs.stats["near_ties"] += sum(1e-12 <= g < margin for g in gaps)
         candidates = [(scores[a] - scores[b], a, b) for a in range(len(texts)) for b in range(len(texts))
                       if scores[a] - scores[b] >= max(margin, 1e-12)]
+        pairs.stats["eligible"] += len(candidates)
         if not candidates:
             continue
         if len(candidates) > per_record:  # a seeded random subset: every sample can appear, not just the extremes
             chosen = sorted(rng.choice(len(candidates), size=per_record, replace=False).tolist())
             candidates = [candidates[k] for k in chosen]
         pairs.extend(PreferencePair(prompt, texts[a], texts[b], i) for _, a, b in candidates)
+    pairs.stats["drawn"] = len(pairs)
     return pairs
+
+
+def word_count(text: str) -> int:
+    """Length in Protocol A tokens (whitespace words, periods stripped): what the length comparisons count."""
+    from lm_lexicon.metrics.bleu import strip_periods
+
+    return len(strip_periods(text).split())
+
+
+def length_matched(pairs: Sequence[PreferencePair], max_gap: int = 0) -> list[PreferencePair]:
+    """The pairs whose two definitions differ by at most ``max_gap`` words: on them a reward model cannot win by
+    preferring the shorter (or longer) one."""
+    if max_gap < 0:
+        raise ValueError(f"max_gap must be >= 0, got {max_gap}")
+    return [p for p in pairs if abs(word_count(p.chosen) - word_count(p.rejected)) <= max_gap]
+
+
+def balance_lengths(pairs: Sequence[PreferencePair], seed: int = 0) -> tuple[list[PreferencePair], int]:
+    """A seeded subset in which the preferred definition is the shorter one in exactly as many pairs as it is the
+    longer one (pairs of equal length all stay): trained on it, a reward model gains nothing by preferring a length.
+    Returns ``(pairs, in their original order; how many were dropped)``."""
+    pairs = list(pairs)
+    gaps = [word_count(p.rejected) - word_count(p.chosen) for p in pairs]
+    shorter = [i for i, g in enumerate(gaps) if g > 0]
+    longer = [i for i, g in enumerate(gaps) if g < 0]
+    majority, minority = (shorter, longer) if len(shorter) > len(longer) else (longer, shorter)
+    excess = len(majority) - len(minority)
+    if excess == 0:
+        return pairs, 0
+    drop = set(np.random.default_rng(seed).choice(majority, size=excess, replace=False).tolist())
+    return [p for i, p in enumerate(pairs) if i not in drop], excess
+
+
+def shorter_wins_accuracy(pairs: Sequence[PreferencePair]) -> float:
+    """Accuracy of the rule "prefer the shorter definition" (a tie in length counts as half right): how much of a
+    reward model's accuracy length alone could explain."""
+    pairs = list(pairs)
+    if not pairs:
+        return float("nan")
+    gaps = np.array([word_count(p.rejected) - word_count(p.chosen) for p in pairs])
+    return float(np.mean((gaps > 0) + 0.5 * (gaps == 0)))
 
 
 # =================================================================================================== the model
@@ -186,29 +260,47 @@ def _torch_modules():
     import torch.nn as nn
 
     class RewardNet(nn.Module):
-        """Encoder + linear head on the masked mean of the last hidden states: ``[B, T] -> [B]``."""
+        """Backbone + linear head on its last hidden states, ``[B, T] -> [B]``: their masked mean
+        (``pooling="mean"``) or the last real token's (``"last"``; rows padded on the right)."""
 
-        def __init__(self, encoder: nn.Module, hidden_size: int):
+        def __init__(self, encoder: nn.Module, hidden_size: int, pooling: str = "mean"):
             super().__init__()
-            self.encoder = encoder
+            if pooling not in ("mean", "last"):
+                raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+            self.encoder = encoder  # the backbone; the name keeps the state-dict keys of the saved encoder kind
             self.head = nn.Linear(hidden_size, 1)
+            self.pooling = pooling
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = token_type_ids
             hidden = self.encoder(**kwargs).last_hidden_state  # [B, T, H]
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, H]
+            if self.pooling == "last":
+                last = attention_mask.sum(1).long() - 1  # [B]
+                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
+            else:
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, H]
             return self.head(pooled).squeeze(-1)  # [B]
 
     return torch, RewardNet
 
 
+def _init_head(net, seed: int) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        net.head.weight.copy_(torch.randn(net.head.weight.shape, generator=g) * 0.02)
+        net.head.bias.zero_()
+
+
 class RewardModel:
     """The outcome reward model ``r(prompt, definition) -> float`` (module docstring).
 
-    Build with :meth:`from_encoder` (a fresh head on a pretrained encoder) or :meth:`load`. Not an ``nn.Module``
+    Build with :meth:`from_encoder` (a fresh head on a pretrained encoder), :meth:`from_seed` (on the pretrained
+    seed LM) or :meth:`load`. Not an ``nn.Module``
     (its :meth:`train` trains; the network is ``.net``).
     """
 
@@ -219,13 +311,17 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.config = dict(config)
         self.max_length = int(config.get("max_length", 128))
+        self.backbone = self.config.setdefault("backbone", "encoder")  # saved before seed backbones: the encoder
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"reward model backbone must be one of {BACKBONES}, got {self.backbone!r}")
         self.device = torch.device(device)
         self.net.to(self.device).eval()
         self.history: list[dict] = list(config.get("history") or [])
 
     def __repr__(self) -> str:
-        return (f"RewardModel(encoder={self.config.get('encoder')!r}, layers={self.config.get('num_hidden_layers')}, "
-                f"max_length={self.max_length})")
+        name = self.config.get("seed_model") if self.backbone == "seed" else self.config.get("encoder")
+        return (f"RewardModel(backbone={self.backbone!r}, model={name!r}, "
+                f"layers={self.config.get('num_hidden_layers')}, max_length={self.max_length})")
 
     # ---- construction ----
     @classmethod
@@ -239,7 +335,7 @@ class RewardModel:
 
         from lm_lexicon.embed import ALLOW_DOWNLOADS_ENV, downloads_allowed, resolve_encoder
 
-        torch, RewardNet = _torch_modules()
+        _, RewardNet = _torch_modules()
         if max_length < 4:
             raise ValueError(f"max_length must be >= 4, got {max_length}")
         path = resolve_encoder(encoder)
@@ -264,12 +360,53 @@ class RewardModel:
             raise OSError(f"cannot load encoder {encoder!r}{hint}: {e}") from e
         hidden = int(model.config.hidden_size)
         net = RewardNet(model, hidden)
-        g = torch.Generator().manual_seed(int(seed))
-        with torch.no_grad():
-            net.head.weight.copy_(torch.randn(net.head.weight.shape, generator=g) * 0.02)
-            net.head.bias.zero_()
-        cfg = {"format": REWARD_FORMAT, "encoder": encoder, "encoder_path": path, "pooling": "mean",
+        _init_head(net, seed)
+        cfg = {"format": REWARD_FORMAT, "backbone": "encoder", "encoder": encoder, "encoder_path": path,
+               "pooling": POOLING["encoder"],
                "input": "tokenizer pair encoding of (prompt, definition)", "max_length": int(max_length),
+               "num_hidden_layers": int(model.config.num_hidden_layers), "hidden_size": hidden, "seed": int(seed),
+               "loss": "-log sigmoid(r(x, y_w) - r(x, y_l))"}
+        return cls(net, tokenizer, cfg, device)
+
+    @classmethod
+    def from_seed(cls, seed_model: str = "bundled-smollm2", *, max_length: int = 128, seed: int = 0,
+                  device: str = "cpu", trust_remote_code: bool = False, attn_implementation: Optional[str] = None,
+                  cache_dir: str | Path | None = None) -> "RewardModel":
+        """The pretrained seed causal LM's backbone (``transformers.AutoModel`` of
+        :func:`lm_lexicon.seed_models.resolve_seed_model`, float32, its LM head left out) with a fresh head on the
+        last token (``N(0, 0.02)``, drawn with ``seed``). ``attn_implementation``: e.g. ``"eager"`` (None:
+        transformers' default); it is saved, so a loaded model runs the same kernel."""
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from lm_lexicon.seed_models import resolve_seed_model
+
+        _, RewardNet = _torch_modules()
+        if max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {max_length}")
+        path = resolve_seed_model(seed_model, cache_dir=cache_dir)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the causal LM's head is an "unused weight" here: expected, not news
+        try:
+            model = AutoModel.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True,
+                                              local_files_only=True, trust_remote_code=trust_remote_code, **extra)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{path}: the tokenizer has no eos_token; the policy's input format ends with one")
+        if tokenizer.pad_token is None:  # padding is masked and never pooled: any id will do
+            tokenizer.pad_token = tokenizer.eos_token
+        hidden = int(model.config.hidden_size)
+        net = RewardNet(model, hidden, pooling=POOLING["seed"])
+        _init_head(net, seed)
+        cfg = {"format": REWARD_FORMAT, "backbone": "seed", "seed_model": seed_model, "seed_path": str(path),
+               "pooling": POOLING["seed"], "attn_implementation": attn_implementation,
+               "input": "[BOS] prompt, a space, the definition, EOS (lm_lexicon.sft.encode_example); right padded; "
+                        "the prompt truncated from the left", "max_length": int(max_length),
                "num_hidden_layers": int(model.config.num_hidden_layers), "hidden_size": hidden, "seed": int(seed),
                "loss": "-log sigmoid(r(x, y_w) - r(x, y_l))"}
         return cls(net, tokenizer, cfg, device)
@@ -280,7 +417,7 @@ class RewardModel:
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        torch, RewardNet = _torch_modules()
+        _, RewardNet = _torch_modules()
         directory = Path(directory)
         cfg_path = directory / CONFIG_FILE
         if not cfg_path.is_file():
@@ -288,9 +425,13 @@ class RewardModel:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         if cfg.get("format") != REWARD_FORMAT:
             raise ValueError(f"{cfg_path}: format {cfg.get('format')!r}, expected {REWARD_FORMAT!r}")
+        backbone = cfg.get("backbone", "encoder")
+        if backbone not in BACKBONES:
+            raise ValueError(f"{cfg_path}: backbone {backbone!r}, expected one of {BACKBONES}")
         enc_config = AutoConfig.from_pretrained(str(directory / ENCODER_DIR), local_files_only=True)
-        encoder = AutoModel.from_config(enc_config)
-        net = RewardNet(encoder, int(enc_config.hidden_size))
+        extra = {"attn_implementation": cfg["attn_implementation"]} if cfg.get("attn_implementation") else {}
+        encoder = AutoModel.from_config(enc_config, **extra)
+        net = RewardNet(encoder, int(enc_config.hidden_size), pooling=cfg.get("pooling", POOLING[backbone]))
         state = load_file(str(directory / WEIGHTS_FILE))
         result = net.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
@@ -315,9 +456,33 @@ class RewardModel:
 
     # ---- scoring ----
     def _encode(self, prompts: Sequence[str], definitions: Sequence[str]):
+        if self.backbone == "seed":
+            return self._encode_as_policy(prompts, definitions)
         enc = self.tokenizer(list(prompts), list(definitions), truncation=True, max_length=self.max_length,
                              padding=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def _encode_as_policy(self, prompts: Sequence[str], definitions: Sequence[str]):
+        """The policy's training input (module docstring), right padded; over ``max_length`` the prompt's first tokens
+        after BOS go, so the definition and its EOS, which the last-token head reads, are never cut."""
+        import torch
+
+        from lm_lexicon.sft import _bos_ids, encode_example
+
+        n_bos = len(_bos_ids(self.tokenizer))
+        rows = []
+        for prompt, definition in zip(prompts, definitions):
+            ids = encode_example(self.tokenizer, prompt, definition, max_length=1 << 30)["input_ids"]
+            if len(ids) > self.max_length:
+                ids = ids[:n_bos] + ids[len(ids) - (self.max_length - n_bos):]
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), int(self.tokenizer.pad_token_id), dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, :len(ids)] = 1
+        return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
 
     def score(self, prompts: Sequence[str], definitions: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """``r(prompt_i, definition_i)`` for each pair: float32 ``[n]``, in input order (eval mode, no dropout)."""
@@ -359,21 +524,23 @@ class RewardModel:
     # ---- training ----
     def train(self, pairs: Sequence[PreferencePair], epochs: int = 1, lr: float = 2e-5, batch_size: int = 16,
               seed: int = 0, *, weight_decay: float = 0.01, warmup_ratio: float = 0.1, schedule: str = "linear",
-              grad_clip: float = 1.0, train_encoder: bool = True,
+              grad_clip: float = 1.0, train_encoder: bool = True, precision: str = "fp32",
               valid_pairs: Optional[Sequence[PreferencePair]] = None) -> dict:
         """Minimise ``-log sigma(r(x, y_w) - r(x, y_l))`` over ``pairs``; return metrics.
 
         AdamW (no decay on biases/norms), linear warm-up over ``warmup_ratio`` of the steps then ``schedule``
         (``linear`` / ``cosine`` / ``constant``, :func:`lm_lexicon.sft.lr_factor`), gradient clipping, pairs
         shuffled per epoch with ``(seed, epoch)``; ``train_encoder=False`` trains the head only. Each step encodes
-        the chosen and rejected sides in one forward. Metrics: ``epoch_loss`` / ``epoch_accuracy`` (mean over the
+        the chosen and rejected sides in one forward; ``precision`` (``fp32`` / ``bf16`` / ``auto``,
+        :func:`lm_lexicon.sft.resolve_precision`) runs the training forwards under bf16 autocast (weights and scoring
+        stay float32). Metrics: ``epoch_loss`` / ``epoch_accuracy`` (mean over the
         epoch's training steps, dropout on), ``loss_first`` / ``loss_last`` (first and last step),
         ``valid_accuracy`` per epoch when ``valid_pairs`` are given, ``steps``, ``seconds``.
         """
         import torch
         import torch.nn.functional as F
 
-        from lm_lexicon.sft import lr_factor, make_adamw, set_seed
+        from lm_lexicon.sft import autocast_context, lr_factor, make_adamw, resolve_precision, set_seed
 
         pairs = list(pairs)
         if not pairs:
@@ -381,6 +548,7 @@ class RewardModel:
         if epochs < 1 or batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         set_seed(seed)
+        precision = resolve_precision(precision, self.device)
         for p in self.net.encoder.parameters():
             p.requires_grad_(train_encoder)
         optimizer = make_adamw(self.net, weight_decay, lr)
@@ -388,8 +556,9 @@ class RewardModel:
         total = steps_per_epoch * epochs
         warmup = int(round(warmup_ratio * total))
         metrics: dict[str, Any] = {"pairs": len(pairs), "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                                   "seed": seed, "epoch_loss": [], "epoch_accuracy": [], "loss_first": None,
-                                   "loss_last": None, "valid_accuracy": [] if valid_pairs else None}
+                                   "seed": seed, "precision": precision, "epoch_loss": [], "epoch_accuracy": [],
+                                   "loss_first": None, "loss_last": None,
+                                   "valid_accuracy": [] if valid_pairs else None}
         step = 0
         t0 = time.perf_counter()
         self.net.train()
@@ -405,7 +574,8 @@ class RewardModel:
                     b = len(batch)
                     prompts = [p.prompt for p in batch] * 2
                     definitions = [p.chosen for p in batch] + [p.rejected for p in batch]
-                    rewards = self.net(**self._encode(prompts, definitions))  # [2b]
+                    with autocast_context(precision, self.device):
+                        rewards = self.net(**self._encode(prompts, definitions)).float()  # [2b]
                     margin = rewards[:b] - rewards[b:]  # r(x, y_w) - r(x, y_l)
                     loss = F.softplus(-margin).mean()  # = -log sigmoid(margin), numerically stable
                     for g in optimizer.param_groups:

@@ -504,8 +504,8 @@ def _partition_rows(partition_dir: Path, split: str, n: int, seed: int):
 def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,
                reference_groups, threads: int, log):
     """Reward model on the policy's own samples, then BoN on the test sample; returns (prediction rows, report)."""
-    from lm_lexicon.best_of_n import (language_filter_report, language_keep_mask, rerank, sample_definitions,
-                                      train_outcome_reward_model)
+    from lm_lexicon.best_of_n import (candidate_metric_scores, language_filter_report, language_keep_mask, rerank,
+                                      sample_definitions, train_outcome_reward_model)
     from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, generate_split
     from lm_lexicon.metrics import MetricUnavailable
     from lm_lexicon.reward import oracle_best_of_n, plot_bon_curve
@@ -528,7 +528,10 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     valid_set = sample_definitions(generator, valid_rows, valid_domains if is_moe else None, orm_sampling,
                                    references=valid_refs)
     del generator
-    reward_model, orm_report = train_outcome_reward_model(train_set, valid_set, rc, seed=cfg.data.seed, log=log)
+    attention = None if cfg.seed_model.attn_implementation == "auto" else cfg.seed_model.attn_implementation
+    reward_model, orm_report = train_outcome_reward_model(train_set, valid_set, rc, seed=cfg.data.seed, log=log,
+                                                          seed_model=cfg.seed_model.name,
+                                                          attn_implementation=attention)
     reward_model.save(work / "reward_model")
 
     t = time.perf_counter()
@@ -544,7 +547,13 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     except MetricUnavailable as e:  # no language identifier: rerank unfiltered, and say so
         keep, language_filter["skipped_reason"] = None, str(e)
         log(f"[evaluate] BoN language filter skipped: {e}")
-    result = rerank(reward_model, [record_prompt(r) for r in records], candidates, references, ev.bon_ns, keep=keep)
+    t = time.perf_counter()
+    metric_scores, metrics_skipped = candidate_metric_scores(sampled, candidates, evaluation_metrics(ev, records), ev,
+                                                             reference_groups)
+    log(f"[evaluate] BoN: {sum(map(len, candidates))} samples scored on {', '.join(metric_scores) or 'no metric'} in "
+        f"{time.perf_counter() - t:.1f}s" + (f" (skipped: {metrics_skipped})" if metrics_skipped else ""))
+    result = rerank(reward_model, [record_prompt(r) for r in records], candidates, references, ev.bon_ns, keep=keep,
+                    metric_scores=metric_scores)
     n = result["n"]
     if keep is not None:
         language_filter = {**language_filter_report(keep, langs, n, ev.bon_language_filter), "applied": True}
@@ -560,11 +569,14 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     plot_bon_curve(curves, work / "bon.png", title=f"Best-of-N: {name} on {ev.split} ({len(records)} rows)")
     report = {"model": name, "n": n, "ns": sorted(curves["reward model"]), "curves": curves,
               "reward_model": orm_report, "seconds": round(time.perf_counter() - t0, 1),
-              "sampling": sampling.to_dict(), "language_filter": language_filter}
+              "sampling": sampling.to_dict(), "language_filter": language_filter,
+              "analysis": {**result["analysis"], "skipped_metrics": metrics_skipped}}
     (work / "bon.json").write_text(json.dumps(report, indent=2))
     _write_jsonl(sampled, work / "predictions" / f"{name}-samples.jsonl")
     log(f"[evaluate] BoN Protocol A BLEU at N={n}: reward model {curves['reward model'][n]:.2f}, sample 1 "
-        f"{curves['no selection (sample 1)'][n]:.2f}, oracle (upper bound) {curves['oracle (upper bound)'][n]:.2f}")
+        f"{curves['no selection (sample 1)'][n]:.2f}, oracle (upper bound) {curves['oracle (upper bound)'][n]:.2f}; "
+        f"mean words of the picks: reward model {result['analysis']['pick_length']['reward model'][n]:.2f}, sample 1 "
+        f"{result['analysis']['pick_length']['no selection (sample 1)'][n]:.2f}")
     return rows, report
 
 
@@ -574,30 +586,64 @@ def render_bon_section(bon: dict) -> str:
     orm = bon["reward_model"]
     return "\n".join([
         "", f"## Best-of-N ({bon['model']})", "",
-        f"Outcome reward model (`{bon['sampling']['num_return_sequences']}` samples per input, T "
+        f"Outcome reward model{' `' + orm['model'] + '`' if orm.get('model') else ''} "
+        f"(`{bon['sampling']['num_return_sequences']}` samples per input, T "
         f"{bon['sampling']['temperature']}, top-k {bon['sampling']['top_k']}, top-p {bon['sampling']['top_p']}): "
         f"trained on {orm.get('train_gold_pairs', orm['train_pairs'])} (gold, sample) pairs"
-        f"{_ranked_pairs_note(orm)} from {orm['train_records']} training records; "
+        f"{_ranked_pairs_note(orm)} from {orm['train_records']} training records{_balance_note(orm)}; "
         f"held-out pairwise accuracy gold vs sample **{orm['valid_accuracy']:.3f}** on {orm['valid_pairs']} pairs "
         f"from {orm['valid_records']} validation records (untrained head: {orm['valid_accuracy_untrained']:.3f}; "
         f"chance: 0.5){_ranked_accuracy_note(orm)}.", "",
         *_language_filter_lines(bon.get("language_filter") or {}),
         "Mean Protocol A BLEU of the selected sample among the first N (oracle = an upper bound that reads the "
-        "references, not a method):", "", curve_table(bon["curves"]), "", "![BoN curve](bon.png)", ""])
+        "references, not a method):", "", curve_table(bon["curves"]), "", "![BoN curve](bon.png)", "",
+        *_analysis_lines(bon.get("analysis") or {})])
+
+
+def _analysis_lines(analysis: dict) -> list[str]:
+    from lm_lexicon.best_of_n import analysis_tables
+
+    if not analysis.get("metrics") and not analysis.get("pick_length"):
+        return []
+    skipped = analysis.get("skipped_metrics") or {}
+    return ["### Best-of-N on every metric", "",
+            "Mean score of the pick among the first N on each evaluated metric with a per-sentence form, computed as "
+            "in the table above (the oracle picks by that metric: an upper bound); under each, the paired "
+            "permutation p-value of the reward model's picks against sample 1 (same inputs).", "",
+            analysis_tables(analysis),
+            *([f"Not drawn: {', '.join(f'{m} ({why})' for m, why in skipped.items())}.", ""] if skipped else [])]
 
 
 def _ranked_pairs_note(orm: dict) -> str:
     if not orm.get("train_sample_pairs"):
         return ""
+    stats = orm.get("train_sample_pair_stats") or {}
+    dropped = (f"; of their {stats['sample_pairs']} pairs of distinct samples, {stats['ties']} ties and "
+               f"{stats['near_ties']} near-ties were dropped" if stats.get("sample_pairs") else "")
     return (f" and {orm['train_sample_pairs']} (better, worse) pairs of samples ranked by Protocol A BLEU (gap >= "
-            f"{100 * orm['sample_margin']:.0f} points)")
+            f"{100 * orm['sample_margin']:.0f} points{dropped})")
+
+
+def _balance_note(orm: dict) -> str:
+    if not orm.get("length_balance"):
+        return ""
+    return (f" ({orm['train_pairs_dropped_length_balance']} dropped so that the preferred definition is as often the "
+            f"shorter as the longer one: {orm['train_pairs']} trained on)")
 
 
 def _ranked_accuracy_note(orm: dict) -> str:
     if not orm.get("valid_sample_pairs"):
         return ""
-    return (f"; sample vs sample **{orm['valid_accuracy_samples']:.3f}** on {orm['valid_sample_pairs']} held-out "
+    note = (f"; sample vs sample **{orm['valid_accuracy_samples']:.3f}** on {orm['valid_sample_pairs']} held-out "
             f"pairs (untrained head: {orm['valid_accuracy_samples_untrained']:.3f})")
+    if "valid_accuracy_length_matched" in orm:  # reports written before the length control have no such keys
+        shorter = orm.get("valid_accuracy_samples_shorter_wins")
+        note += (f", within length-matched pairs (at most {orm['length_match_gap']} words apart) "
+                 f"**{orm['valid_accuracy_length_matched']:.3f}** on {orm['valid_length_matched_pairs']} (untrained "
+                 f"head: {orm['valid_accuracy_length_matched_untrained']:.3f})"
+                 + (f"; the rule \"prefer the shorter\" scores {shorter:.3f} on all of them" if shorter is not None
+                    else ""))
+    return note
 
 
 def _language_filter_lines(lf: dict) -> list[str]:
