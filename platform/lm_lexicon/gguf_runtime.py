@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -62,13 +62,14 @@ def banned_by_ngrams(generated: Sequence[int], n: int) -> list[int]:
             if tuple(generated[i:i + n - 1]) == prefix]
 
 
-def next_token(logits: np.ndarray, prompt: Sequence[int], generated: Sequence[int], penalty: float,
-               no_repeat_ngram_size: int) -> int:
-    logits = penalise_repeats(np.array(logits, dtype=np.float32), list(prompt) + list(generated), penalty)
+def processed_logits(logits: np.ndarray, prompt: Sequence[int], generated: Sequence[int], penalty: float,
+                     no_repeat_ngram_size: int) -> np.ndarray:
+    """The scores a greedy step picks its argmax from (a copy; ``logits`` is left as it is)."""
+    scores = penalise_repeats(np.array(logits, dtype=np.float32), list(prompt) + list(generated), penalty)
     banned = banned_by_ngrams(list(generated), no_repeat_ngram_size)
     if banned:
-        logits[banned] = -np.inf
-    return int(np.argmax(logits))
+        scores[banned] = -np.inf
+    return scores
 
 
 # =================================================================================================== one model
@@ -95,15 +96,20 @@ class GGUFModel:
         return np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
 
     def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int, repetition_penalty: float = 1.0,
-               no_repeat_ngram_size: int = 0) -> list[int]:
-        """Greedy token ids after ``prompt_ids`` (without the EOS), under the pipeline's decoding rules."""
+               no_repeat_ngram_size: int = 0, on_step: Optional[Callable[[tuple, np.ndarray], None]] = None
+               ) -> list[int]:
+        """Greedy token ids after ``prompt_ids`` (without the EOS), under the pipeline's decoding rules.
+        ``on_step(generated prefix, scores)`` sees the scores of every step (the parity test compares them)."""
         budget = self.llm.n_ctx() - max_new_tokens
         prompt_ids = list(prompt_ids)[-budget:] if len(prompt_ids) > budget else list(prompt_ids)
         self.llm.reset()
         logits = self.logits_after(prompt_ids)
         out: list[int] = []
         for _ in range(max_new_tokens):
-            tok = next_token(logits, prompt_ids, out, repetition_penalty, no_repeat_ngram_size)
+            scores = processed_logits(logits, prompt_ids, out, repetition_penalty, no_repeat_ngram_size)
+            if on_step is not None:
+                on_step(tuple(out), scores)
+            tok = int(np.argmax(scores))
             if tok == self.eos:
                 break
             out.append(tok)
@@ -178,3 +184,35 @@ class GGUFDefiner:
                                           "total": round(1000 * (time.perf_counter() - t1 + (t_route - t0)
                                                                  / max(1, len(items))), 1)}})
         return results
+
+
+class LocalClient:
+    """The GGUF backend behind the interface of :class:`lm_lexicon.serving.client.LexiconClient` (``define``,
+    ``define_one``): items are validated as the server validates them (a bad row is a 422 naming it), so
+    ``lm-lexicon define`` and :func:`lm_lexicon.serving.client.define_file` work unchanged, one row at a time."""
+
+    def __init__(self, definer: GGUFDefiner, domain: Optional[int] = None):
+        self.definer = definer
+        self.domain = domain
+
+    def __enter__(self) -> "LocalClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def define(self, items: Sequence[dict], n: int = 1, return_scores: bool = False, seed: int = 0) -> list[dict]:
+        from lm_lexicon.serving.client import ApiClientError
+        from lm_lexicon.serving.schemas import ApiError, Limits, parse_definitions_request
+
+        try:
+            req = parse_definitions_request({"items": list(items), "n": int(n), "return_scores": bool(return_scores),
+                                             "seed": int(seed)}, Limits(max_items=max(1, len(items))))
+        except ApiError as e:
+            raise ApiClientError(e.status, e.code, e.message, e.details) from None
+        rows = [it.model_dump() for it in req.items]
+        domains = [self.domain] * len(rows) if self.domain is not None else None
+        return self.definer.define(rows, n=n, return_scores=return_scores, seed=seed, domains=domains)
+
+    def define_one(self, term: str, context: str = "", lang: str = "en", **kw) -> dict:
+        return self.define([{"term": term, "context": context, "lang": lang}], **kw)[0]
