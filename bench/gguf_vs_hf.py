@@ -11,8 +11,9 @@ the pipeline's rules -- repetition penalty 1.05, no repeated 3-gram, at most 32 
 
 * HF: :class:`lm_lexicon.generate.DefinitionGenerator` in float32 (what serving runs), batch 1 and batch 16
   (length-sorted, left-padded), torch threads = --threads;
-* llama.cpp: :class:`lm_lexicon.gguf_runtime.GGUFModel`, one prompt at a time (llama-cpp-python's Python API
-  decodes one sequence; batching is llama.cpp's server's job), n_threads = --threads.
+* llama.cpp: :class:`lm_lexicon.gguf_runtime.GGUFModel`, one prompt at a time, and
+  :class:`lm_lexicon.gguf_runtime.BatchDecoder`, 16 sequences per ``llama_decode`` (as llama.cpp's server batches),
+  n_threads = --threads.
 
 Timing: interleaved rounds (every variant once per round, so a busy period of the shared machine hits all alike),
 median seconds per round after a warm-up; definitions/s = prompts / median seconds. The 1-minute load average is
@@ -83,6 +84,22 @@ def cpp_runner(path: Path, prompts: list[str], threads: int):
     return run, outputs
 
 
+def cpp_batch_runner(path: Path, prompts: list[str], threads: int, batch: int):
+    from lm_lexicon.gguf_runtime import BatchDecoder, GGUFModel
+
+    model = GGUFModel(path, n_threads=threads, n_ctx=512)
+    decoder = BatchDecoder(model, max_batch=batch)
+    encoded = [model.tokenize(p) for p in prompts]
+    outputs: list = []
+
+    def run():
+        ids = decoder.greedy(encoded, SETTINGS["max_new_tokens"], SETTINGS["repetition_penalty"],
+                             SETTINGS["no_repeat_ngram_size"])
+        outputs[:] = [model.detokenize(i) for i in ids]
+        return sum(len(i) for i in ids)
+    return run, outputs
+
+
 def timed(runs: dict, rounds: int) -> dict:
     """``{name: (median seconds, new tokens of the last round)}`` over interleaved rounds after one warm-up."""
     tokens = {name: fn() for name, fn in runs.items()}
@@ -127,13 +144,15 @@ def main() -> None:
                                                                                   args.threads)
         for dtype, path in files.items():
             runs[f"llama.cpp {dtype}, batch 1"], outputs[dtype] = cpp_runner(path, prompts, args.threads)
+        runs["llama.cpp bf16, batch 16"], outputs["bf16 batched"] = cpp_batch_runner(files["bf16"], prompts,
+                                                                                    args.threads, 16)
         results = timed(runs, args.rounds)
         sizes = {dtype: path.stat().st_size / 1e6 for dtype, path in files.items()}
     load_after = os.getloadavg()
 
     n = len(prompts)
     base1, base16 = results["HF generate, batch 1"][0], results["HF generate, batch 16"][0]
-    same = {d: sum(a == b for a, b in zip(outputs[d], outputs["hf1"])) for d in files}
+    same = {d: sum(a == b for a, b in zip(outputs[d], outputs["hf1"])) for d in [*files, "bf16 batched"]}
     lines = [
         f"Model: `{args.domain_dir}` (SmolLM2-135M expert, bf16 checkpoint). {n} WordNet test prompts, greedy "
         f"(repetition penalty 1.05, no repeated 3-gram, <= 32 new tokens, stop at EOS), {args.threads} threads, "
@@ -145,9 +164,10 @@ def main() -> None:
     ]
     for name, (seconds, tokens) in results.items():
         dtype = name.split()[1].rstrip(",") if name.startswith("llama.cpp") else None
+        key = "bf16 batched" if name == "llama.cpp bf16, batch 16" else dtype
         lines.append(f"| {name} | {n / seconds:.1f} | {tokens / seconds:.0f} | {base1 / seconds:.2f} | "
                      f"{base16 / seconds:.2f} | {f'{sizes[dtype]:.0f} MB' if dtype else '-'} | "
-                     f"{f'{same[dtype]}/{n}' if dtype else '-'} |")
+                     f"{f'{same[key]}/{n}' if dtype else '-'} |")
     lines += ["", "'same text as HF': llama.cpp's definition equals HF batch 1's, character for character (they "
               "part only at near ties: bf16 activations in ggml's matmuls, see docs/GGUF.md)."]
     print("\n".join(lines))

@@ -78,12 +78,13 @@ class GGUFModel:
 
     def __init__(self, path: str | Path, *, n_ctx: int = 1024, n_threads: Optional[int] = None,
                  add_bos: bool = False):
-        llama_cpp = import_llama_cpp()
+        self.llama_cpp = llama_cpp = import_llama_cpp()
         self.path = Path(path)
         self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=int(n_ctx), n_threads=n_threads,
                                    n_batch=min(512, int(n_ctx)), verbose=False, logits_all=False)
         self.add_bos = bool(add_bos)
         self.eos = int(self.llm.token_eos())
+        self.n_vocab = int(self.llm.n_vocab())
 
     def tokenize(self, prompt: str) -> list[int]:
         """The prompt's tokens as training saw them: ``[BOS] prompt`` only if the tokenizer adds BOS; special-token
@@ -93,7 +94,9 @@ class GGUFModel:
     def logits_after(self, tokens: Sequence[int]) -> np.ndarray:
         """Next-token logits after evaluating ``tokens`` on top of the current context."""
         self.llm.eval(list(tokens))
-        return np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+        # read llama.cpp's buffer directly: llama-cpp-python (0.3.x) keeps Llama.scores only with logits_all=True
+        logits = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).astype(np.float32, copy=True)
 
     def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int, repetition_penalty: float = 1.0,
                no_repeat_ngram_size: int = 0, on_step: Optional[Callable[[tuple, np.ndarray], None]] = None
@@ -120,12 +123,87 @@ class GGUFModel:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace").strip()
 
 
+class BatchDecoder:
+    """Greedy decoding of several prompts at once in one llama.cpp context (one sequence id per prompt): each step
+    decodes one token of every unfinished sequence in a single ``llama_decode`` call, as llama.cpp's server batches
+    requests. Built on llama.cpp's C API as llama-cpp-python binds it (its ``Llama`` class decodes one sequence);
+    same rules and results as :meth:`GGUFModel.greedy` up to float rounding (batched matmuls sum in another order).
+    """
+
+    def __init__(self, model: GGUFModel, max_batch: int = 16, n_ctx_per_seq: int = 256):
+        lc = self.lc = model.llama_cpp
+        self.model, self.max_batch, self.n_ctx_per_seq = model, int(max_batch), int(n_ctx_per_seq)
+        params = lc.llama_context_default_params()
+        params.n_ctx = self.max_batch * self.n_ctx_per_seq
+        params.n_batch = params.n_ubatch = max(512, self.max_batch)
+        params.n_seq_max = self.max_batch
+        threads = model.llm.context_params.n_threads
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = lc.llama_init_from_model(model.llm.model, params)
+        if self.ctx is None:
+            raise RuntimeError(f"llama.cpp could not create a context for {self.max_batch} sequences")
+        self.batch = lc.llama_batch_init(params.n_batch, 0, 1)
+        self.capacity = int(params.n_batch)
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.lc.llama_batch_free(self.batch)
+            self.lc.llama_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self):
+        self.close()
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """``entries``: (token, position, sequence id, wants logits), in chunks the batch holds."""
+        for start in range(0, len(entries), self.capacity):
+            chunk = entries[start:start + self.capacity]
+            b = self.batch
+            b.n_tokens = len(chunk)
+            for i, (tok, pos, seq, logits) in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+                b.seq_id[i][0] = seq
+            if self.lc.llama_decode(self.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed (context full?)")
+            for i, (_, _, seq, logits) in enumerate(chunk):
+                if logits:
+                    self._logits[seq] = np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, i),
+                                                              shape=(self.model.n_vocab,)).astype(np.float32)
+
+    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, repetition_penalty: float = 1.0,
+               no_repeat_ngram_size: int = 0) -> list[list[int]]:
+        """Greedy ids for every prompt (in order), ``max_batch`` prompts at a time."""
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), self.max_batch):
+            out += self._greedy_group([list(p)[-(self.n_ctx_per_seq - max_new_tokens):]
+                                       for p in prompts[start:start + self.max_batch]],
+                                      max_new_tokens, repetition_penalty, no_repeat_ngram_size)
+        return out
+
+    def _greedy_group(self, prompts, max_new_tokens, penalty, ngram) -> list[list[int]]:
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+        self._logits: dict[int, np.ndarray] = {}
+        self._decode([(t, pos, seq, pos == len(p) - 1) for seq, p in enumerate(prompts) for pos, t in enumerate(p)])
+        generated: list[list[int]] = [[] for _ in prompts]
+        active = list(range(len(prompts)))
+        for step in range(max_new_tokens):
+            picks = {seq: int(np.argmax(processed_logits(self._logits[seq], prompts[seq], generated[seq], penalty,
+                                                         ngram))) for seq in active}
+            active = [seq for seq in active if picks[seq] != self.model.eos]
+            for seq in active:
+                generated[seq].append(picks[seq])
+            if not active or step == max_new_tokens - 1:
+                break
+            self._decode([(picks[seq], len(prompts[seq]) + len(generated[seq]) - 1, seq, True) for seq in active])
+        return generated
+
+
 # =================================================================================================== the bundle
 class GGUFDefiner:
     """Route and define with a GGUF bundle; ``define(items)`` has the shape of the server's ``/v1/definitions``."""
 
     def __init__(self, bundle_dir: str | Path, *, n_threads: Optional[int] = None, n_ctx: int = 1024,
-                 generation: Optional[Mapping] = None, router=None):
+                 generation: Optional[Mapping] = None, router=None, max_batch: int = 16):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = load_manifest(self.bundle_dir)
         import_llama_cpp()  # fail before loading the router's embedder
@@ -137,6 +215,8 @@ class GGUFDefiner:
         self.n_threads, self.n_ctx = n_threads, n_ctx
         self._router = router
         self._models: dict[int, GGUFModel] = {}
+        self._batchers: dict[int, BatchDecoder] = {}
+        self.max_batch = int(max_batch)
 
     @property
     def router(self):
@@ -170,26 +250,38 @@ class GGUFDefiner:
         prompts = [self.prompt(it["term"], it.get("context") or "", it.get("lang") or "en") for it in items]
         routed = list(domains) if domains is not None else [int(d) for d in self.router.route_prompts(prompts)]
         t_route = time.perf_counter()
-        g = self.generation
-        results = []
-        for it, prompt, d in zip(items, prompts, routed):
+        route_ms = 1000 * (t_route - t0) / max(1, len(items))
+        definitions: dict[int, str] = {}
+        spent: dict[int, float] = {}
+        for d in sorted(set(routed)):  # the rows of one domain decode together
+            rows = [i for i, r in enumerate(routed) if r == d]
             t1 = time.perf_counter()
-            m = self.model(int(d))
-            ids = m.greedy(m.tokenize(prompt), int(g["max_new_tokens"]), float(g["repetition_penalty"]),
-                           int(g.get("no_repeat_ngram_size") or 0))
-            results.append({"term": it["term"], "lang": it.get("lang") or "en", "definition": m.detokenize(ids),
-                            "domain": int(d), "score": None, "selection": "greedy", "candidates": None,
-                            "timing_ms": {"route": round(1000 * (t_route - t0) / max(1, len(items)), 1),
-                                          "generate": round(1000 * (time.perf_counter() - t1), 1),
-                                          "total": round(1000 * (time.perf_counter() - t1 + (t_route - t0)
-                                                                 / max(1, len(items))), 1)}})
-        return results
+            for i, text in zip(rows, self._decode(int(d), [prompts[i] for i in rows])):
+                definitions[i] = text
+            for i in rows:
+                spent[i] = 1000 * (time.perf_counter() - t1) / len(rows)
+        return [{"term": it["term"], "lang": it.get("lang") or "en", "definition": definitions[i],
+                 "domain": int(routed[i]), "score": None, "selection": "greedy", "candidates": None,
+                 "timing_ms": {"route": round(route_ms, 1), "generate": round(spent[i], 1),
+                               "total": round(route_ms + spent[i], 1)}} for i, it in enumerate(items)]
+
+    def _decode(self, domain: int, prompts: list[str]) -> list[str]:
+        g = self.generation
+        rules = (int(g["max_new_tokens"]), float(g["repetition_penalty"]), int(g.get("no_repeat_ngram_size") or 0))
+        m = self.model(domain)
+        encoded = [m.tokenize(p) for p in prompts]
+        if len(encoded) == 1:
+            return [m.detokenize(m.greedy(encoded[0], *rules))]
+        if domain not in self._batchers:
+            self._batchers[domain] = BatchDecoder(m, max_batch=self.max_batch)
+        return [m.detokenize(ids) for ids in self._batchers[domain].greedy(encoded, *rules)]
 
 
 class LocalClient:
     """The GGUF backend behind the interface of :class:`lm_lexicon.serving.client.LexiconClient` (``define``,
     ``define_one``): items are validated as the server validates them (a bad row is a 422 naming it), so
-    ``lm-lexicon define`` and :func:`lm_lexicon.serving.client.define_file` work unchanged, one row at a time."""
+    ``lm-lexicon define`` and :func:`lm_lexicon.serving.client.define_file` work unchanged (a file's rows arrive in
+    chunks of ``--batch-size``; the rows of a chunk that share a domain are decoded together)."""
 
     def __init__(self, definer: GGUFDefiner, domain: Optional[int] = None):
         self.definer = definer
