@@ -116,7 +116,8 @@ class GGUFModel:
             if tok == self.eos:
                 break
             out.append(tok)
-            logits = self.logits_after([tok])
+            if len(out) < max_new_tokens:
+                logits = self.logits_after([tok])
         return out
 
     def detokenize(self, ids: Sequence[int]) -> str:

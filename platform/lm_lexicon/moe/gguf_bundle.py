@@ -98,7 +98,9 @@ def export_gguf(collapsed_dir: str | Path, out_dir: str | Path, *, metadata_sour
         manifest = {
             "format": GGUF_FORMAT, "version": 1, "n_domains": collapsed["n_domains"], "dtype": dtype,
             "domains": entries, "router_dir": "router" if (tmp / "router").is_dir() else None,
-            "embedder": collapsed.get("embedder"), "routing_rule": collapsed.get("routing_rule"),
+            "embedder": collapsed.get("embedder"),
+            "routing_rule": "domain = argmax_j cos(embed(prompt), centroid_j) - bias_j (router/; "
+                            "lm_lexicon.routing.DomainRouter.route_prompts); run domains[domain].file",
             "prompt": prompt_section(templates), "stop": [eos],
             "add_bos": _adds_bos(collapsed_dir / collapsed["domains"][0]["path"]),
             "generation": generation, "metadata_source": Path(metadata_source).name,
