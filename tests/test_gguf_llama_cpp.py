@@ -7,9 +7,10 @@ installs it first (it compiles llama.cpp from source: ~10-20 min on 2 cores; the
 What "the same" means here (two different computations, never compared bit for bit):
 
 * tokens: llama.cpp's tokenizer (the GGUF's ``smollm`` pre-tokenizer) gives the Hugging Face tokenizer's ids;
-* logits after the prompt: the f32 file within 2e-2 of transformers' float32 logits (only summation order
-  differs); the bf16 file within 0.5 -- ggml rounds the activations to bfloat16 before each bf16 matmul
-  (its vec-dot type), which transformers does not do, so this is a real difference in arithmetic, not a bug;
+* logits after the prompt: the f32 file within 5e-2 of transformers' float32 logits (measured: 0.0197; llama.cpp
+  keeps its KV cache in float16 by default, and sums in another order); the bf16 file within 0.5 -- ggml also
+  rounds the activations to bfloat16 before each bf16 matmul (its vec-dot type), which transformers does not do:
+  a real difference in arithmetic, not a bug;
 * greedy definitions, against the pipeline's own generator (:class:`lm_lexicon.generate.DefinitionGenerator`, same
   rules: repetition penalty 1.05 over prompt and output, no repeated 3-gram in the output): the scores of every step
   both decoded within the bf16 tolerance, and the same pick unless transformers' top-2 margin is within twice that
@@ -38,7 +39,7 @@ PROMPTS = [
     '"he ran 3.5 km in 17\'20\'\' at the 2024 city race" What is the definition of "race"?',
 ]
 MAX_NEW = 24
-F32_TOLERANCE = 2e-2
+F32_TOLERANCE = 5e-2
 BF16_TOLERANCE = 0.5
 RULES = {"repetition_penalty": 1.05, "no_repeat_ngram_size": 3}
 
