@@ -38,13 +38,6 @@ PROMPTS = [
     '"the café\'s crème brûlée — “perfect”, they said" What is the definition of "crème brûlée"?',
     '"he ran 3.5 km in 17\'20\'\' at the 2024 city race" What is the definition of "race"?',
 ]
-# The seed is not fine-tuned: after a raw definition prompt it ends at once (EOS, measured), so the greedy test also
-# decodes plain text it continues for MAX_NEW tokens.
-CONTINUATIONS = [
-    "The history of the city of Paris begins",
-    "A dictionary is a book that",
-    "Photosynthesis is the process by which plants",
-]
 MAX_NEW = 24
 F32_TOLERANCE = 5e-2
 BF16_TOLERANCE = 0.5
@@ -141,7 +134,7 @@ def test_greedy_definitions_match_the_pipeline(llama_cpp, gguf_files, checkpoint
     generator = DefinitionGenerator(checkpoint, kind="dense", dtype="float32", settings=settings)
     cpp = GGUFModel(gguf_files["bf16"], n_threads=2)
     identical, compared, worst = 0, 0, 0.0
-    for prompt in PROMPTS + CONTINUATIONS:
+    for prompt in PROMPTS:
         (definition,), trace = definition_traces.run(generator.generate, [prompt])
         steps: dict[tuple, np.ndarray] = {}
         ids = cpp.greedy(cpp.tokenize(prompt), MAX_NEW, on_step=lambda prefix, s: steps.__setitem__(prefix, s),
@@ -168,4 +161,4 @@ def test_greedy_definitions_match_the_pipeline(llama_cpp, gguf_files, checkpoint
         print(f"\n{prompt[:60]!r}: {'identical' if parted is None else f'parted at a near tie, step {parted}'}: "
               f"{definition[0]!r}")
     print(f"{compared} steps compared, largest score difference {worst:.3f} (tolerance {BF16_TOLERANCE})")
-    assert compared >= len(PROMPTS) + len(CONTINUATIONS) * 4  # every first step, and real text after the others
+    assert compared >= len(PROMPTS) * 4
