@@ -229,6 +229,15 @@ class GGUFDefiner:
             self._router = DomainRouter.load(self.bundle_dir / self.manifest["router_dir"], load_embedder=True)
         return self._router
 
+    def close(self) -> None:
+        """Free llama.cpp's contexts and models now (at interpreter exit llama-cpp-python's finalisers can fail
+        noisily, its module globals already gone)."""
+        for batcher in self._batchers.values():
+            batcher.close()
+        for m in self._models.values():
+            m.llm.close()
+        self._batchers, self._models = {}, {}
+
     def model(self, domain: int) -> GGUFModel:
         if domain not in self.files:
             raise ValueError(f"domain {domain} is not in the bundle (domains: {sorted(self.files)})")
@@ -292,7 +301,7 @@ class LocalClient:
         return self
 
     def __exit__(self, *exc) -> None:
-        return None
+        self.definer.close()
 
     def define(self, items: Sequence[dict], n: int = 1, return_scores: bool = False, seed: int = 0) -> list[dict]:
         from lm_lexicon.serving.client import ApiClientError
