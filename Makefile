@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 export COMET_ERROR_TRACKING_ENABLE := false
 
-.PHONY: demo test test-slow test-browser browser-deps install clean
+.PHONY: demo test test-slow test-browser browser-deps gguf-runtime install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-test-slow: $(STAMP) browser-deps
+test-slow: $(STAMP) browser-deps gguf-runtime
 	$(PY) -m pytest -m slow
+
+# llama-cpp-python (`define --backend gguf`, the llama.cpp parity test): compiled from source, timed, once.
+gguf-runtime: $(STAMP)
+	@$(PY) -c "import llama_cpp" 2>/dev/null || { start=$$(date +%s); \
+	  $(PY) -m pip install --quiet "llama-cpp-python>=0.3" && \
+	  echo "llama-cpp-python compiled and installed in $$(( $$(date +%s) - start )) s"; }
 
 # The web page and report.html in a real browser (slow: the micro pipeline, a Serve app, headless Chromium).
 test-browser: $(STAMP) browser-deps

@@ -253,13 +253,47 @@ def merge_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
                   + (f"; fine-tune {ft.get('steps')} steps, valid loss {ft.get('valid_loss')}" if ft else ""))
 
 
+EXPORT_FORMATS = ("hf", "gguf")
+
+
 @app.command("export")
 def export_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
-               force: bool = typer.Option(False, help="Re-export even if a finished stage matches.")) -> None:
-    """Export the MoE for the ecosystem: per-domain dense checkpoints + router (domain), or Mixtral (token)."""
+               force: bool = typer.Option(False, help="Re-export even if a finished stage matches."),
+               export_format: str = typer.Option("hf", "--format", help="hf: the Hugging Face checkpoints only. "
+                                                 "gguf: also one GGUF file + Ollama Modelfile per domain, with the "
+                                                 "router, under <output_dir>/export/gguf (llama.cpp, Ollama)."),
+               gguf_dtype: str = typer.Option("bf16", help="GGUF tensor type: bf16 (exact for bf16 experts), f16 "
+                                                           "or f32. Quantise afterwards with llama-quantize."),
+               gguf_metadata: Optional[Path] = typer.Option(None, help="A GGUF of the same base model to copy the "
+                                                                       "tokenizer from (default: the seed's own GGUF, "
+                                                                       "for bundled-smollm2).")) -> None:
+    """Export the MoE for the ecosystem: per-domain dense checkpoints + router (domain), or Mixtral (token);
+    with --format gguf also GGUF files for llama.cpp and Ollama."""
+    from lm_lexicon.moe.gguf import GGUF_DTYPES
+
+    if export_format not in EXPORT_FORMATS or gguf_dtype not in GGUF_DTYPES:
+        console.print(f"--format must be one of {', '.join(EXPORT_FORMATS)} and --gguf-dtype one of "
+                      f"{', '.join(GGUF_DTYPES)}", style="red", markup=False, highlight=False)
+        raise typer.Exit(2)
     cfg, results = _run_stages(config, overrides, ("export",), force)
     for kind, path in results["export"].summary.items():
         console.print(f"{kind}: {path}")
+    if export_format == "gguf":
+        _export_gguf(cfg, results["export"].path, gguf_dtype, gguf_metadata)
+
+
+def _export_gguf(cfg, export_dir: Path, dtype: str, metadata: Optional[Path]) -> None:
+    from lm_lexicon.seed_models import SeedUnavailable
+    from lm_lexicon.stages.export import export_gguf_files
+
+    try:
+        manifest = export_gguf_files(cfg, export_dir, dtype=dtype, metadata_from=metadata,
+                                     log=lambda m: console.print(m, markup=False, highlight=False))
+    except (ValueError, FileNotFoundError, SeedUnavailable) as e:  # GGUFExportError is a ValueError
+        console.print(f"error: {e}", style="bold red", markup=False, highlight=False)
+        raise typer.Exit(2)
+    console.print(f"gguf: {export_dir / 'gguf'} ({manifest['n_domains']} domains, {manifest['dtype']}; "
+                  f"README.md there says how to run them)", markup=False, highlight=False)
 
 
 @config_app.command("show")
@@ -364,9 +398,17 @@ def define_cmd(
         url: str = typer.Option("http://127.0.0.1:8000", envvar="LM_LEXICON_URL", help="Server URL."),
         token: Optional[str] = typer.Option(None, envvar="LM_LEXICON_API_TOKEN", help="Bearer token."),
         as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
-        progress: bool = typer.Option(True, help="Progress bar (batch mode).")) -> None:
-    """Ask a running server (`lm-lexicon serve`) for a definition, or define every row of a JSONL or CSV file."""
-    from lm_lexicon.serving.client import ApiClientError, LexiconClient
+        progress: bool = typer.Option(True, help="Progress bar (batch mode)."),
+        backend: str = typer.Option("server", help="server: ask `lm-lexicon serve` at --url. gguf: run the GGUF "
+                                                   "files of --export-dir here, on the CPU, with llama-cpp-python "
+                                                   "(routing with the bundled router)."),
+        export_dir: Optional[Path] = typer.Option(None, help="--backend gguf: the GGUF bundle (<output_dir>/export/"
+                                                             "gguf, written by `lm-lexicon export --format gguf`)."),
+        domain: Optional[int] = typer.Option(None, help="--backend gguf: use this domain instead of routing."),
+        threads: Optional[int] = typer.Option(None, help="--backend gguf: llama.cpp threads (default: its own).")) -> None:
+    """Ask a running server (`lm-lexicon serve`) for a definition, or define every row of a JSONL or CSV file;
+    --backend gguf runs the exported GGUF files locally instead."""
+    from lm_lexicon.serving.client import ApiClientError
 
     fmt = "json" if as_json else output_format.lower()
     if fmt not in FORMATS:
@@ -376,7 +418,10 @@ def define_cmd(
     if (term is None) == (input_path is None):
         console.print("[red]give a TERM or --input FILE (not both)[/red]")
         raise typer.Exit(2)
-    with LexiconClient(url, token=token) as client:
+    client_cm = _define_client(backend, url, token, export_dir, domain, threads, n, scores)
+    if backend == "gguf":
+        concurrency = 1  # one llama.cpp context, one row at a time
+    with client_cm as client:
         try:
             if input_path is not None:
                 _define_batch(client, input_path, output_path, fmt, n=n, return_scores=scores,
@@ -391,6 +436,35 @@ def define_cmd(
         _print_csv([res], context, lang)
     else:
         _print_definition(res)
+
+
+def _define_client(backend: str, url: str, token: Optional[str], export_dir: Optional[Path], domain: Optional[int],
+                   threads: Optional[int], n: int, scores: bool):
+    """The server's client, or the local GGUF backend behind the same interface (exit 2 with a message when it
+    cannot run: no bundle, llama-cpp-python missing, options it does not support)."""
+    from lm_lexicon.serving.client import LexiconClient
+
+    def fail(message: str):
+        console.print(message, style="red", markup=False, highlight=False)
+        raise typer.Exit(2)
+
+    if backend == "server":
+        return LexiconClient(url, token=token)
+    if backend != "gguf":
+        fail(f"unknown --backend {backend!r}; expected server or gguf")
+    if export_dir is None:
+        fail("--backend gguf needs --export-dir (the GGUF bundle: <output_dir>/export/gguf)")
+    if n != 1 or scores:
+        fail("--backend gguf decodes greedily and has no reward model: --n must be 1, no --scores")
+    from lm_lexicon.gguf_runtime import GGUFDefiner, GGUFRuntimeUnavailable, LocalClient
+
+    try:
+        definer = GGUFDefiner(export_dir, n_threads=threads)
+        if domain is not None:
+            definer.model(domain)  # an unknown domain fails here, before any row
+    except (FileNotFoundError, ValueError, GGUFRuntimeUnavailable) as e:
+        fail(str(e))
+    return LocalClient(definer, domain=domain)
 
 
 def _print_csv(results: list[dict], context: str, lang: str) -> None:

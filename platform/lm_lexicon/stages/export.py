@@ -42,3 +42,37 @@ def run_export_stage(cfg, merge_result: StageResult, force: bool = False, log=pr
                      lambda work: export_model(merge_result.path / "model", work, cfg.merge.routing, log,
                                                final_dir=Path(cfg.output_dir) / "export"),
                      cfg, force, log)
+
+
+def gguf_metadata_source(cfg, metadata_from: Path | None = None) -> Path:
+    """The GGUF whose tokenizer the run's GGUF files reuse: ``metadata_from`` if given, else the seed's own GGUF
+    (``bundled-smollm2``); a seed that did not come from a GGUF needs ``metadata_from``."""
+    from lm_lexicon.seed_models import SEED_SMOLLM2, smollm2_gguf_path
+
+    if metadata_from is not None:
+        if not Path(metadata_from).is_file():
+            raise FileNotFoundError(f"--gguf-metadata {metadata_from}: no such file")
+        return Path(metadata_from)
+    if cfg.seed_model.name == SEED_SMOLLM2:
+        return smollm2_gguf_path()
+    raise ValueError(f"the seed {cfg.seed_model.name!r} did not come from a GGUF file, so there is no tokenizer "
+                     "metadata to reuse: pass --gguf-metadata FILE.gguf (any GGUF of the same base model, any "
+                     "quantisation; its vocabulary is checked against the experts' tokenizer)")
+
+
+def export_gguf_files(cfg, export_dir: Path, *, dtype: str = "bf16", metadata_from: Path | None = None,
+                      overwrite: bool = True, log=print) -> dict:
+    """Write ``<export_dir>/gguf`` from the finished export stage's ``collapsed/`` (domain routing only), with the
+    run's prompt templates and greedy decoding settings (the evaluate section's, as served)."""
+    from lm_lexicon.moe.gguf_bundle import export_gguf
+
+    if cfg.merge.routing != "domain":
+        raise ValueError(f"GGUF files are made per domain, from the collapsed export of a domain-routed run; this run "
+                         f"routes by {cfg.merge.routing!r}")
+    ev = cfg.evaluate
+    generation = {"max_new_tokens": ev.max_new_tokens, "repetition_penalty": ev.repetition_penalty,
+                  "no_repeat_ngram_size": ev.no_repeat_ngram_size}
+    return export_gguf(Path(export_dir) / "collapsed", Path(export_dir) / "gguf",
+                       metadata_source=gguf_metadata_source(cfg, metadata_from), dtype=dtype,
+                       templates=cfg.data.prompt_templates or None, generation=generation, overwrite=overwrite,
+                       log=log)
