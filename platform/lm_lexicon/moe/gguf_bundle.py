@@ -30,15 +30,21 @@ GGUF_MANIFEST = "gguf.json"
 DEFAULT_GENERATION = {"max_new_tokens": 32, "repetition_penalty": 1.05, "no_repeat_ngram_size": 3}
 
 
-def read_collapsed(collapsed_dir: Path) -> dict:
-    path = collapsed_dir / COLLAPSED_MANIFEST
+def _read_manifest(directory: str | Path, name: str, fmt: str, how_to_write: str) -> dict:
+    """``directory/name`` as JSON, checked to be a ``fmt`` manifest; a missing file says ``how_to_write`` it."""
+    path = Path(directory) / name
     if not path.is_file():
-        raise FileNotFoundError(f"{collapsed_dir}: no {COLLAPSED_MANIFEST}; export the run first "
-                                "(lm-lexicon export) -- GGUF files are made from the collapsed per-domain export")
+        raise FileNotFoundError(f"{directory}: no {name}; {how_to_write}")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != COLLAPSED_FORMAT:
-        raise ValueError(f"{path} is not a {COLLAPSED_FORMAT} manifest")
+    if manifest.get("format") != fmt:
+        raise ValueError(f"{path} is not a {fmt} manifest")
     return manifest
+
+
+def read_collapsed(collapsed_dir: Path) -> dict:
+    return _read_manifest(collapsed_dir, COLLAPSED_MANIFEST, COLLAPSED_FORMAT,
+                          "export the run first (lm-lexicon export) -- GGUF files are made from the collapsed "
+                          "per-domain export")
 
 
 def prompt_section(templates: PromptTemplates) -> dict:
@@ -126,14 +132,8 @@ def _adds_bos(model_dir: Path) -> bool:
 
 
 def load_manifest(bundle_dir: str | Path) -> dict:
-    path = Path(bundle_dir) / GGUF_MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{bundle_dir}: no {GGUF_MANIFEST}; write the bundle with "
-                                "`lm-lexicon export --format gguf`")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != GGUF_FORMAT:
-        raise ValueError(f"{path} is not a {GGUF_FORMAT} manifest")
-    return manifest
+    return _read_manifest(bundle_dir, GGUF_MANIFEST, GGUF_FORMAT,
+                          "write the bundle with `lm-lexicon export --format gguf`")
 
 
 def readme(manifest: dict) -> str:
