@@ -50,7 +50,7 @@ def sample_definitions(generator, records: Sequence, domains: Optional[Sequence[
     """Draw ``settings.num_return_sequences`` samples per record in process (``generator``: a loaded
     :class:`lm_lexicon.generate.DefinitionGenerator`), and their log-probabilities when asked. ``references``
     (per record) are carried along for the ranked sample pairs."""
-    from lm_lexicon.sft import record_prompt
+    from lm_lexicon.train import record_prompt
 
     records = list(records)
     prompts = [record_prompt(r) for r in records]

@@ -342,7 +342,7 @@ class DefinitionGenerator:
     # ---- encoding ----
     def encode_prompts(self, prompts: Sequence[str], max_prompt_tokens: Optional[int] = None) -> list[list[int]]:
         """Token ids of each prompt exactly as training saw it (:func:`lm_lexicon.sft.encode_prompt`)."""
-        from lm_lexicon.sft import encode_prompt
+        from lm_lexicon.train import encode_prompt
 
         return [encode_prompt(self.tokenizer, p, max_prompt_tokens) for p in as_str_list(prompts, "prompt")]
 
@@ -456,7 +456,7 @@ class DefinitionGenerator:
         import torch
         import torch.nn.functional as F
 
-        from lm_lexicon.sft import IGNORE_INDEX, collate, encode_example
+        from lm_lexicon.train import IGNORE_INDEX, collate, encode_example
 
         prompts = as_str_list(prompts, "prompt")
         candidates = as_str_list(candidates, "candidate")
@@ -553,7 +553,7 @@ def generate_split(records: Sequence, model_path: str | Path, settings: "Generat
     ``rows_per_call``: rows handed to each ``__call__`` (default 4 generation batches).
     ``prompts``: one prompt per record instead of the training prompt (e.g. few-shot prompts for ICL baselines).
     """
-    from lm_lexicon.sft import record_prompt
+    from lm_lexicon.train import record_prompt
 
     records = list(records)
     settings = GenerationSettings.from_any(settings)

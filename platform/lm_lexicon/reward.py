@@ -8,7 +8,7 @@
   :class:`lm_lexicon.embed.Embedder`: offline, hub ids from the local cache only unless
   ``LM_LEXICON_ALLOW_DOWNLOADS=1``). Directories saved before the key existed are this kind.
 * ``"seed"``: the pretrained seed causal LM's backbone (:meth:`RewardModel.from_seed`) reading exactly what the policy
-  was trained on (:func:`lm_lexicon.sft.encode_example`: ``[BOS] prompt, a space, the definition, EOS``), pooled at
+  was trained on (:func:`lm_lexicon.train.encode_example`: ``[BOS] prompt, a space, the definition, EOS``), pooled at
   the LAST real token: in a causal model it is the only position that has read the prompt and the whole definition.
   Right padding; over ``max_length`` the prompt loses its first tokens (after BOS), never the definition.
 
@@ -86,7 +86,7 @@ def normalize_definition(text: str) -> str:
 
 def _gold_and_prompt(record: Any) -> tuple[str, str]:
     from lm_lexicon.data.records import Record
-    from lm_lexicon.sft import record_prompt
+    from lm_lexicon.train import record_prompt
 
     if isinstance(record, Mapping):
         if "prompt" in record and "definition" in record:
@@ -405,7 +405,7 @@ class RewardModel:
         _init_head(net, seed)
         cfg = {"format": REWARD_FORMAT, "backbone": "seed", "seed_model": seed_model, "seed_path": str(path),
                "pooling": POOLING["seed"], "attn_implementation": attn_implementation,
-               "input": "[BOS] prompt, a space, the definition, EOS (lm_lexicon.sft.encode_example); right padded; "
+               "input": "[BOS] prompt, a space, the definition, EOS (lm_lexicon.train.encode_example); right padded; "
                         "the prompt truncated from the left", "max_length": int(max_length),
                "num_hidden_layers": int(model.config.num_hidden_layers), "hidden_size": hidden, "seed": int(seed),
                "loss": "-log sigmoid(r(x, y_w) - r(x, y_l))"}
@@ -467,9 +467,9 @@ class RewardModel:
         after BOS go, so the definition and its EOS, which the last-token head reads, are never cut."""
         import torch
 
-        from lm_lexicon.sft import _bos_ids, encode_example
+        from lm_lexicon.train import bos_ids, encode_example
 
-        n_bos = len(_bos_ids(self.tokenizer))
+        n_bos = len(bos_ids(self.tokenizer))
         rows = []
         for prompt, definition in zip(prompts, definitions):
             ids = encode_example(self.tokenizer, prompt, definition, max_length=1 << 30)["input_ids"]
@@ -529,18 +529,18 @@ class RewardModel:
         """Minimise ``-log sigma(r(x, y_w) - r(x, y_l))`` over ``pairs``; return metrics.
 
         AdamW (no decay on biases/norms), linear warm-up over ``warmup_ratio`` of the steps then ``schedule``
-        (``linear`` / ``cosine`` / ``constant``, :func:`lm_lexicon.sft.lr_factor`), gradient clipping, pairs
+        (``linear`` / ``cosine`` / ``constant``, :func:`lm_lexicon.train.lr_factor`), gradient clipping, pairs
         shuffled per epoch with ``(seed, epoch)``; ``train_encoder=False`` trains the head only. Each step encodes
         the chosen and rejected sides in one forward; ``precision`` (``fp32`` / ``bf16`` / ``auto``,
-        :func:`lm_lexicon.sft.resolve_precision`) runs the training forwards under bf16 autocast (weights and scoring
+        :func:`lm_lexicon.train.resolve_precision`) runs the training forwards under bf16 autocast (weights and scoring
         stay float32). Metrics: ``epoch_loss`` / ``epoch_accuracy`` (mean over the
         epoch's training steps, dropout on), ``loss_first`` / ``loss_last`` (first and last step),
         ``valid_accuracy`` per epoch when ``valid_pairs`` are given, ``steps``, ``seconds``.
         """
-        import torch
         import torch.nn.functional as F
 
-        from lm_lexicon.sft import autocast_context, lr_factor, make_adamw, resolve_precision, set_seed
+        from lm_lexicon.train import (LRSchedule, autocast_context, clip_gradients, make_adamw, resolve_precision,
+                                      set_seed)
 
         pairs = list(pairs)
         if not pairs:
@@ -554,7 +554,7 @@ class RewardModel:
         optimizer = make_adamw(self.net, weight_decay, lr)
         steps_per_epoch = math.ceil(len(pairs) / batch_size)
         total = steps_per_epoch * epochs
-        warmup = int(round(warmup_ratio * total))
+        lr_schedule = LRSchedule(lr, total, int(round(warmup_ratio * total)), schedule)
         metrics: dict[str, Any] = {"pairs": len(pairs), "epochs": epochs, "lr": lr, "batch_size": batch_size,
                                    "seed": seed, "precision": precision, "epoch_loss": [], "epoch_accuracy": [],
                                    "loss_first": None, "loss_last": None,
@@ -578,13 +578,11 @@ class RewardModel:
                         rewards = self.net(**self._encode(prompts, definitions)).float()  # [2b]
                     margin = rewards[:b] - rewards[b:]  # r(x, y_w) - r(x, y_l)
                     loss = F.softplus(-margin).mean()  # = -log sigmoid(margin), numerically stable
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr * lr_factor(step, total, warmup, schedule)
+                    lr_schedule.apply(optimizer, step)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if grad_clip:
-                        torch.nn.utils.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad],
-                                                       grad_clip)
+                        clip_gradients([p for p in self.net.parameters() if p.requires_grad], grad_clip)
                     optimizer.step()
                     step += 1
                     value = float(loss.detach())

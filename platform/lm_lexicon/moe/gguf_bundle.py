@@ -126,7 +126,7 @@ def _eos_token(model_dir: Path) -> str:
 def _adds_bos(model_dir: Path) -> bool:
     from transformers import AutoTokenizer
 
-    from lm_lexicon.sft import _bos_ids
+    from lm_lexicon.train import bos_ids as _bos_ids
 
     return bool(_bos_ids(AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)))
 
