@@ -1,0 +1,130 @@
+"""The Ray Train worker scaffold (lm_lexicon.train.ray_worker) run in-process with Ray Train's worker API stubbed:
+reports with the job's tags, the final marker, a restart that only re-reports a finished run, a resume from a step
+checkpoint, the fault injection, and the driver-side copy of the final model. The real Ray path runs in
+tests/test_experts_stage.py and tests/test_merge_stage.py."""
+from __future__ import annotations
+
+import json
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm_lexicon.config import load_config
+from lm_lexicon.data.records import Record
+from lm_lexicon.train import ray_worker
+from lm_lexicon.train.ray_worker import FINAL_MARKER, TrainJob, collect_final_model, run_worker
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = [("bank", "we sat on the bank of the river", "sloping land beside a body of water"),
+        ("run", "he can run a mile in five minutes", "move fast by using the legs"),
+        ("cat", "the cat slept on the warm mat", "a small domesticated feline animal"),
+        ("cold", "the night was cold and clear", "having a low temperature")]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from lm_lexicon.seed_models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("seed") / "tiny-llama")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+class FakeRayTrain:
+    """Ray Train's worker API for one worker: reports kept (checkpoints copied, as Ray uploads them)."""
+
+    def __init__(self, root: Path, checkpoint=None):
+        self.root, self.checkpoint, self.reports = root, checkpoint, []
+
+    def install(self, monkeypatch) -> None:
+        import ray.train
+        import ray.train.torch
+
+        monkeypatch.setattr(ray.train, "get_context", lambda: types.SimpleNamespace(get_world_rank=lambda: 0,
+                                                                                   get_world_size=lambda: 1))
+        monkeypatch.setattr(ray.train, "get_checkpoint", lambda: self.checkpoint)
+        monkeypatch.setattr(ray.train, "report", self.report)
+        monkeypatch.setattr(ray.train.torch, "prepare_model", lambda *a, **k: pytest.fail("one worker: no DDP"))
+
+    def report(self, metrics, checkpoint=None):
+        kept = None
+        if checkpoint is not None:
+            kept = self.root / f"report-{len(self.reports)}"
+            shutil.copytree(checkpoint.path, kept)
+        self.reports.append((metrics, kept))
+
+
+def _loop_cfg(llama_dir, tmp_path) -> dict:
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"output_dir={tmp_path}", f"seed_model.name={llama_dir}",
+                                                   "train.max_steps=4", "train.eval_every=2", "train.batch_size=2",
+                                                   "train.precision=fp32", "train.max_length=48"])
+    return {"cfg": cfg.model_dump(mode="json")}
+
+
+def _builder(llama_dir, built: list):
+    def build(ctx) -> TrainJob:
+        from lm_lexicon.seed_models import load_causal_lm
+
+        built.append(ctx)
+        model, tok = load_causal_lm(llama_dir)
+        rows = [Record(term=t, context=c, definition=d, source="test") for t, c, d in ROWS]
+        return TrainJob("job-a", model, tok, rows, rows[:2], ctx.cfg.train,
+                        tags={"job": "a", "resumed_from_step": ctx.resumed_step},
+                        final_extras=lambda metrics: {"job": "a", "resumed_from_step": ctx.resumed_step,
+                                                     "extra": metrics["steps"] * 10})
+    return build
+
+
+def test_a_fresh_worker_reports_each_checkpoint_then_the_marked_final_model(llama_dir, tmp_path, monkeypatch):
+    import ray.train
+
+    fake = FakeRayTrain(tmp_path / "reports")
+    fake.install(monkeypatch)
+    built = []
+    run_worker(_loop_cfg(llama_dir, tmp_path), _builder(llama_dir, built))
+    assert [(c.rank, c.world, c.resumed_step) for c in built] == [(0, 1, 0)]
+    assert [m.get("step") for m, _ in fake.reports] == [2, 4, None]
+    assert all(m["job"] == "a" and m["resumed_from_step"] == 0 for m, _ in fake.reports)
+    final, final_dir = fake.reports[-1]
+    assert final["final"] is True and final["extra"] == 40 and final["steps"] == 4
+    assert "model_dir" not in final and json.loads((final_dir / FINAL_MARKER).read_text()) == final
+    assert torch.get_num_threads() == 1  # resources.cpus_per_worker of the recipe
+
+    # the driver copies the final model out: a plain model, no marker, no training state
+    collected = collect_final_model(ray.train.Checkpoint.from_directory(str(final_dir)), tmp_path / "model")
+    assert collected == final
+    names = {p.name for p in (tmp_path / "model").iterdir()}
+    assert "model.safetensors" in names and not names & {FINAL_MARKER, "trainer_state.json", "optimizer.pt",
+                                                         "rng_state.pt"}
+
+    # Ray restarts the worker after the run finished: it reports the final model again and trains nothing
+    again = FakeRayTrain(tmp_path / "again", checkpoint=ray.train.Checkpoint.from_directory(str(final_dir)))
+    again.install(monkeypatch)
+    run_worker(_loop_cfg(llama_dir, tmp_path), _builder(llama_dir, built))
+    assert len(built) == 1 and [m for m, _ in again.reports] == [final]
+
+
+def test_a_restarted_worker_resumes_from_the_latest_step_checkpoint(llama_dir, tmp_path, monkeypatch):
+    import ray.train
+
+    marker = tmp_path / "failed-once"
+    loop_cfg = {**_loop_cfg(llama_dir, tmp_path), "fail_once": f"2:{marker}"}
+    fake = FakeRayTrain(tmp_path / "first")
+    fake.install(monkeypatch)
+    built = []
+    with pytest.raises(RuntimeError, match=ray_worker.FAIL_ONCE_ENV):
+        run_worker(loop_cfg, _builder(llama_dir, built))
+    assert marker.read_text() == "job-a" and [m["step"] for m, _ in fake.reports] == [2]
+
+    resumed = FakeRayTrain(tmp_path / "second", checkpoint=ray.train.Checkpoint.from_directory(str(fake.reports[0][1])))
+    resumed.install(monkeypatch)
+    run_worker(loop_cfg, _builder(llama_dir, built))  # the marker exists: no second failure
+    assert [c.resumed_step for c in built] == [0, 2]
+    assert [m.get("step") for m, _ in resumed.reports] == [4, None]
+    assert all(m["resumed_from_step"] == 2 for m, _ in resumed.reports) and resumed.reports[-1][0]["steps"] == 4
