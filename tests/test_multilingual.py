@@ -44,12 +44,12 @@ def test_default_template_per_language_is_the_papers():
 
 def test_term_only_records_get_the_term_only_prompt_everywhere():
     from lm_lexicon.baselines import prompt_of
-    from lm_lexicon.train import record_prompt as sft_record_prompt
+    from lm_lexicon.train import record_prompt as train_record_prompt
 
     for r in (Record("dog", "", "a domestic canine", "t"), Record("dog", None, "a domestic canine", "t"),
               Record("perro", "", "mamífero doméstico", "multilingual:es", lang="es")):
         expected = format_prompt(r.term, "", r.lang)
-        assert record_prompt(r) == sft_record_prompt(r) == prompt_of(r) == expected
+        assert record_prompt(r) == train_record_prompt(r) == prompt_of(r) == expected
         assert record_prompt(r.to_dict()) == expected
 
 
@@ -105,7 +105,7 @@ def test_recipe_field_is_validated():
 
 def test_active_templates_reach_every_caller_and_are_restored():
     from lm_lexicon.baselines import format_few_shot_prompt, prompt_of
-    from lm_lexicon.train import record_prompt as sft_record_prompt
+    from lm_lexicon.train import record_prompt as train_record_prompt
 
     cfg = config_from_dict({"data": {"prompt_templates": {"es": "Define la palabra '{term}'."}}})
     r = Record("perro", "", "mamífero doméstico", "multilingual:es", lang="es")
@@ -114,7 +114,7 @@ def test_active_templates_reach_every_caller_and_are_restored():
         assert format_prompt("perro", "", "es") == "Define la palabra 'perro'."
         # training, generation, reward model (train.record_prompt), baselines / ICL / retrieval, partition embedding
         # (format_prompt) all build the same text
-        assert sft_record_prompt(r) == prompt_of(r) == record_prompt(r) == "Define la palabra 'perro'."
+        assert train_record_prompt(r) == prompt_of(r) == record_prompt(r) == "Define la palabra 'perro'."
         assert format_few_shot_prompt(r, [r]).endswith("Define la palabra 'perro'.")
         # explicit templates win over the active ones
         assert format_prompt("perro", "", "es", templates={}) == MULTILINGUAL_TEMPLATE.format(

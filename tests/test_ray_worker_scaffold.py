@@ -18,22 +18,11 @@ from lm_lexicon.train import ray_worker
 from lm_lexicon.train.ray_worker import FINAL_MARKER, TrainJob, collect_final_model, run_worker
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # micro_seed (conftest) is a tiny random Llama
 ROWS = [("bank", "we sat on the bank of the river", "sloping land beside a body of water"),
         ("run", "he can run a mile in five minutes", "move fast by using the legs"),
         ("cat", "the cat slept on the warm mat", "a small domesticated feline animal"),
         ("cold", "the night was cold and clear", "having a low temperature")]
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    from lm_lexicon.seed_models import tiny_llama
-
-    return tiny_llama(tmp_path_factory.mktemp("seed") / "tiny-llama")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    yield
 
 
 class FakeRayTrain:
@@ -60,19 +49,19 @@ class FakeRayTrain:
         self.reports.append((metrics, kept))
 
 
-def _loop_cfg(llama_dir, tmp_path) -> dict:
-    cfg = load_config(REPO / "configs/tiny.yaml", [f"output_dir={tmp_path}", f"seed_model.name={llama_dir}",
+def _loop_cfg(micro_seed, tmp_path, *overrides: str) -> dict:
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"output_dir={tmp_path}", f"seed_model.name={micro_seed}",
                                                    "train.max_steps=4", "train.eval_every=2", "train.batch_size=2",
-                                                   "train.precision=fp32", "train.max_length=48"])
+                                                   "train.precision=fp32", "train.max_length=48", *overrides])
     return {"cfg": cfg.model_dump(mode="json")}
 
 
-def _builder(llama_dir, built: list):
+def _builder(micro_seed, built: list):
     def build(ctx) -> TrainJob:
         from lm_lexicon.seed_models import load_causal_lm
 
         built.append(ctx)
-        model, tok = load_causal_lm(llama_dir)
+        model, tok = load_causal_lm(micro_seed)
         rows = [Record(term=t, context=c, definition=d, source="test") for t, c, d in ROWS]
         return TrainJob("job-a", model, tok, rows, rows[:2], ctx.cfg.train,
                         tags={"job": "a", "resumed_from_step": ctx.resumed_step},
@@ -81,20 +70,23 @@ def _builder(llama_dir, built: list):
     return build
 
 
-def test_a_fresh_worker_reports_each_checkpoint_then_the_marked_final_model(llama_dir, tmp_path, monkeypatch):
+def test_a_fresh_worker_reports_each_checkpoint_then_the_marked_final_model(micro_seed, tmp_path, monkeypatch):
     import ray.train
 
     fake = FakeRayTrain(tmp_path / "reports")
     fake.install(monkeypatch)
     built = []
-    run_worker(_loop_cfg(llama_dir, tmp_path), _builder(llama_dir, built))
+    try:
+        run_worker(_loop_cfg(micro_seed, tmp_path, "resources.cpus_per_worker=2"), _builder(micro_seed, built))
+        assert torch.get_num_threads() == 2  # torch agrees with the worker's CPU reservation
+    finally:
+        torch.set_num_threads(1)
     assert [(c.rank, c.world, c.resumed_step) for c in built] == [(0, 1, 0)]
     assert [m.get("step") for m, _ in fake.reports] == [2, 4, None]
     assert all(m["job"] == "a" and m["resumed_from_step"] == 0 for m, _ in fake.reports)
     final, final_dir = fake.reports[-1]
     assert final["final"] is True and final["extra"] == 40 and final["steps"] == 4
     assert "model_dir" not in final and json.loads((final_dir / FINAL_MARKER).read_text()) == final
-    assert torch.get_num_threads() == 1  # resources.cpus_per_worker of the recipe
 
     # the driver copies the final model out: a plain model, no marker, no training state
     collected = collect_final_model(ray.train.Checkpoint.from_directory(str(final_dir)), tmp_path / "model")
@@ -106,25 +98,25 @@ def test_a_fresh_worker_reports_each_checkpoint_then_the_marked_final_model(llam
     # Ray restarts the worker after the run finished: it reports the final model again and trains nothing
     again = FakeRayTrain(tmp_path / "again", checkpoint=ray.train.Checkpoint.from_directory(str(final_dir)))
     again.install(monkeypatch)
-    run_worker(_loop_cfg(llama_dir, tmp_path), _builder(llama_dir, built))
+    run_worker(_loop_cfg(micro_seed, tmp_path), _builder(micro_seed, built))
     assert len(built) == 1 and [m for m, _ in again.reports] == [final]
 
 
-def test_a_restarted_worker_resumes_from_the_latest_step_checkpoint(llama_dir, tmp_path, monkeypatch):
+def test_a_restarted_worker_resumes_from_the_latest_step_checkpoint(micro_seed, tmp_path, monkeypatch):
     import ray.train
 
     marker = tmp_path / "failed-once"
-    loop_cfg = {**_loop_cfg(llama_dir, tmp_path), "fail_once": f"2:{marker}"}
+    loop_cfg = {**_loop_cfg(micro_seed, tmp_path), "fail_once": f"2:{marker}"}
     fake = FakeRayTrain(tmp_path / "first")
     fake.install(monkeypatch)
     built = []
     with pytest.raises(RuntimeError, match=ray_worker.FAIL_ONCE_ENV):
-        run_worker(loop_cfg, _builder(llama_dir, built))
+        run_worker(loop_cfg, _builder(micro_seed, built))
     assert marker.read_text() == "job-a" and [m["step"] for m, _ in fake.reports] == [2]
 
     resumed = FakeRayTrain(tmp_path / "second", checkpoint=ray.train.Checkpoint.from_directory(str(fake.reports[0][1])))
     resumed.install(monkeypatch)
-    run_worker(loop_cfg, _builder(llama_dir, built))  # the marker exists: no second failure
+    run_worker(loop_cfg, _builder(micro_seed, built))  # the marker exists: no second failure
     assert [c.resumed_step for c in built] == [0, 2]
     assert [m.get("step") for m, _ in resumed.reports] == [4, None]
     assert all(m["resumed_from_step"] == 2 for m, _ in resumed.reports) and resumed.reports[-1][0]["steps"] == 4

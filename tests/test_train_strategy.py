@@ -13,21 +13,13 @@ import pytest
 import torch
 
 from lm_lexicon.config import TrainConfig
-from lm_lexicon.seed_models import load_causal_lm, tiny_llama
+from lm_lexicon.seed_models import load_causal_lm
 from lm_lexicon.train import LRSchedule, TrainerState, collate, definition_nll, encode_example, lr_factor
 from lm_lexicon.train.checkpoint import read_trainer_state
 from lm_lexicon.train.loop import make_strategy
 from lm_lexicon.train.strategy import DDPStrategy, PlainStrategy
 
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("seed") / "tiny-llama")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # micro_seed (conftest) is a tiny random Llama
 
 
 def _cfg(**overrides) -> TrainConfig:
@@ -46,8 +38,8 @@ def _state(**overrides) -> TrainerState:
                            **overrides})
 
 
-def test_plain_backward_is_the_per_token_mean_and_step_clips_updates_and_zeroes(llama_dir):
-    model, tok = load_causal_lm(llama_dir)
+def test_plain_backward_is_the_per_token_mean_and_step_clips_updates_and_zeroes(micro_seed):
+    model, tok = load_causal_lm(micro_seed)
     strategy = PlainStrategy()
     same, optimizer = strategy.setup(model, _cfg())
     assert same is model and [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
@@ -68,8 +60,8 @@ def test_plain_backward_is_the_per_token_mean_and_step_clips_updates_and_zeroes(
     assert any(not torch.equal(before[k], p) for k, p in model.named_parameters())
 
 
-def test_plain_checkpoint_round_trip_and_only_rank_0_writes(llama_dir, tmp_path):
-    model, tok = load_causal_lm(llama_dir)
+def test_plain_checkpoint_round_trip_and_only_rank_0_writes(micro_seed, tmp_path):
+    model, tok = load_causal_lm(micro_seed)
     strategy = PlainStrategy()
     _, optimizer = strategy.setup(model, _cfg())
     nll, n = definition_nll(model, _batch(tok))
@@ -81,10 +73,10 @@ def test_plain_checkpoint_round_trip_and_only_rank_0_writes(llama_dir, tmp_path)
     assert not (tmp_path / "step-0000001.tmp").exists()
 
     other = PlainStrategy(rank=1, world_size=2)
-    other.setup(load_causal_lm(llama_dir)[0], _cfg())
+    other.setup(load_causal_lm(micro_seed)[0], _cfg())
     assert other.save_checkpoint(tmp_path / "rank1", tok, state) is None and not (tmp_path / "rank1").exists()
 
-    fresh, _ = load_causal_lm(llama_dir)
+    fresh, _ = load_causal_lm(micro_seed)
     restored = PlainStrategy()
     _, restored_optimizer = restored.setup(fresh, _cfg())
     restored.load_checkpoint(ckpt, read_trainer_state(ckpt))
@@ -96,8 +88,8 @@ def test_plain_checkpoint_round_trip_and_only_rank_0_writes(llama_dir, tmp_path)
         torch.testing.assert_close(saved[i]["exp_avg"], loaded[i]["exp_avg"], rtol=0, atol=0)
 
 
-def test_plain_export_writes_the_model_and_says_which_weights(llama_dir, tmp_path):
-    model, tok = load_causal_lm(llama_dir)
+def test_plain_export_writes_the_model_and_says_which_weights(micro_seed, tmp_path):
+    model, tok = load_causal_lm(micro_seed)
     strategy = PlainStrategy()
     strategy.setup(model, _cfg())
     state = _state(step=3, best_step=3, best_checkpoint="step-0000003", best_valid_loss=1.5)
@@ -109,10 +101,10 @@ def test_plain_export_writes_the_model_and_says_which_weights(llama_dir, tmp_pat
                                                       save_dtype="float32", last_checkpoint=None) is None
 
 
-def test_ddp_backward_scales_by_the_world_over_the_global_target_count(llama_dir, monkeypatch):
+def test_ddp_backward_scales_by_the_world_over_the_global_target_count(micro_seed, monkeypatch):
     """DDP averages gradients over ranks: a rank's loss x world / (targets on all ranks) makes the average the
     global per-token mean. Checked on one process with the world size stubbed."""
-    model, tok = load_causal_lm(llama_dir)
+    model, tok = load_causal_lm(micro_seed)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     strategy = DDPStrategy(rank=0, world_size=2)
     strategy.setup(model, _cfg())
