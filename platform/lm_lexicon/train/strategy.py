@@ -16,6 +16,7 @@ norm) and ``sum_over_ranks`` (the step's loss), then ``save_checkpoint``, ``load
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 from pathlib import Path
@@ -32,13 +33,40 @@ from lm_lexicon.train.state import TrainerState
 log = logging.getLogger(__name__)
 
 
-class Strategy:
-    """The shared part: rank bookkeeping and the single-process answers of the reductions."""
+class Strategy(abc.ABC):
+    """The interface, with the single-process answers of the reductions."""
     lockstep_eval = False  # True when a forward is a collective: evaluation must run in step on every rank
 
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
+
+    @abc.abstractmethod
+    def setup(self, model, train_cfg):
+        """Return ``(model to run, optimizer)`` for ``model`` (bare or DDP-wrapped)."""
+
+    @abc.abstractmethod
+    def backward(self, nll: torch.Tensor, n_targets: int, global_targets: int) -> None:
+        """Backward of one micro-batch's summed NLL; ``n_targets``: this rank's target tokens in the whole step,
+        ``global_targets``: every rank's (:meth:`step_targets`)."""
+
+    @abc.abstractmethod
+    def step(self):
+        """Finish the optimizer step (clip, update, zero); return the gradient norm before clipping."""
+
+    @abc.abstractmethod
+    def save_checkpoint(self, directory: Path, tokenizer, state: TrainerState) -> Optional[Path]:
+        """Write a resumable checkpoint; return its directory, or None on a rank that writes none."""
+
+    @abc.abstractmethod
+    def load_checkpoint(self, directory: Path, saved: dict) -> None:
+        """Restore weights and optimizer from a checkpoint whose JSON loop state is ``saved``."""
+
+    @abc.abstractmethod
+    def export(self, tokenizer, state: TrainerState, out_dir: Path, *, restore_best: bool, save_dtype: str,
+               last_checkpoint: Optional[Path]) -> Optional[Path]:
+        """Write the final model to ``out_dir/model`` (the best checkpoint's weights when asked); None on a rank
+        that writes none."""
 
     def state_fields(self) -> dict:
         """Extra :class:`TrainerState` fields this strategy records."""
