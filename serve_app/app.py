@@ -35,6 +35,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lm_lexicon import __version__
+from lm_lexicon.data.prompts import parse_templates
 from lm_lexicon.serving.config import PipelineLayout, ServeArgs, generation_settings, model_card, resolve_args
 from lm_lexicon.serving.engines import GREEDY, metrics_settings, select_best
 from lm_lexicon.serving.exposure import check_exposure
@@ -271,6 +272,7 @@ class Ingress:
             if warning:
                 log.warning(warning)
         self.card = config["card"]
+        self.templates = parse_templates(config.get("prompt_templates") or None)  # the served experts'
         self.request_timeout_s = float(config.get("request_timeout_s", 120.0))
         self.retry_window_s = float(config.get("retry_window_s", 30.0))
         self.model_name = config.get("app_name", "lm-lexicon")
@@ -402,7 +404,7 @@ class Ingress:
     async def _definitions(self, data: Any) -> dict:
         t0 = time.perf_counter()
         req = parse_definitions_request(data, self.limits)
-        prompts = [item_prompt(it) for it in req.items]
+        prompts = [item_prompt(it, self.templates) for it in req.items]
         t_route = time.perf_counter()
         domains = await self._call("Router", self.router.route, prompts)
         route_ms = (time.perf_counter() - t_route) * 1000.0
@@ -460,7 +462,7 @@ class Ingress:
     async def _score(self, data: Any) -> dict:
         t0 = time.perf_counter()
         req = parse_score_request(data, self.limits)
-        prompts = [item_prompt(it) for it in req.items]
+        prompts = [item_prompt(it, self.templates) for it in req.items]
         definitions = [it.definition for it in req.items]
         with_refs = [i for i, it in enumerate(req.items) if references_of(it)]
         metric_items = [{"term": req.items[i].term.strip(), "lang": req.items[i].lang,
@@ -510,5 +512,5 @@ def build_app(args: dict):
         s.max_batch_size, s.batch_wait_timeout_s, s.torch_threads, sa.device)
     config = {"limits": sa.limits.model_dump(), "auth_token": sa.auth_token, "auth_token_env": sa.auth_token_env,
               "card": card, "request_timeout_s": sa.request_timeout_s, "retry_window_s": sa.retry_window_s,
-              "app_name": sa.app_name, "insecure": sa.insecure}
+              "app_name": sa.app_name, "insecure": sa.insecure, "prompt_templates": card["prompt_templates"]}
     return Ingress.options(**sa.ingress.serve_options("Ingress")).bind(router, experts, scorer, config)

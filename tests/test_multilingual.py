@@ -2,28 +2,16 @@
 for every caller), term-only records, the per-split multilingual JSONL fixtures, language compliance in the evaluate
 stage and as a Best-of-N filter, and a two-language micro run through evaluation."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from lm_lexicon.config import ConfigError, EvalConfig, config_from_dict
-from lm_lexicon.data.prompts import (ENV_VAR, MULTILINGUAL_TEMPLATE, LanguageTemplate, active_templates,
-                                     format_prompt, parse_templates, prompt_templates, record_prompt)
+from lm_lexicon.data.prompts import (MULTILINGUAL_TEMPLATE, TEMPLATES_FILE, LanguageTemplate, PromptTemplates,
+                                     format_prompt, parse_templates, record_prompt)
 from lm_lexicon.data.records import LoadError, Record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "multilingual"
-
-
-@pytest.fixture(autouse=True)
-def _no_template_leak(monkeypatch):
-    """Every test starts and ends with the default templates in force."""
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    assert not active_templates().overrides
-    yield
-    assert not active_templates().overrides and ENV_VAR not in os.environ
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -103,38 +91,59 @@ def test_recipe_field_is_validated():
     assert cfg.stage_hash("data") != config_from_dict({}).stage_hash("data")
 
 
-def test_active_templates_reach_every_caller_and_are_restored():
+def test_the_templates_argument_reaches_every_prompt_builder():
     from lm_lexicon.baselines import format_few_shot_prompt, prompt_of
     from lm_lexicon.sft import record_prompt as sft_record_prompt
 
     cfg = config_from_dict({"data": {"prompt_templates": {"es": "Define la palabra '{term}'."}}})
+    templates = PromptTemplates.from_config(cfg)
     r = Record("perro", "", "mamífero doméstico", "multilingual:es", lang="es")
-    with prompt_templates(cfg) as templates:
-        assert templates.overrides and os.environ[ENV_VAR]
-        assert format_prompt("perro", "", "es") == "Define la palabra 'perro'."
-        # training, generation, reward model (sft.record_prompt), baselines / ICL / retrieval, partition embedding
-        # (format_prompt) all build the same text
-        assert sft_record_prompt(r) == prompt_of(r) == record_prompt(r) == "Define la palabra 'perro'."
-        assert format_few_shot_prompt(r, [r]).endswith("Define la palabra 'perro'.")
-        # explicit templates win over the active ones
-        assert format_prompt("perro", "", "es", templates={}) == MULTILINGUAL_TEMPLATE.format(
-            language="Spanish", term="perro")
-    assert format_prompt("perro", "", "es") == MULTILINGUAL_TEMPLATE.format(language="Spanish", term="perro")
+    # training, generation, reward model (sft.record_prompt), baselines / ICL / retrieval, partition embedding
+    # (format_prompt) all build the same text from the templates they are given
+    assert sft_record_prompt(r, templates) == prompt_of(r, templates) == record_prompt(r, templates) == \
+        format_prompt("perro", "", "es", templates=templates) == "Define la palabra 'perro'."
+    assert format_few_shot_prompt(r, [r], templates=templates).endswith("Define la palabra 'perro'.")
+    # nothing is process state: without the argument every builder uses the defaults
+    default = MULTILINGUAL_TEMPLATE.format(language="Spanish", term="perro")
+    assert sft_record_prompt(r) == prompt_of(r) == record_prompt(r) == format_prompt("perro", "", "es") == default
+
+
+def test_templates_are_saved_with_a_model_and_loaded_from_it(tmp_path):
+    templates = parse_templates({"es": "Define la palabra '{term}'.",
+                                 "en": {"context": 'Context: {context}. Define "{term}".'}})
+    (tmp_path / "model").mkdir()
+    path = templates.save(tmp_path / "model")
+    assert path == tmp_path / "model" / TEMPLATES_FILE
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    assert doc["overrides"] == templates.to_config()
+    assert doc["templates"]["fr"]["term_only"] == MULTILINGUAL_TEMPLATE  # every language, for other readers
+    loaded = PromptTemplates.load(tmp_path / "model")
+    assert loaded == templates
+    assert loaded.format("bank", "the river bank") == 'Context: the river bank. Define "bank".'
+    # a directory without the file (an external checkpoint, an older run) is the defaults
+    assert PromptTemplates.load(tmp_path) == PromptTemplates() and not PromptTemplates.load(tmp_path).overrides
+    # models that must share their templates
+    (tmp_path / "other").mkdir()
+    PromptTemplates().save(tmp_path / "other")
+    assert PromptTemplates.agreed([tmp_path / "model", tmp_path / "model"]) == templates
+    with pytest.raises(ValueError, match="other prompt templates"):
+        PromptTemplates.agreed([tmp_path / "model", tmp_path / "other"])
+    # a broken file is an error naming it, not silently the defaults
+    path.write_text('{"format": "lm-lexicon-prompt-templates", "overrides": {"xx": "{term}"}}', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{TEMPLATES_FILE}.*unknown language code 'xx'"):
+        PromptTemplates.load(tmp_path / "model")
+    path.write_text("not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="invalid prompt templates"):
+        PromptTemplates.load(tmp_path / "model")
 
 
 def test_serving_builds_the_same_prompt():
     schemas = pytest.importorskip("lm_lexicon.serving.schemas")
-    with prompt_templates({"fr": "Définis « {term} »."}):
-        item = schemas.DefinitionItem(term="chien", lang="fr")
-        assert schemas.item_prompt(item) == format_prompt("chien", "", "fr") == "Définis « chien »."
-
-
-def test_templates_reach_processes_started_afterwards():
-    code = "from lm_lexicon.data.prompts import format_prompt; print(format_prompt('perro', '', 'es'))"
-    with prompt_templates({"es": "Define '{term}' en {language}."}):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env=dict(os.environ))
-    assert out.stdout.strip() == "Define 'perro' en Spanish."
+    templates = parse_templates({"fr": "Définis « {term} »."})
+    item = schemas.DefinitionItem(term="chien", lang="fr")
+    assert schemas.item_prompt(item, templates) == format_prompt("chien", "", "fr", templates=templates) == \
+        "Définis « chien »."
+    assert schemas.item_prompt(item) == format_prompt("chien", "", "fr")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -145,9 +145,10 @@ def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: Optional[int] = Non
     return bos + ids
 
 
-def record_prompt(record: Record) -> str:
-    """The prompt of a record (shared/DESIGN.md §2): the paper's template, or the multilingual one."""
-    return format_prompt(record.term, record.context, record.lang)
+def record_prompt(record: Record, templates=None) -> str:
+    """The prompt of a record (shared/DESIGN.md §2) under ``templates`` (None: the defaults: the paper's template, or
+    the multilingual one)."""
+    return format_prompt(record.term, record.context, record.lang, templates=templates)
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -157,12 +158,12 @@ class SFTDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, tokenizer, records: Sequence[Record], max_length: int,
-                 domains: Optional[Sequence[int]] = None):
+                 domains: Optional[Sequence[int]] = None, templates=None):
         self.max_length = max_length
         records = list(records)
         if domains is not None and len(domains) != len(records):
             raise ValueError(f"{len(domains)} domain labels for {len(records)} records")
-        prompts = [record_prompt(r) for r in records]
+        prompts = [record_prompt(r, templates) for r in records]
         definitions = [r.definition for r in records]
         bos, eos = _bos_ids(tokenizer), _eos_id(tokenizer)
         self.examples: list[dict] = []
@@ -367,15 +368,17 @@ def _sum_over_ranks(value: float) -> float:
 @torch.no_grad()
 def evaluate_loss(model, tokenizer, records: Sequence[Record] | SFTDataset, *, max_length: int = 128,
                   batch_size: int = 16, precision: str = "fp32", domains: Optional[Sequence[int]] = None,
-                  lockstep: bool = False) -> float:
+                  lockstep: bool = False, templates=None) -> float:
     """Mean token NLL over definition (+EOS) tokens of ``records`` (nats per token; exp() of it is perplexity).
 
     Under torch.distributed each rank scores every ``world_size``-th batch and the sums are all-reduced, so every
     rank gets the same number (early-stopping decisions must agree across ranks). ``lockstep``: every rank runs the
     same number of forward passes (a rank short of a batch re-scores one and discards it), needed when a forward
-    is itself a collective (DeepSpeed ZeRO-3 gathers each layer's parameters from all ranks).
+    is itself a collective (DeepSpeed ZeRO-3 gathers each layer's parameters from all ranks). ``templates``: the
+    prompt templates of records (None: the defaults).
     """
-    dataset = records if isinstance(records, SFTDataset) else SFTDataset(tokenizer, records, max_length, domains)
+    dataset = records if isinstance(records, SFTDataset) else \
+        SFTDataset(tokenizer, records, max_length, domains, templates)
     if len(dataset) == 0:
         return float("nan")
     # score with the bare model: a DDP wrapper's forward broadcasts buffers (a collective), and ranks may run
@@ -614,7 +617,7 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
           keep_checkpoints: int = 2, restore_best: bool = True, progress: bool = True,
           train_domains: Optional[Sequence[int]] = None, valid_domains: Optional[Sequence[int]] = None,
           deepspeed_config: Optional[dict] = None,
-          step_fn: Optional[Callable[[int, int, float], None]] = None) -> dict:
+          step_fn: Optional[Callable[[int, int, float], None]] = None, prompt_templates=None) -> dict:
     """Fine-tune ``model`` in place on prompt -> definition; return metrics.
 
     * Schedule horizon: ``train_cfg.max_steps`` if set, else ``ceil(epochs * batches_per_epoch / grad_accum)``.
@@ -641,6 +644,8 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
       ``model`` object is NOT reset to the best weights (under ZeRO-3 it only holds a shard anyway).
     * ``step_fn(step, stop_at, loss)`` after every optimizer step on rank 0 (a progress bar on the driver,
       :func:`lm_lexicon.console.step_reporter`).
+    * ``prompt_templates``: the :class:`~lm_lexicon.data.prompts.PromptTemplates` the prompts are built with (None:
+      the defaults); the caller saves them beside the checkpoints and the model (they belong to the model).
     """
     from tqdm.auto import tqdm
 
@@ -663,9 +668,9 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
 
-    train_set = SFTDataset(tokenizer, train_records, train_cfg.max_length, train_domains)
+    train_set = SFTDataset(tokenizer, train_records, train_cfg.max_length, train_domains, prompt_templates)
     valid_set = SFTDataset(tokenizer, valid_records or [], train_cfg.max_length,
-                           valid_domains if valid_records else None)
+                           valid_domains if valid_records else None, prompt_templates)
     if len(train_set) == 0:
         raise ValueError("no training records")
     sampler = LengthBucketBatchSampler(train_set.lengths, train_cfg.batch_size, seed=seed,

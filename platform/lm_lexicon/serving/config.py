@@ -9,7 +9,10 @@
   the memory cost of holding every expert's FFN in each replica);
 * router: the one the experts were exported with (``export/collapsed/router``, a copy of the MoE's
   ``merge/model/router``, itself the partition's router), so served routing IS the offline routing;
-* reward model: ``evaluate/reward_model/`` (:meth:`lm_lexicon.reward.RewardModel.save` format) when present;
+* prompt templates: the ``prompt_templates.json`` saved with the experts (and the router); every prompt the app
+  routes, generates from and scores is built with them, so a recipe's custom templates are served as trained;
+* reward model: ``evaluate/reward_model/`` (:meth:`lm_lexicon.reward.RewardModel.save` format) when present (and
+  trained on the experts' templates);
 * metrics: ``evaluate/metrics.json``; defaults: the pipeline's resolved ``config.yaml`` (its ``serve`` section gives
   the limits and batching, its ``evaluate`` section the decoding settings, so served greedy output equals the
   evaluation's).
@@ -27,6 +30,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lm_lexicon.data.prompts import TEMPLATES_FILE, PromptTemplates
 from lm_lexicon.serving.schemas import Limits
 
 DEFAULT_TOKEN_ENV = "LM_LEXICON_API_TOKEN"
@@ -237,6 +241,7 @@ class PipelineLayout:
     metrics_path: Optional[Path]
     pipeline_config: dict = field(default_factory=dict)
     config_path: Optional[Path] = None
+    prompt_templates: Any = None  # the experts' PromptTemplates (None: the defaults)
 
     @property
     def n_domains(self) -> int:
@@ -290,9 +295,15 @@ class PipelineLayout:
         if int(router_doc.get("n_clusters", -1)) != len(experts):
             raise ValueError(f"{found_router}: the router has {router_doc.get('n_clusters')} domains but there are "
                              f"{len(experts)} experts")
+        templates = _served_templates(experts, found_router)
 
         rm = Path(reward_model_dir).expanduser().resolve() if reward_model_dir else out / "evaluate" / "reward_model"
-        if (rm / REWARD_CONFIG).is_file():
+        if (rm / REWARD_CONFIG).is_file() and (rm / TEMPLATES_FILE).is_file() and \
+                PromptTemplates.load(rm) != templates:
+            reward_dir = None
+            reason = (f"the reward model at {rm} was trained on prompts of other templates than the experts'; "
+                      "best-of-n keeps the first sample and scores are null")
+        elif (rm / REWARD_CONFIG).is_file():
             reward_dir, reason = rm, None
         else:
             reward_dir = None
@@ -301,7 +312,16 @@ class PipelineLayout:
         metrics = out / "evaluate" / "metrics.json"
         cfg, cfg_path = read_pipeline_config(out)
         return cls(out, kind, experts, found_router, reward_dir, reason, metrics if metrics.is_file() else None,
-                   cfg, cfg_path)
+                   cfg, cfg_path, templates)
+
+
+def _served_templates(experts: list[ExpertSpec], router_dir: Path):
+    """The prompt templates saved with the experts (they must agree, and with the router's when it has them): the
+    prompts the ingress builds for routing, generation and scoring."""
+    dirs = sorted({e.model_path for e in experts})
+    if (router_dir / TEMPLATES_FILE).is_file():
+        dirs.append(str(router_dir))
+    return PromptTemplates.agreed(dirs)
 
 
 def read_pipeline_config(output_dir: Path) -> tuple[dict, Optional[Path]]:
@@ -345,6 +365,10 @@ def _architecture(model_path: str) -> Optional[str]:
     return archs[0] if archs else cfg.get("model_type")
 
 
+def _templates_of(layout: PipelineLayout) -> PromptTemplates:
+    return layout.prompt_templates if layout.prompt_templates is not None else PromptTemplates()
+
+
 def model_card(layout: PipelineLayout, args: ServeArgs, generation: dict) -> dict:
     """``GET /v1/model``: what is served, how requests are routed, decoding, limits, and the evaluation results."""
     router_doc = json.loads((layout.router_dir / "router.json").read_text(encoding="utf-8"))
@@ -371,8 +395,9 @@ def model_card(layout: PipelineLayout, args: ServeArgs, generation: dict) -> dic
             "n_domains": router_doc.get("n_clusters"), "biased": router_doc.get("biased"),
             "embedder": router_doc.get("embedder"), **meta,
             "rule": "domain = argmax_j cos(embed(prompt), centroid_j) - bias_j (lm_lexicon.routing.DomainRouter); "
-                    "prompt = lm_lexicon.data.prompts.format_prompt(term, context, lang)",
+                    "prompt = lm_lexicon.data.prompts.format_prompt(term, context, lang, templates=prompt_templates)",
         },
+        "prompt_templates": _templates_of(layout).to_config(),
         "generation": generation,
         "best_of_n": "n > 1 samples n definitions (temperature/top-k/top-p of `generation`) and keeps the one the "
                      "reward model scores highest; without a reward model, the first sample",

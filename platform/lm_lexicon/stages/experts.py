@@ -72,9 +72,9 @@ def train_worker(loop_cfg: dict) -> None:
     from lm_lexicon.sft import train
 
     cfg = PipelineConfig.model_validate(loop_cfg["cfg"])
-    from lm_lexicon.data.prompts import configure_prompts
+    from lm_lexicon.data.prompts import PromptTemplates
 
-    configure_prompts(cfg)  # this worker builds training prompts: the recipe's templates, not the defaults
+    templates = PromptTemplates.from_config(cfg)  # the seed has none: the recipe's, saved with every checkpoint
     job = loop_cfg["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -113,6 +113,8 @@ def train_worker(loop_cfg: dict) -> None:
 
         def report(metrics: dict, ckpt_dir: Path | None) -> None:
             metrics = {**metrics, "job": job["name"], "resumed_from_step": resumed_step}
+            if ckpt_dir is not None:
+                templates.save(ckpt_dir)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir))
                              if ckpt_dir is not None else None)
             if fail:
@@ -131,7 +133,8 @@ def train_worker(loop_cfg: dict) -> None:
 
         metrics = train(model, tokenizer, train_rows, valid_rows, train_cfg, out, resume_from=resume_from,
                         report_fn=report, rank=rank, world_size=world, progress=False, deepspeed_config=ds_config,
-                        step_fn=step_reporter(loop_cfg.get("progress"), job["name"]) if rank == 0 else None)
+                        step_fn=step_reporter(loop_cfg.get("progress"), job["name"]) if rank == 0 else None,
+                        prompt_templates=templates)
         if rank == 0:
             from lm_lexicon.sft import read_trainer_state
 
@@ -140,6 +143,7 @@ def train_worker(loop_cfg: dict) -> None:
                      "job": job["name"], "domain": job["domain"], "resumed_from_step": resumed_step,
                      "history": history, "final": True}
             final_dir = Path(metrics["model_dir"])
+            templates.save(final_dir)
             (final_dir / FINAL_MARKER).write_text(json.dumps(final))
             ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(final_dir)))
         else:
@@ -345,6 +349,7 @@ def own_domain_losses(cfg, stage_dir: Path, partition_dir: Path, jobs: list[dict
     when ``resources.use_gpu``: 8B models cannot be scored on the driver's CPU)."""
     import torch
 
+    from lm_lexicon.data.prompts import PromptTemplates
     from lm_lexicon.seed_models import load_causal_lm
     from lm_lexicon.sft import evaluate_loss, resolve_precision
 
@@ -370,14 +375,16 @@ def own_domain_losses(cfg, stage_dir: Path, partition_dir: Path, jobs: list[dict
         model, tok = load(stage_dir / job["name"] / "model")
         rows.append({"domain": job["domain"], "n_valid": len(valid),
                      "expert_loss": evaluate_loss(model, tok, valid, max_length=cfg.train.max_length,
-                                                  batch_size=cfg.train.batch_size, precision=precision)})
+                                                  batch_size=cfg.train.batch_size, precision=precision,
+                                                  templates=PromptTemplates.load(stage_dir / job["name"] / "model"))})
         valid_rows.append(valid)
         del model
     if (stage_dir / "dense" / "model").exists():
         dense, tok = load(stage_dir / "dense" / "model")
         for row, valid in zip(rows, valid_rows):
             row["dense_loss"] = evaluate_loss(dense, tok, valid, max_length=cfg.train.max_length,
-                                              batch_size=cfg.train.batch_size, precision=precision)
+                                              batch_size=cfg.train.batch_size, precision=precision,
+                                              templates=PromptTemplates.load(stage_dir / "dense" / "model"))
             row["expert_better"] = row["expert_loss"] < row["dense_loss"]
         del dense
     return rows

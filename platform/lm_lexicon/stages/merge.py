@@ -46,9 +46,9 @@ def finetune_worker(loop_cfg: dict) -> None:
     from lm_lexicon.sft import train
 
     cfg = PipelineConfig.model_validate(loop_cfg["cfg"])
-    from lm_lexicon.data.prompts import configure_prompts
+    from lm_lexicon.data.prompts import PromptTemplates
 
-    configure_prompts(cfg)  # this worker builds training prompts: the recipe's templates, not the defaults
+    templates = PromptTemplates.load(loop_cfg["merged_dir"])  # the experts' (merge_experts checked they agree)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
@@ -79,6 +79,8 @@ def finetune_worker(loop_cfg: dict) -> None:
                 return
 
         def report(metrics: dict, ckpt_dir: Path | None) -> None:
+            if ckpt_dir is not None:
+                templates.save(ckpt_dir)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir))
                              if ckpt_dir is not None else None)
 
@@ -87,11 +89,13 @@ def finetune_worker(loop_cfg: dict) -> None:
         metrics = train(model, tokenizer, train_rows, valid_rows, train_cfg, Path(scratch) / "run",
                         resume_from=resume_from, report_fn=report, rank=rank, world_size=world, progress=False,
                         train_domains=train_domains, valid_domains=valid_domains,
-                        step_fn=step_reporter(loop_cfg.get("progress"), "fine-tune") if rank == 0 else None)
+                        step_fn=step_reporter(loop_cfg.get("progress"), "fine-tune") if rank == 0 else None,
+                        prompt_templates=templates)
         if rank == 0:
             final = {k: v for k, v in metrics.items() if k not in ("model_dir", "checkpoint_dir")}
             final.update(trainable_parameters=trainable, final=True)
             model_dir = Path(metrics["model_dir"])
+            templates.save(model_dir)
             (model_dir / "FINAL.json").write_text(json.dumps(final))
             ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(model_dir)))
         else:
