@@ -14,9 +14,10 @@
   dynamic batching (``@serve.batch`` + :class:`lm_lexicon.serving.batching.MergingBatcher`, which hands a free model
   everything queued meanwhile); each has its own scaling/resources (``ServeArgs.expert_overrides``).
 * ``Scorer``: reward-model scores (best-of-n selection) and reference-based metrics.
-* ``Ingress``: validation, auth, composition through ``DeploymentHandle``s, retries of calls that hit a dead or
-  restarting replica (until ``retry_window_s``, then a 503 with ``Retry-After``), and JSON errors only; it also
-  serves the web page at ``/`` (:mod:`lm_lexicon.serving.webpage`).
+* ``Ingress``: validation, auth, the prompts (with the templates saved with the served experts, so the Router,
+  the experts and the Scorer see what training saw), composition through ``DeploymentHandle``s, retries of calls
+  that hit a dead or restarting replica (until ``retry_window_s``, then a 503 with ``Retry-After``), and JSON
+  errors only; it also serves the web page at ``/`` (:mod:`lm_lexicon.serving.webpage`).
 """
 
 import asyncio

@@ -226,6 +226,34 @@ def test_layout_checks_router_against_experts_and_finds_reward_model_and_metrics
     assert card["routing"]["n_domains"] == 2 and card["reward_model"]["available"]
 
 
+def test_layout_serves_the_templates_saved_with_the_experts(tmp_path):
+    from lm_lexicon.data.prompts import PromptTemplates, parse_templates
+
+    custom = parse_templates({"en": 'Define "{term}" ({context}).'})
+    old = PipelineLayout.discover(_fake_pipeline(tmp_path / "old"))  # a run from before templates were saved
+    assert old.prompt_templates == PromptTemplates() and model_card(old, ServeArgs(output_dir="x"), {})[
+        "prompt_templates"] == {}
+    root = _fake_pipeline(tmp_path / "p")
+    for d in ("export/collapsed/domain-0", "export/collapsed/domain-1", "export/collapsed/router"):
+        custom.save(root / d)
+    _write_json(root / "evaluate/reward_model/reward_config.json", {"format": "lm_lexicon.reward/1"})
+    custom.save(root / "evaluate/reward_model")
+    layout = PipelineLayout.discover(root)
+    assert layout.prompt_templates == custom and layout.reward_model_dir is not None
+    card = model_card(layout, ServeArgs(output_dir=str(root)), {})
+    assert card["prompt_templates"] == custom.to_config()
+    item = DefinitionItem(term="bank", context="by the river")
+    assert item_prompt(item, parse_templates(card["prompt_templates"])) == 'Define "bank" (by the river).'
+    # a reward model trained on other prompts would score prompts it never saw: it is not served
+    PromptTemplates().save(root / "evaluate/reward_model")
+    layout = PipelineLayout.discover(root)
+    assert layout.reward_model_dir is None and "other templates" in layout.reward_reason
+    # experts that disagree cannot be served behind one ingress
+    PromptTemplates().save(root / "export/collapsed/domain-1")
+    with pytest.raises(ValueError, match="other prompt templates"):
+        PipelineLayout.discover(root)
+
+
 # =================================================================================================== Serve config
 def test_serve_config_parses_and_its_import_path_resolves(tmp_path):
     from ray.serve._private.utils import import_attr
