@@ -23,7 +23,6 @@
 import asyncio
 import hmac
 import logging
-import os
 import time
 import uuid
 from typing import Any, Optional
@@ -37,7 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lm_lexicon import __version__
 from lm_lexicon.data.prompts import parse_templates
-from lm_lexicon.serving.config import PipelineLayout, ServeArgs, generation_settings, model_card, resolve_args
+from lm_lexicon.serving.config import (PipelineLayout, ServeArgs, generation_settings, model_card, resolve_args,
+                                      resolve_token)
 from lm_lexicon.serving.engines import GREEDY, metrics_settings, select_best
 from lm_lexicon.serving.exposure import check_exposure
 from lm_lexicon.serving.schemas import (ApiError, DefinitionsResponse, ErrorResponse, Limits, ScoreResponse,
@@ -266,7 +266,7 @@ class Ingress:
         self.scorer = scorer
         self.limits = Limits.model_validate(config["limits"])
         env = config.get("auth_token_env")
-        self.token: Optional[str] = config.get("auth_token") or (os.environ.get(env) if env else None) or None
+        self.token: Optional[str] = resolve_token(config.get("auth_token"), env)
         if not self.token:  # the token is read here, so this is where an exposed, unauthenticated API is refused
             warning = check_exposure(await _http_host(), None, bool(config.get("insecure")), token_env=env,
                                      opt_out="insecure: true in the Serve args (lm-lexicon serve --insecure)")
