@@ -328,7 +328,8 @@ def test_multilingual_micro_run_reports_compliance_per_language(tmp_path, ray_lo
     cfg = config_from_dict({
         "name": "multilingual-micro", "output_dir": str(tmp_path / "run"),
         "data": {"sources": [{"format": "multilingual", "path": str(FIXTURES / "es"), "lang": "es"},
-                             {"format": "multilingual", "path": str(FIXTURES / "fr"), "lang": "fr"}]},
+                             {"format": "multilingual", "path": str(FIXTURES / "fr"), "lang": "fr"}],
+                 "prompt_templates": {"es": "Define la palabra '{term}'. Responde solo en español."}},
         "embed": {"num_actors": 1},
         "partition": {"n_experts": 2, "plot_sample": 40},
         "seed_model": {"name": str(seed)},
@@ -343,6 +344,13 @@ def test_multilingual_micro_run_reports_compliance_per_language(tmp_path, ray_lo
     results = run_pipeline(cfg, stages=("data", "partition", "experts", "merge", "evaluate"), log=lambda m: None)
     ev = results["evaluate"].path
     out = json.loads((ev / "metrics.json").read_text())
+    # the recipe's templates are saved with every model the run wrote, and the evaluation records them
+    run = tmp_path / "run"
+    custom = PromptTemplates.from_config(cfg)
+    for model_dir in ("partition/router", "experts/expert_0/model", "experts/expert_1/model", "merge/merged",
+                      "merge/merged/router", "merge/model", "merge/model/router", "evaluate/reward_model"):
+        assert PromptTemplates.load(run / model_dir) == custom != PromptTemplates(), model_dir
+    assert out["meta"]["prompt_templates"] == custom.to_config()
     assert out["meta"]["languages"] == {"es": 8, "fr": 8}
     models = ["constant", "retrieval", "moe", "moe:sample", "moe:bon-orm-n2", "moe:oracle-n2"]
     assert list(out["results"]) == models
