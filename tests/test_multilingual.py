@@ -137,6 +137,33 @@ def test_templates_are_saved_with_a_model_and_loaded_from_it(tmp_path):
         PromptTemplates.load(tmp_path / "model")
 
 
+def test_generation_builds_prompts_with_the_templates_saved_with_the_model(tmp_path, monkeypatch):
+    from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, generate_split
+    from lm_lexicon.seed_models import tiny_llama
+
+    model = tiny_llama(tmp_path / "model")
+    custom = parse_templates({"es": "Define la palabra '{term}'."})
+    custom.save(model)
+    records = [Record("perro", "", "x", "t", lang="es"), Record("bank", "the river bank", "x", "t")]
+    expected = ["Define la palabra 'perro'.", '"the river bank" What is the definition of "bank"?']
+    seen: list[str] = []
+    generate = DefinitionGenerator._generate
+
+    def spy(self, prompts, domains):  # what the model is asked
+        seen.extend(prompts)
+        return generate(self, prompts, domains)
+
+    monkeypatch.setattr(DefinitionGenerator, "_generate", spy)
+    settings = GenerationSettings(max_new_tokens=2)
+    assert DefinitionGenerator(model, settings=settings).record_prompts(records) == expected
+    generate_split(records, model, settings, use_ray=False)
+    assert seen == expected
+    # given templates win (the untrained seed, which has none, asked in a run's training format)
+    seen.clear()
+    generate_split(records, model, settings, use_ray=False, templates=PromptTemplates())
+    assert seen == [format_prompt("perro", "", "es"), expected[1]]
+
+
 def test_serving_builds_the_same_prompt():
     schemas = pytest.importorskip("lm_lexicon.serving.schemas")
     templates = parse_templates({"fr": "Définis « {term} »."})
