@@ -12,8 +12,9 @@ With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.best_of_n`): an outcome rewa
 reranked by it, and three more rows: ``{model}:sample`` (sample 1, the N = 1 baseline), ``{model}:bon-orm-nN`` and
 ``{model}:oracle-nN`` (an upper bound: it looks at the references).
 
-Multilingual (docs/MULTILINGUAL.md): prompts come from :mod:`lm_lexicon.data.prompts` under the recipe's
-``data.prompt_templates``; language compliance (langid) is added to the metrics when any evaluated row is not English
+Multilingual (docs/MULTILINGUAL.md): prompts come from :mod:`lm_lexicon.data.prompts` under the templates saved with
+each trained model (the seed and the baselines: the recipe's ``data.prompt_templates``, which trained them; the
+reward model gets its policy's beside it); language compliance (langid) is added to the metrics when any evaluated row is not English
 (``evaluate.language_compliance``: None = that rule, true / false = always / never); with more than one language or
 with compliance on, a per-language table (BLEU-A, ROUGE-L, BERTScore, compliance, detected languages) is reported.
 Best-of-N keeps the samples in the input's language before the reward model picks (``evaluate.bon_language_filter``)
