@@ -84,7 +84,7 @@ def normalize_definition(text: str) -> str:
     return " ".join(strip_periods(text).lower().split())
 
 
-def _gold_and_prompt(record: Any) -> tuple[str, str]:
+def _gold_and_prompt(record: Any, templates=None) -> tuple[str, str]:
     from lm_lexicon.data.records import Record
     from lm_lexicon.train import record_prompt
 
@@ -94,12 +94,12 @@ def _gold_and_prompt(record: Any) -> tuple[str, str]:
         gold = record.get("definition", record.get("reference"))
         record = Record(term=record["term"], context=record.get("context") or "", definition=gold or "",
                         source=record.get("source") or "", lang=record.get("lang") or "en")
-    return record_prompt(record), record.definition
+    return record_prompt(record, templates), record.definition
 
 
 def build_preference_pairs(records: Sequence[Any], samples_per_record: Sequence[Sequence[str]],
                            logprobs: Optional[Sequence[Sequence[float]]] = None, top_k: int = 8,
-                           ratio: Optional[int] = None, *, seed: int = 0) -> list[PreferencePair]:
+                           ratio: Optional[int] = None, *, seed: int = 0, templates=None) -> list[PreferencePair]:
     """(gold, sampled) preference pairs for reward-model training (policy in the module docstring).
 
     ``records``: :class:`~lm_lexicon.data.records.Record` (or dicts with term/context/lang and definition or
@@ -107,6 +107,7 @@ def build_preference_pairs(records: Sequence[Any], samples_per_record: Sequence[
     ``logprobs[i][j]``: the generator's log-probability of sample j (then the ``top_k`` most likely are kept; without
     it, the first ``top_k`` in sample order). ``ratio``: at most this many negatives per gold, a seeded random subset
     of the kept ones (None: all of them). Records whose samples all equal the gold contribute no pair.
+    ``templates``: the prompt templates of the records' prompts (None: the defaults), the sampled model's.
     """
     if len(samples_per_record) != len(records):
         raise ValueError(f"{len(samples_per_record)} sample lists for {len(records)} records")
@@ -119,7 +120,7 @@ def build_preference_pairs(records: Sequence[Any], samples_per_record: Sequence[
     rng = np.random.default_rng(seed)
     pairs: list[PreferencePair] = []
     for i, (record, samples) in enumerate(zip(records, samples_per_record)):
-        prompt, gold = _gold_and_prompt(record)
+        prompt, gold = _gold_and_prompt(record, templates)
         gold_key = normalize_definition(gold)
         if isinstance(samples, str):
             raise TypeError(f"samples_per_record[{i}] is a string; expected a list of strings")
@@ -158,7 +159,7 @@ class RankedPairs(list):
 
 def build_ranked_sample_pairs(records: Sequence[Any], samples_per_record: Sequence[Sequence[str]],
                               references: Sequence[Sequence[str] | str], per_record: int = 4,
-                              margin: float = 0.05, *, seed: int = 0) -> RankedPairs:
+                              margin: float = 0.05, *, seed: int = 0, templates=None) -> RankedPairs:
     """(better sample, worse sample) pairs of the same prompt, ranked by Protocol A BLEU against ``references[i]``.
 
     Gold-vs-sample pairs teach the reward model to tell a dictionary definition from the policy's samples; Best-of-N
@@ -166,7 +167,8 @@ def build_ranked_sample_pairs(records: Sequence[Any], samples_per_record: Sequen
     of two samples is better: every pair of distinct (normalised) samples whose BLEU differs by at least ``margin``
     (in [0, 1]) is a candidate, and at most ``per_record`` of them are drawn (seeded, uniformly). Ties and near-ties
     (gap below ``margin``: the reference cannot tell them apart) are dropped and counted in ``.stats``
-    (:class:`RankedPairs`), as are records with fewer than two distinct samples.
+    (:class:`RankedPairs`), as are records with fewer than two distinct samples. ``templates``: as in
+    :func:`build_preference_pairs`.
     """
     if len(samples_per_record) != len(records) or len(references) != len(records):
         raise ValueError(f"{len(records)} records, {len(samples_per_record)} sample lists, "
@@ -184,7 +186,7 @@ def build_ranked_sample_pairs(records: Sequence[Any], samples_per_record: Sequen
     for i, (record, samples, refs) in enumerate(zip(records, samples_per_record, references)):
         if isinstance(samples, str):
             raise TypeError(f"samples_per_record[{i}] is a string; expected a list of strings")
-        prompt, _ = _gold_and_prompt(record)
+        prompt, _ = _gold_and_prompt(record, templates)
         distinct: dict[str, str] = {}
         for text in samples:
             text = str(text).strip()

@@ -70,6 +70,7 @@ def train_worker(loop_cfg: dict) -> None:
 
 def _expert_job(ctx: WorkerContext) -> TrainJob:
     """The job's rows and the seed model; a domain expert's epochs scaled to the dense model's steps if asked."""
+    from lm_lexicon.data.prompts import PromptTemplates
     from lm_lexicon.seed_models import load_seed_model
     from lm_lexicon.train import read_trainer_state
 
@@ -89,6 +90,7 @@ def _expert_job(ctx: WorkerContext) -> TrainJob:
                 "history": history}
 
     return TrainJob(job["name"], model, tokenizer, train_rows, valid_rows, train_cfg,
+                    templates=PromptTemplates.from_config(cfg),  # the seed has none: the recipe's
                     tags={"job": job["name"], "resumed_from_step": ctx.resumed_step}, final_extras=final_extras)
 
 
@@ -269,6 +271,7 @@ def own_domain_losses(cfg, stage_dir: Path, partition_dir: Path, jobs: list[dict
     when ``resources.use_gpu``: 8B models cannot be scored on the driver's CPU)."""
     import torch
 
+    from lm_lexicon.data.prompts import PromptTemplates
     from lm_lexicon.seed_models import load_causal_lm
     from lm_lexicon.train import evaluate_loss, resolve_precision
 
@@ -294,14 +297,16 @@ def own_domain_losses(cfg, stage_dir: Path, partition_dir: Path, jobs: list[dict
         model, tok = load(stage_dir / job["name"] / "model")
         rows.append({"domain": job["domain"], "n_valid": len(valid),
                      "expert_loss": evaluate_loss(model, tok, valid, max_length=cfg.train.max_length,
-                                                  batch_size=cfg.train.batch_size, precision=precision)})
+                                                  batch_size=cfg.train.batch_size, precision=precision,
+                                                  templates=PromptTemplates.load(stage_dir / job["name"] / "model"))})
         valid_rows.append(valid)
         del model
     if (stage_dir / "dense" / "model").exists():
         dense, tok = load(stage_dir / "dense" / "model")
         for row, valid in zip(rows, valid_rows):
             row["dense_loss"] = evaluate_loss(dense, tok, valid, max_length=cfg.train.max_length,
-                                              batch_size=cfg.train.batch_size, precision=precision)
+                                              batch_size=cfg.train.batch_size, precision=precision,
+                                              templates=PromptTemplates.load(stage_dir / "dense" / "model"))
             row["expert_better"] = row["expert_loss"] < row["dense_loss"]
         del dense
     return rows

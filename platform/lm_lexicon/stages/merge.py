@@ -42,6 +42,7 @@ def finetune_worker(loop_cfg: dict) -> None:
 
 
 def _finetune_job(ctx: WorkerContext) -> TrainJob:
+    from lm_lexicon.data.prompts import PromptTemplates
     from lm_lexicon.moe import load
 
     cfg = ctx.cfg
@@ -58,6 +59,8 @@ def _finetune_job(ctx: WorkerContext) -> TrainJob:
                                              "eval_every": max(1, ft.max_steps or 10**9), "trainable": "all",
                                              "gradient_checkpointing": False})
     return TrainJob("fine-tune", model, tokenizer, train_rows, valid_rows, train_cfg,
+                    # the experts' templates (merge_experts checked that they agree), saved with the merged model
+                    templates=PromptTemplates.load(ctx.loop_cfg["merged_dir"]),
                     train_kwargs={"train_domains": train_domains, "valid_domains": valid_domains},
                     ddp_kwargs={"find_unused_parameters": True},  # experts with no sequence in a batch get no grad
                     final_extras=lambda metrics: {"trainable_parameters": trainable})

@@ -17,12 +17,12 @@ class SFTDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, tokenizer, records: Sequence[Record], max_length: int,
-                 domains: Optional[Sequence[int]] = None):
+                 domains: Optional[Sequence[int]] = None, templates=None):
         self.max_length = max_length
         records = list(records)
         if domains is not None and len(domains) != len(records):
             raise ValueError(f"{len(domains)} domain labels for {len(records)} records")
-        prompts = [record_prompt(r) for r in records]
+        prompts = [record_prompt(r, templates) for r in records]
         definitions = [r.definition for r in records]
         bos, eos = bos_ids(tokenizer), eos_id(tokenizer)
         self.examples: list[dict] = []

@@ -42,7 +42,8 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
           max_steps: Optional[int] = None, seed: Optional[int] = None, rank: int = 0, world_size: int = 1,
           keep_checkpoints: int = 2, restore_best: bool = True, progress: bool = True,
           train_domains: Optional[Sequence[int]] = None, valid_domains: Optional[Sequence[int]] = None,
-          deepspeed_config: Optional[dict] = None, step_fn: Optional[StepFn] = None) -> dict:
+          deepspeed_config: Optional[dict] = None, step_fn: Optional[StepFn] = None,
+          prompt_templates=None) -> dict:
     """Fine-tune ``model`` in place on prompt -> definition; return metrics.
 
     * Schedule horizon: ``train_cfg.max_steps`` if set, else ``ceil(epochs * batches_per_epoch / grad_accum)``.
@@ -65,6 +66,8 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
       and passes its own directory to ``report_fn``, and the ``model`` object is NOT reset to the best weights.
     * ``step_fn(step, stop_at, loss)`` after every optimizer step on rank 0 (a progress bar on the driver,
       :func:`lm_lexicon.console.step_reporter`).
+    * ``prompt_templates``: the :class:`~lm_lexicon.data.prompts.PromptTemplates` the prompts are built with (None:
+      the defaults); the caller saves them beside the checkpoints and the model (they belong to the model).
     """
     started_at = time.time()
     out_dir = Path(out_dir)
@@ -75,7 +78,7 @@ def train(model, tokenizer, train_records: Sequence[Record], valid_records: Sequ
     precision = resolve_precision(train_cfg.precision, device)
     n_dropout, n_trainable = _prepare_model(base, train_cfg)
     data = _Data.build(tokenizer, train_records, valid_records, train_cfg, seed, rank, world_size, train_domains,
-                       valid_domains)
+                       valid_domains, prompt_templates)
     horizon = train_cfg.max_steps or max(1, math.ceil(train_cfg.epochs * data.batches_per_epoch / train_cfg.grad_accum))
     stop_at = horizon if max_steps is None else min(max_steps, horizon)
     warmup = int(round(train_cfg.warmup_ratio * horizon))
@@ -134,10 +137,10 @@ class _Data:
 
     @classmethod
     def build(cls, tokenizer, train_records, valid_records, train_cfg, seed: int, rank: int, world_size: int,
-              train_domains, valid_domains) -> "_Data":
-        train_set = SFTDataset(tokenizer, train_records, train_cfg.max_length, train_domains)
+              train_domains, valid_domains, templates=None) -> "_Data":
+        train_set = SFTDataset(tokenizer, train_records, train_cfg.max_length, train_domains, templates)
         valid_set = SFTDataset(tokenizer, valid_records or [], train_cfg.max_length,
-                               valid_domains if valid_records else None)
+                               valid_domains if valid_records else None, templates)
         if len(train_set) == 0:
             raise ValueError("no training records")
         sampler = LengthBucketBatchSampler(train_set.lengths, train_cfg.batch_size, seed=seed,

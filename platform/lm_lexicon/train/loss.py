@@ -86,15 +86,17 @@ def _rank_batches(batches: list, lockstep: bool) -> tuple[list, Optional[list[bo
 @torch.no_grad()
 def evaluate_loss(model, tokenizer, records: Sequence[Record] | SFTDataset, *, max_length: int = 128,
                   batch_size: int = 16, precision: str = "fp32", domains: Optional[Sequence[int]] = None,
-                  lockstep: bool = False) -> float:
+                  lockstep: bool = False, templates=None) -> float:
     """Mean token NLL over definition (+EOS) tokens of ``records`` (nats per token; exp() of it is perplexity).
 
     Under torch.distributed each rank scores every ``world_size``-th batch and the sums are all-reduced, so every
     rank gets the same number (early-stopping decisions must agree across ranks). ``lockstep``: every rank runs the
     same number of forward passes (a rank short of a batch re-scores one and discards it), needed when a forward
-    is itself a collective (DeepSpeed ZeRO-3 gathers each layer's parameters from all ranks).
+    is itself a collective (DeepSpeed ZeRO-3 gathers each layer's parameters from all ranks). ``templates``: the
+    prompt templates of records (None: the defaults).
     """
-    dataset = records if isinstance(records, SFTDataset) else SFTDataset(tokenizer, records, max_length, domains)
+    dataset = records if isinstance(records, SFTDataset) else \
+        SFTDataset(tokenizer, records, max_length, domains, templates)
     if len(dataset) == 0:
         return float("nan")
     # score with the bare model: a DDP wrapper's forward broadcasts buffers (a collective), and ranks may run

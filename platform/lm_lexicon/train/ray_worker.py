@@ -40,6 +40,7 @@ class TrainJob:
     train_records: list
     valid_records: list
     train_cfg: Any
+    templates: Any = None           # the PromptTemplates of its prompts (None: the defaults); saved with the model
     train_kwargs: dict = field(default_factory=dict)  # further keywords of train() (domains)
     ddp_kwargs: Optional[dict] = None                 # prepare_model's parallel_strategy_kwargs
     tags: dict = field(default_factory=dict)          # into every report
@@ -53,6 +54,7 @@ def run_worker(loop_cfg: dict, build_job: Callable[[WorkerContext], TrainJob]) -
 
     from lm_lexicon.config import PipelineConfig
     from lm_lexicon.console import step_reporter
+    from lm_lexicon.data.prompts import PromptTemplates
     from lm_lexicon.train import read_trainer_state, train
 
     cfg = PipelineConfig.model_validate(loop_cfg["cfg"])
@@ -67,12 +69,15 @@ def run_worker(loop_cfg: dict, build_job: Callable[[WorkerContext], TrainJob]) -
             return
         resumed_step = int(read_trainer_state(resume_from)["step"]) if resume_from is not None else 0
         job = build_job(WorkerContext(cfg, loop_cfg, rank, world, resumed_step))
+        if job.templates is None:
+            job.templates = PromptTemplates()
         ds_config = loop_cfg.get("deepspeed")  # resolved on the driver; only set on GPUs
         model = _place(job.model, cfg, world, ds_config, job.ddp_kwargs)
         metrics = train(model, job.tokenizer, job.train_records, job.valid_records, job.train_cfg,
                         Path(scratch) / "run", resume_from=resume_from,
                         report_fn=_reporter(job, loop_cfg.get("fail_once") or ""), rank=rank, world_size=world,
-                        progress=False, deepspeed_config=ds_config, **job.train_kwargs,
+                        progress=False, deepspeed_config=ds_config, prompt_templates=job.templates,
+                        **job.train_kwargs,
                         step_fn=step_reporter(loop_cfg.get("progress"), job.label) if rank == 0 else None)
         _report_final(job, metrics, rank)
 
@@ -80,9 +85,6 @@ def run_worker(loop_cfg: dict, build_job: Callable[[WorkerContext], TrainJob]) -
 def _configure_worker(cfg) -> None:
     import torch
 
-    from lm_lexicon.data.prompts import configure_prompts
-
-    configure_prompts(cfg)  # this worker builds training prompts: the recipe's templates, not the defaults
     # Ray pins OMP threads to the worker's CPU reservation; torch must agree or workers sharing cores thrash
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
 
@@ -116,6 +118,8 @@ def _reporter(job: TrainJob, fail_once: str):
 
     def report(metrics: dict, ckpt_dir: Optional[Path]) -> None:
         metrics = {**metrics, **job.tags}
+        if ckpt_dir is not None:  # the templates belong to the model: a resumed or exported checkpoint has them
+            job.templates.save(ckpt_dir)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir))
                          if ckpt_dir is not None else None)
         if fail_once:
@@ -138,6 +142,7 @@ def _report_final(job: TrainJob, metrics: dict, rank: int) -> None:
     final.update(job.final_extras(metrics))
     final["final"] = True
     model_dir = Path(metrics["model_dir"])
+    job.templates.save(model_dir)
     (model_dir / FINAL_MARKER).write_text(json.dumps(final))
     ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(model_dir)))
 

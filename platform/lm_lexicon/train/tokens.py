@@ -114,6 +114,7 @@ def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: Optional[int] = Non
     return bos + ids
 
 
-def record_prompt(record: Record) -> str:
-    """The prompt of a record (shared/DESIGN.md §2): the paper's template, or the multilingual one."""
-    return format_prompt(record.term, record.context, record.lang)
+def record_prompt(record: Record, templates=None) -> str:
+    """The prompt of a record (shared/DESIGN.md §2) under ``templates`` (None: the defaults: the paper's template, or
+    the multilingual one)."""
+    return format_prompt(record.term, record.context, record.lang, templates=templates)
