@@ -56,14 +56,14 @@ def _loop_cfg(micro_seed, tmp_path, *overrides: str) -> dict:
     return {"cfg": cfg.model_dump(mode="json")}
 
 
-def _builder(micro_seed, built: list):
+def _builder(micro_seed, built: list, templates=None):
     def build(ctx) -> TrainJob:
         from lm_lexicon.seed_models import load_causal_lm
 
         built.append(ctx)
         model, tok = load_causal_lm(micro_seed)
         rows = [Record(term=t, context=c, definition=d, source="test") for t, c, d in ROWS]
-        return TrainJob("job-a", model, tok, rows, rows[:2], ctx.cfg.train,
+        return TrainJob("job-a", model, tok, rows, rows[:2], ctx.cfg.train, templates=templates,
                         tags={"job": "a", "resumed_from_step": ctx.resumed_step},
                         final_extras=lambda metrics: {"job": "a", "resumed_from_step": ctx.resumed_step,
                                                      "extra": metrics["steps"] * 10})
@@ -120,3 +120,35 @@ def test_a_restarted_worker_resumes_from_the_latest_step_checkpoint(micro_seed, 
     assert [c.resumed_step for c in built] == [0, 2]
     assert [m.get("step") for m, _ in resumed.reports] == [4, None]
     assert all(m["resumed_from_step"] == 2 for m, _ in resumed.reports) and resumed.reports[-1][0]["steps"] == 4
+
+
+def test_the_jobs_templates_build_its_prompts_and_are_saved_with_every_checkpoint_and_the_model(
+        micro_seed, tmp_path, monkeypatch):
+    import ray.train
+
+    import lm_lexicon.train
+    from lm_lexicon.data.prompts import TEMPLATES_FILE, PromptTemplates, parse_templates
+
+    custom = parse_templates({"en": {"context": 'Context: {context}. Define "{term}".'}})
+    given, real_train = [], lm_lexicon.train.train
+
+    def spy(*args, prompt_templates=None, **kwargs):
+        given.append(prompt_templates)
+        return real_train(*args, prompt_templates=prompt_templates, **kwargs)
+
+    monkeypatch.setattr(lm_lexicon.train, "train", spy)
+    fake = FakeRayTrain(tmp_path / "reports")
+    fake.install(monkeypatch)
+    run_worker(_loop_cfg(micro_seed, tmp_path), _builder(micro_seed, [], templates=custom))
+    assert given == [custom]
+    assert len(fake.reports) == 3 and all(PromptTemplates.load(kept) == custom for _, kept in fake.reports)
+    collect_final_model(ray.train.Checkpoint.from_directory(str(fake.reports[-1][1])), tmp_path / "model")
+    assert PromptTemplates.load(tmp_path / "model") == custom != PromptTemplates()
+
+    # a job without templates trains with the defaults and says so beside its model
+    default = FakeRayTrain(tmp_path / "default")
+    default.install(monkeypatch)
+    run_worker(_loop_cfg(micro_seed, tmp_path), _builder(micro_seed, []))
+    assert given[-1] == PromptTemplates()
+    assert all((kept / TEMPLATES_FILE).exists() and PromptTemplates.load(kept) == PromptTemplates()
+               for _, kept in default.reports)
