@@ -1,9 +1,10 @@
 """The Ray Train worker scaffold shared by the experts stage and the MoE fine-tune: set up the worker, resume from
 the run's latest checkpoint, train with :func:`lm_lexicon.train.train`, report every checkpoint, and mark the final
-model so that a restarted run reports it again instead of training twice.
+model so that a restarted run reports it again instead of training twice. The job's prompt templates build its
+prompts and are saved with every checkpoint and the final model (``prompt_templates.json``: they belong to it).
 
-A stage supplies only what differs: a function that builds its :class:`TrainJob` (model, rows, recipe) on the
-worker. On the driver, :func:`torch_trainer` builds the ``TorchTrainer`` and :func:`collect_final_model` copies the
+A stage supplies only what differs: a function that builds its :class:`TrainJob` (model, rows, recipe, templates) on
+the worker. On the driver, :func:`torch_trainer` builds the ``TorchTrainer`` and :func:`collect_final_model` copies the
 final model out of the result. Nothing here imports torch or Ray at import time: the stages' drivers import it.
 """
 from __future__ import annotations
