@@ -37,7 +37,7 @@ SETTINGS = {"do_sample": False, "repetition_penalty": 1.05, "no_repeat_ngram_siz
 def test_prompts(n: int) -> list[str]:
     from lm_lexicon.config import load_config
     from lm_lexicon.data.corpus import load_corpus
-    from lm_lexicon.sft import record_prompt
+    from lm_lexicon.train import record_prompt
 
     rows = load_corpus(load_config(None, []).data)["test"]
     return [record_prompt(r) for r in rows[:n]]

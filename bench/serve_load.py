@@ -79,7 +79,7 @@ class Offline:
         torch.set_num_threads(threads)
         self.threads = threads
         layout = PipelineLayout.discover(output_dir)
-        self.prompts = [item_prompt(DefinitionItem(**it)) for it in items]
+        self.prompts = [item_prompt(DefinitionItem(**it), layout.prompt_templates) for it in items]  # as served
         router = RouterEngine(layout.router_dir, torch_threads=threads)
         router.route(self.prompts[:8])  # warm-up
         t0 = time.perf_counter()

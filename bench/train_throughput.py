@@ -9,7 +9,7 @@ autocast over float32 master weights), same threads (2), same AdamW, clipping an
 
 * **bare**: a minimal loop written here with plain torch calls: collate, forward (logits only where a label is),
   cross-entropy, backward, clip, fused AdamW step;
-* **experts loop**: ``lm_lexicon.sft.train`` inside one Ray Train worker (``TorchTrainer``, 2 CPUs), as the experts
+* **experts loop**: ``lm_lexicon.train.train`` inside one Ray Train worker (``TorchTrainer``, 2 CPUs), as the experts
   stage runs it; its ``tokens_per_s`` is the loop's own step time (collate .. optimizer step). The worker's
   end-to-end time (Ray start, model load, final save) is reported beside it.
 
@@ -68,12 +68,12 @@ def train_cfg(steps: int, trainable: str, batch: int = 16):
 
 
 def bare_loop(seed_dir: Path, rows, cfg) -> dict:
-    """The same steps as sft.train, written out with nothing else: tokens/s over all steps (as sft.train counts)."""
+    """The same steps as lm_lexicon.train.train, written out with nothing else: tokens/s over all steps."""
     import torch.nn.functional as F
 
     from lm_lexicon.seed_models import load_causal_lm
-    from lm_lexicon.sft import (IGNORE_INDEX, LengthBucketBatchSampler, SFTDataset, collate, lr_factor,
-                                param_groups, train_only_ffn)
+    from lm_lexicon.train import (IGNORE_INDEX, LengthBucketBatchSampler, SFTDataset, collate, lr_factor,
+                                  param_groups, train_only_ffn)
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -112,7 +112,7 @@ def _worker(config: dict) -> None:
     import ray.train
 
     from lm_lexicon.seed_models import load_causal_lm
-    from lm_lexicon.sft import train
+    from lm_lexicon.train import train
 
     torch.set_num_threads(THREADS)
     model, tok = load_causal_lm(config["seed_dir"], attn_implementation="eager")
@@ -186,7 +186,7 @@ def main() -> None:
              f"({args.batch * 28} x {c.hidden_size} x {c.intermediate_size}, a step's tokens) runs at {shaped:.0f}.",
              "", "| loop | tokens/s (median) | MFU (6N / 2048^3 peak) | 6N / FFN-shaped product |",
              "| --- | ---: | ---: | ---: |"]
-    for name, tps in (("bare PyTorch", bare_tps), ("experts loop (sft.train in a Ray Train worker)", loop_tps)):
+    for name, tps in (("bare PyTorch", bare_tps), ("experts loop (train.train in a Ray Train worker)", loop_tps)):
         full = args.trainable == "all"
         mfu = f"{6 * n * tps / (peak * 1e9):.0%}" if full else "—"
         mfu_shaped = f"{6 * n * tps / (shaped * 1e9):.0%}" if full else "—"

@@ -14,15 +14,15 @@
   dynamic batching (``@serve.batch`` + :class:`lm_lexicon.serving.batching.MergingBatcher`, which hands a free model
   everything queued meanwhile); each has its own scaling/resources (``ServeArgs.expert_overrides``).
 * ``Scorer``: reward-model scores (best-of-n selection) and reference-based metrics.
-* ``Ingress``: validation, auth, composition through ``DeploymentHandle``s, retries of calls that hit a dead or
-  restarting replica (until ``retry_window_s``, then a 503 with ``Retry-After``), and JSON errors only; it also
-  serves the web page at ``/`` (:mod:`lm_lexicon.serving.webpage`).
+* ``Ingress``: validation, auth, the prompts (with the templates saved with the served experts, so the Router,
+  the experts and the Scorer see what training saw), composition through ``DeploymentHandle``s, retries of calls
+  that hit a dead or restarting replica (until ``retry_window_s``, then a 503 with ``Retry-After``), and JSON
+  errors only; it also serves the web page at ``/`` (:mod:`lm_lexicon.serving.webpage`).
 """
 
 import asyncio
 import hmac
 import logging
-import os
 import time
 import uuid
 from typing import Any, Optional
@@ -35,7 +35,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lm_lexicon import __version__
-from lm_lexicon.serving.config import PipelineLayout, ServeArgs, generation_settings, model_card, resolve_args
+from lm_lexicon.data.prompts import parse_templates
+from lm_lexicon.serving.config import (PipelineLayout, ServeArgs, generation_settings, model_card, resolve_args,
+                                      resolve_token)
 from lm_lexicon.serving.engines import GREEDY, metrics_settings, select_best
 from lm_lexicon.serving.exposure import check_exposure
 from lm_lexicon.serving.schemas import (ApiError, DefinitionsResponse, ErrorResponse, Limits, ScoreResponse,
@@ -264,13 +266,14 @@ class Ingress:
         self.scorer = scorer
         self.limits = Limits.model_validate(config["limits"])
         env = config.get("auth_token_env")
-        self.token: Optional[str] = config.get("auth_token") or (os.environ.get(env) if env else None) or None
+        self.token: Optional[str] = resolve_token(config.get("auth_token"), env)
         if not self.token:  # the token is read here, so this is where an exposed, unauthenticated API is refused
             warning = check_exposure(await _http_host(), None, bool(config.get("insecure")), token_env=env,
                                      opt_out="insecure: true in the Serve args (lm-lexicon serve --insecure)")
             if warning:
                 log.warning(warning)
         self.card = config["card"]
+        self.templates = parse_templates(config.get("prompt_templates") or None)  # the served experts'
         self.request_timeout_s = float(config.get("request_timeout_s", 120.0))
         self.retry_window_s = float(config.get("retry_window_s", 30.0))
         self.model_name = config.get("app_name", "lm-lexicon")
@@ -402,7 +405,7 @@ class Ingress:
     async def _definitions(self, data: Any) -> dict:
         t0 = time.perf_counter()
         req = parse_definitions_request(data, self.limits)
-        prompts = [item_prompt(it) for it in req.items]
+        prompts = [item_prompt(it, self.templates) for it in req.items]
         t_route = time.perf_counter()
         domains = await self._call("Router", self.router.route, prompts)
         route_ms = (time.perf_counter() - t_route) * 1000.0
@@ -460,7 +463,7 @@ class Ingress:
     async def _score(self, data: Any) -> dict:
         t0 = time.perf_counter()
         req = parse_score_request(data, self.limits)
-        prompts = [item_prompt(it) for it in req.items]
+        prompts = [item_prompt(it, self.templates) for it in req.items]
         definitions = [it.definition for it in req.items]
         with_refs = [i for i, it in enumerate(req.items) if references_of(it)]
         metric_items = [{"term": req.items[i].term.strip(), "lang": req.items[i].lang,
@@ -510,5 +513,5 @@ def build_app(args: dict):
         s.max_batch_size, s.batch_wait_timeout_s, s.torch_threads, sa.device)
     config = {"limits": sa.limits.model_dump(), "auth_token": sa.auth_token, "auth_token_env": sa.auth_token_env,
               "card": card, "request_timeout_s": sa.request_timeout_s, "retry_window_s": sa.retry_window_s,
-              "app_name": sa.app_name, "insecure": sa.insecure}
+              "app_name": sa.app_name, "insecure": sa.insecure, "prompt_templates": card["prompt_templates"]}
     return Ingress.options(**sa.ingress.serve_options("Ingress")).bind(router, experts, scorer, config)

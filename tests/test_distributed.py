@@ -74,8 +74,10 @@ def test_gpu_recipe_resources():
 
 def test_cpu_path_never_imports_deepspeed():
     import lm_lexicon.distributed  # noqa: F401
-    import lm_lexicon.sft  # noqa: F401
     import lm_lexicon.stages.experts  # noqa: F401
+    import lm_lexicon.stages.merge  # noqa: F401
+    import lm_lexicon.train.loop  # noqa: F401
+    import lm_lexicon.train.ray_worker  # noqa: F401
 
     assert "deepspeed" not in sys.modules
 
@@ -254,7 +256,7 @@ def _one_thread(one_torch_thread):
 def test_deepspeed_path_drives_the_engine_and_saves_gathered_safetensors(llama_dir, tmp_path, fake_deepspeed,
                                                                           monkeypatch):
     from lm_lexicon.seed_models import load_causal_lm
-    from lm_lexicon.sft import evaluate_loss, lr_factor, read_trainer_state, train
+    from lm_lexicon.train import evaluate_loss, lr_factor, read_trainer_state, train
 
     def no_clipping_here(*a, **k):
         raise AssertionError("under DeepSpeed the engine clips (gradient_clipping), not the loop")
@@ -308,7 +310,7 @@ def test_deepspeed_path_drives_the_engine_and_saves_gathered_safetensors(llama_d
 
 def test_deepspeed_resume_equals_an_uninterrupted_run(llama_dir, tmp_path, fake_deepspeed):
     from lm_lexicon.seed_models import load_causal_lm
-    from lm_lexicon.sft import train
+    from lm_lexicon.train import train
 
     cfg = _train_cfg(max_steps=4, eval_every=2, dropout=0.1)  # dropout: the RNG state must resume too
     ds = resolve_deepspeed_config(ZERO3, cfg, world_size=1)
@@ -344,31 +346,32 @@ def test_deepspeed_resume_equals_an_uninterrupted_run(llama_dir, tmp_path, fake_
 def test_lockstep_evaluation_runs_as_many_forwards_on_every_rank(llama_dir, monkeypatch):
     """Under ZeRO-3 a forward is a collective: with 5 batches on 2 ranks, rank 1 runs 3 forwards (one a filler
     whose score it drops) and its sums cover exactly its own 2 batches."""
-    import lm_lexicon.sft as sft
+    import lm_lexicon.train as training
     from lm_lexicon.seed_models import load_causal_lm
+    from lm_lexicon.train import parallel
 
     model, tok = load_causal_lm(llama_dir)
-    data = sft.SFTDataset(tok, _records() + _records()[:2], max_length=48)  # 10 rows, batch 2 -> 5 batches
-    batches = sft.LengthBucketBatchSampler(data.lengths, 2, shuffle=False).batches(0)
+    data = training.SFTDataset(tok, _records() + _records()[:2], max_length=48)  # 10 rows, batch 2 -> 5 batches
+    batches = training.LengthBucketBatchSampler(data.lengths, 2, shuffle=False).batches(0)
     assert len(batches) == 5
     mine = batches[1::2]
     expected_nll = expected_n = 0.0
     with torch.no_grad():
         for idx in mine:
-            nll, n = sft.definition_nll(model, sft.collate([data[i] for i in idx], tok.pad_token_id))
+            nll, n = training.definition_nll(model, training.collate([data[i] for i in idx], tok.pad_token_id))
             expected_nll, expected_n = expected_nll + float(nll), expected_n + n
 
     forwards = []
     model.register_forward_hook(lambda m, a, o: forwards.append(1))
-    monkeypatch.setattr(sft, "_distributed", lambda: True)
+    monkeypatch.setattr(parallel, "is_distributed", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: None)
-    loss = sft.evaluate_loss(model, tok, data, batch_size=2, lockstep=True)
+    loss = training.evaluate_loss(model, tok, data, batch_size=2, lockstep=True)
     assert len(forwards) == 3
     assert loss == pytest.approx(expected_nll / expected_n, rel=1e-6)
     forwards.clear()
-    assert sft.evaluate_loss(model, tok, data, batch_size=2) == pytest.approx(loss, rel=1e-6)
+    assert training.evaluate_loss(model, tok, data, batch_size=2) == pytest.approx(loss, rel=1e-6)
     assert len(forwards) == 2  # without lockstep (DDP / CPU): only its own batches
 
 
@@ -449,7 +452,7 @@ def test_real_deepspeed_zero3_on_one_gpu(llama_dir, tmp_path):
     import torch.distributed as dist
 
     from lm_lexicon.seed_models import load_causal_lm
-    from lm_lexicon.sft import train
+    from lm_lexicon.train import train
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29511")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lm_lexicon.data.records import Record
 from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, detect_kind, generate_split, row_seed
 from lm_lexicon.seed_models import build_minilm_decoder, causal_bert_tokenizer, tiny_llama
-from lm_lexicon.sft import encode_example, record_prompt
+from lm_lexicon.train import encode_example, record_prompt
 from score_trace import (assert_equal_where_decisive, assert_same_decoding, assert_same_definitions,
                          definition_rows)
 
@@ -109,7 +109,7 @@ def test_model_generation_config_cannot_switch_sampling_on(llama):
 
 
 def test_prompts_encoded_as_training_saw_them(llama):
-    from lm_lexicon.sft import encode_prompt
+    from lm_lexicon.train import encode_prompt
 
     tok = llama.tokenizer
     assert llama.encode_prompts(PROMPTS[:2]) == [encode_prompt(tok, p) for p in PROMPTS[:2]]

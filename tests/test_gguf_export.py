@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 from typer.testing import CliRunner
 
+from lm_lexicon.data.prompts import PromptTemplates, parse_templates
 from lm_lexicon.moe import export_collapsed
 from lm_lexicon.moe.gguf import (RAW_CHAT_TEMPLATE, GGUFExportError, check_llama, read_gguf_metadata,
                                  read_gguf_tensors, rope_rows_from_gguf, rope_rows_to_gguf, write_gguf)
@@ -29,6 +30,7 @@ from lm_lexicon.seed_models import causal_bert_tokenizer, smollm2_gguf_path, tin
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N = 2
+CUSTOM_TEMPLATES = {"en": {"context": 'Context: {context}. Define "{term}".'}}
 
 
 def _to_bf16(directory: Path) -> Path:
@@ -55,10 +57,13 @@ def smollm2_tokenizer(source_gguf):
 
 @pytest.fixture(scope="module")
 def collapsed(tmp_path_factory, smollm2_tokenizer, perturb_weights) -> Path:
-    """A collapsed export of a domain-routed MoE of two tiny bf16 experts, with its router."""
+    """A collapsed export of a domain-routed MoE of two tiny bf16 experts, with its router; the experts were trained
+    with a custom English template (saved with them), which the merge and the export carry on."""
     root = tmp_path_factory.mktemp("gguf")
     experts = [_to_bf16(perturb_weights(tiny_llama(root / f"expert-{i}", tokenizer=smollm2_tokenizer, seed=i),
                                         10 + i, 0.05)) for i in range(N)]
+    for e in experts:
+        parse_templates(CUSTOM_TEMPLATES).save(e)
     router = DomainRouter(np.random.default_rng(0).normal(size=(N, 8)).astype(np.float32),
                           meta={"embedder": {"model_id": "test-embedder", "kind": "Embedder"}})
     moe = merge_experts(experts, root / "moe", router=router, seed=0)
@@ -184,8 +189,7 @@ def test_refuses_another_vocabulary_and_non_llama(tmp_path, source_gguf):
 
 # =================================================================================================== bundle
 def test_bundle(collapsed, source_gguf, tmp_path):
-    templates = {"en": {"context": 'Context: {context}. Define "{term}".'}}
-    manifest = export_gguf(collapsed, tmp_path / "gguf", metadata_source=source_gguf, templates=templates,
+    manifest = export_gguf(collapsed, tmp_path / "gguf", metadata_source=source_gguf,
                            generation={"max_new_tokens": 24}, log=lambda m: None)
     out = tmp_path / "gguf"
     assert load_manifest(out) == manifest == json.loads((out / GGUF_MANIFEST).read_text())
@@ -195,6 +199,7 @@ def test_bundle(collapsed, source_gguf, tmp_path):
     assert manifest["prompt"]["templates"]["en"]["context"] == 'Context: {context}. Define "{term}".'
     assert manifest["prompt"]["overrides"] == {"en": {"context": 'Context: {context}. Define "{term}".',
                                                       "term_only": 'What is the definition of "{term}"?'}}
+    assert PromptTemplates.load(out) == parse_templates(CUSTOM_TEMPLATES)  # the bundle carries them as a file too
     assert manifest["generation"] == {"max_new_tokens": 24, "repetition_penalty": 1.05, "no_repeat_ngram_size": 3}
     modelfile = (out / "domain-1.Modelfile").read_text()
     for line in ("FROM ./domain-1.gguf", 'TEMPLATE """{{ .Prompt }}"""', 'PARAMETER stop "<|im_end|>"',

@@ -1,6 +1,6 @@
 """The GPU recipes (configs/llama3-8b-3dex.yaml and configs/ishiwatari-*.yaml): they load, follow the paper (3D-EX or
 an Ishiwatari benchmark, N=4 semantic experts from Llama-3-8B, NV-Embed-v2, Table 12, DeepSpeed ZeRO-3), their data
-sources read with the loaders, and they yield the expected Ray resources plan on cluster.yaml's GPU worker types.
+sources read with the loaders, and every job of their experts stage trains at once on cluster.yaml's GPU worker types.
 Loaded and planned only: nothing here runs on a GPU."""
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lm_lexicon.config import config_from_dict, load_config
-from lm_lexicon.distributed import cluster_node_types, resolve_deepspeed_config, resources_plan
+from lm_lexicon.distributed import cluster_node_types, resolve_deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 ISHIWATARI = {"wordnet": "wordnet", "oxford": "oxford", "wikipedia": "wiki", "urban": "slang"}
@@ -92,44 +92,19 @@ def test_ishiwatari_recipe_reads_a_benchmark_directory(bench, tmp_path):
 
 @pytest.mark.parametrize("name", GPU_RECIPES)
 @pytest.mark.parametrize("node_type", ["gpu-train-h100", "gpu-train-a100"])
-def test_resources_plan_on_the_cluster_gpu_worker_types(name, node_type, cluster):
-    from lm_lexicon.stages.experts import max_concurrent
+def test_every_job_trains_at_once_one_node_each_on_the_cluster_gpu_worker_types(name, node_type, cluster):
+    """The 4 experts and the dense baseline at once (the stage's own concurrency rule), each on exactly one 8-GPU
+    node, so an expert's ZeRO-3 group stays on NVLink."""
+    from lm_lexicon.stages.experts import max_concurrent, plan_jobs
 
     cfg = load_config(_path(name))
     node = cluster_node_types(cluster)[node_type]
-    plan = resources_plan(cfg, node["resources"], node["max_workers"])
-    assert plan == {
-        **plan,
-        "use_gpu": True, "deepspeed": True,
-        "gpus_per_worker": 1, "cpus_per_worker": 8, "workers_per_expert": 8,
-        "gpus_per_expert": 8, "cpus_per_expert": 64,
-        "workers_per_node": 8, "nodes_per_expert": 1,        # an expert's ZeRO-3 group stays on one NVLink node
-        "jobs": 5, "trials_in_parallel": 5, "waves": 1,       # 4 experts + the dense baseline, all at once
-        "total_gpus": 40, "nodes": 5,
-    }
-    # the stage's own concurrency rule agrees on the same cluster
+    r = cfg.resources
+    assert node["resources"]["GPU"] == r.workers_per_expert * r.gpus_per_worker == 8
+    assert node["resources"]["CPU"] >= r.workers_per_expert * r.cpus_per_worker == 64
+    jobs = plan_jobs(cfg.partition.n_experts, cfg.train.dense_baseline)
     totals = {k: v * node["max_workers"] for k, v in node["resources"].items()}
-    assert min(plan["jobs"], max_concurrent(cfg.resources, totals)) == plan["trials_in_parallel"]
-
-
-def test_resources_plan_with_fewer_nodes_and_on_nodes_too_small(cluster):
-    cfg = load_config(_path("llama3-8b-3dex"))
-    types = cluster_node_types(cluster)
-    p4d = types["gpu-train-a100"]["resources"]
-    two = resources_plan(cfg, p4d, max_nodes=2)
-    assert (two["trials_in_parallel"], two["waves"], two["total_gpus"], two["nodes"]) == (2, 3, 16, 2)
-    capped = resources_plan(load_config(_path("llama3-8b-3dex"), ["resources.max_concurrent_experts=1"]), p4d, 5)
-    assert (capped["trials_in_parallel"], capped["waves"]) == (1, 5)
-    with pytest.raises(ValueError, match="needs 8 CPUs; this node type has 4"):
-        resources_plan(cfg, types["gpu-serve-a10g"]["resources"], max_nodes=8)
-    with pytest.raises(ValueError, match="needs 1 GPU"):
-        resources_plan(cfg, types["head"]["resources"], max_nodes=1)
-    # 16 workers per expert span two 8-GPU nodes
-    wide = resources_plan(load_config(_path("llama3-8b-3dex"), ["resources.workers_per_expert=16"]), p4d, 5)
-    assert (wide["nodes_per_expert"], wide["trials_in_parallel"], wide["nodes"]) == (2, 2, 4)
-    # the CPU recipe plans too: 2 single-CPU experts at once on this 2-core laptop, 3 waves for 4 experts + dense
-    tiny = resources_plan(load_config(REPO / "configs/tiny.yaml"), {"CPU": 2}, max_nodes=1)
-    assert (tiny["trials_in_parallel"], tiny["waves"], tiny["total_gpus"], tiny["deepspeed"]) == (2, 3, 0, False)
+    assert len(jobs) == 5 and max_concurrent(r, totals) == 5 == node["max_workers"]
 
 
 @pytest.mark.parametrize("name", GPU_RECIPES)

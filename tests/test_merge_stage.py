@@ -45,6 +45,11 @@ def test_merge_then_finetune_trains_only_experts_and_loads_through_auto(tmp_path
     assert any(not torch.equal(merged[k], tuned[k]) for k in expert_keys)
     assert all(torch.equal(merged[k], tuned[k]) for k in frozen_keys)
     assert (res.path / "model" / "router" / "router.json").exists()
+    # the fine-tune trains on, and saves beside its model, the merged model's templates
+    from lm_lexicon.data.prompts import TEMPLATES_FILE, PromptTemplates
+
+    assert (res.path / "model" / TEMPLATES_FILE).exists()
+    assert PromptTemplates.load(res.path / "model") == PromptTemplates.load(res.path / "merged")
 
     import lm_lexicon  # noqa: F401  (registers the MoE with the Auto classes)
     from transformers import AutoModelForCausalLM

@@ -359,7 +359,7 @@ def test_import_and_install_stay_light():
 
 # =================================================================================================== fine-tune plumbing
 def test_routing_inputs_feed_code_that_does_not_know_about_routing(llama):
-    from lm_lexicon.sft import collate, definition_nll, encode_example
+    from lm_lexicon.train import collate, definition_nll, encode_example
 
     dense, tok = llama
     moe = _distinct_experts(moe_from_dense(dense, 2, routing="domain"))

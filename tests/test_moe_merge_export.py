@@ -205,6 +205,30 @@ def test_merge_refuses_mismatched_experts(root, experts, router):
         merge_experts(experts, root / "moe-domain")
 
 
+def test_the_experts_prompt_templates_travel_through_merge_and_exports(root, experts, router):
+    """Experts trained with custom templates (saved with them): the MoE, its router and every export carry them;
+    experts trained with different templates are not merged."""
+    from lm_lexicon.data.prompts import PromptTemplates, parse_templates
+
+    custom = parse_templates({"en": {"context": 'Context: {context}. Define "{term}".'}, "es": "¿Qué es '{term}'?"})
+    work = root / "templated"
+    mine = [_copy(e, work / e.name) for e in experts]
+    for e in mine:
+        custom.save(e)
+    moe = merge_experts(mine, work / "moe", router=router, seed=7)
+    token_moe = merge_experts(mine, work / "moe-token", routing="token", gate_init="random", seed=1)
+    collapsed = export_collapsed(moe, work / "collapsed")
+    mixtral = export_mixtral(token_moe, work / "mixtral")
+    for d in (moe, moe / "router", collapsed / "domain-0", collapsed / f"domain-{N - 1}", collapsed / "router",
+              mixtral):
+        assert PromptTemplates.load(d) == custom, d
+    assert PromptTemplates.load(experts[0]) == PromptTemplates()  # no file (an external checkpoint): the defaults
+    PromptTemplates().save(mine[1])  # one expert trained with the default templates, the other with custom ones
+    with pytest.raises(ExpertMismatchError, match="other prompt templates"):
+        merge_experts(mine, work / "refused")
+    assert not (work / "refused").exists()
+
+
 # =================================================================================================== loading
 def test_load_returns_model_tokenizer_router(loaded, router):
     assert type(loaded.model).__name__ == "LexiconMoEForCausalLM" and not loaded.model.training

@@ -2,28 +2,16 @@
 for every caller), term-only records, the per-split multilingual JSONL fixtures, language compliance in the evaluate
 stage and as a Best-of-N filter, and a two-language micro run through evaluation."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from lm_lexicon.config import ConfigError, EvalConfig, config_from_dict
-from lm_lexicon.data.prompts import (ENV_VAR, MULTILINGUAL_TEMPLATE, LanguageTemplate, active_templates,
-                                     format_prompt, parse_templates, prompt_templates, record_prompt)
+from lm_lexicon.data.prompts import (MULTILINGUAL_TEMPLATE, TEMPLATES_FILE, LanguageTemplate, PromptTemplates,
+                                     format_prompt, parse_templates, record_prompt)
 from lm_lexicon.data.records import LoadError, Record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "multilingual"
-
-
-@pytest.fixture(autouse=True)
-def _no_template_leak(monkeypatch):
-    """Every test starts and ends with the default templates in force."""
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    assert not active_templates().overrides
-    yield
-    assert not active_templates().overrides and ENV_VAR not in os.environ
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -44,12 +32,12 @@ def test_default_template_per_language_is_the_papers():
 
 def test_term_only_records_get_the_term_only_prompt_everywhere():
     from lm_lexicon.baselines import prompt_of
-    from lm_lexicon.sft import record_prompt as sft_record_prompt
+    from lm_lexicon.train import record_prompt as train_record_prompt
 
     for r in (Record("dog", "", "a domestic canine", "t"), Record("dog", None, "a domestic canine", "t"),
               Record("perro", "", "mamífero doméstico", "multilingual:es", lang="es")):
         expected = format_prompt(r.term, "", r.lang)
-        assert record_prompt(r) == sft_record_prompt(r) == prompt_of(r) == expected
+        assert record_prompt(r) == train_record_prompt(r) == prompt_of(r) == expected
         assert record_prompt(r.to_dict()) == expected
 
 
@@ -103,38 +91,86 @@ def test_recipe_field_is_validated():
     assert cfg.stage_hash("data") != config_from_dict({}).stage_hash("data")
 
 
-def test_active_templates_reach_every_caller_and_are_restored():
+def test_the_templates_argument_reaches_every_prompt_builder():
     from lm_lexicon.baselines import format_few_shot_prompt, prompt_of
-    from lm_lexicon.sft import record_prompt as sft_record_prompt
+    from lm_lexicon.train import record_prompt as train_record_prompt
 
     cfg = config_from_dict({"data": {"prompt_templates": {"es": "Define la palabra '{term}'."}}})
+    templates = PromptTemplates.from_config(cfg)
     r = Record("perro", "", "mamífero doméstico", "multilingual:es", lang="es")
-    with prompt_templates(cfg) as templates:
-        assert templates.overrides and os.environ[ENV_VAR]
-        assert format_prompt("perro", "", "es") == "Define la palabra 'perro'."
-        # training, generation, reward model (sft.record_prompt), baselines / ICL / retrieval, partition embedding
-        # (format_prompt) all build the same text
-        assert sft_record_prompt(r) == prompt_of(r) == record_prompt(r) == "Define la palabra 'perro'."
-        assert format_few_shot_prompt(r, [r]).endswith("Define la palabra 'perro'.")
-        # explicit templates win over the active ones
-        assert format_prompt("perro", "", "es", templates={}) == MULTILINGUAL_TEMPLATE.format(
-            language="Spanish", term="perro")
-    assert format_prompt("perro", "", "es") == MULTILINGUAL_TEMPLATE.format(language="Spanish", term="perro")
+    # training, generation, reward model (train.record_prompt), baselines / ICL / retrieval, partition embedding
+    # (format_prompt) all build the same text from the templates they are given
+    assert train_record_prompt(r, templates) == prompt_of(r, templates) == record_prompt(r, templates) == \
+        format_prompt("perro", "", "es", templates=templates) == "Define la palabra 'perro'."
+    assert format_few_shot_prompt(r, [r], templates=templates).endswith("Define la palabra 'perro'.")
+    # nothing is process state: without the argument every builder uses the defaults
+    default = MULTILINGUAL_TEMPLATE.format(language="Spanish", term="perro")
+    assert train_record_prompt(r) == prompt_of(r) == record_prompt(r) == format_prompt("perro", "", "es") == default
+
+
+def test_templates_are_saved_with_a_model_and_loaded_from_it(tmp_path):
+    templates = parse_templates({"es": "Define la palabra '{term}'.",
+                                 "en": {"context": 'Context: {context}. Define "{term}".'}})
+    (tmp_path / "model").mkdir()
+    path = templates.save(tmp_path / "model")
+    assert path == tmp_path / "model" / TEMPLATES_FILE
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    assert doc["overrides"] == templates.to_config()
+    assert doc["templates"]["fr"]["term_only"] == MULTILINGUAL_TEMPLATE  # every language, for other readers
+    loaded = PromptTemplates.load(tmp_path / "model")
+    assert loaded == templates
+    assert loaded.format("bank", "the river bank") == 'Context: the river bank. Define "bank".'
+    # a directory without the file (an external checkpoint, an older run) is the defaults
+    assert PromptTemplates.load(tmp_path) == PromptTemplates() and not PromptTemplates.load(tmp_path).overrides
+    # models that must share their templates
+    (tmp_path / "other").mkdir()
+    PromptTemplates().save(tmp_path / "other")
+    assert PromptTemplates.agreed([tmp_path / "model", tmp_path / "model"]) == templates
+    with pytest.raises(ValueError, match="other prompt templates"):
+        PromptTemplates.agreed([tmp_path / "model", tmp_path / "other"])
+    # a broken file is an error naming it, not silently the defaults
+    path.write_text('{"format": "lm-lexicon-prompt-templates", "overrides": {"xx": "{term}"}}', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{TEMPLATES_FILE}.*unknown language code 'xx'"):
+        PromptTemplates.load(tmp_path / "model")
+    path.write_text("not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="invalid prompt templates"):
+        PromptTemplates.load(tmp_path / "model")
+
+
+def test_generation_builds_prompts_with_the_templates_saved_with_the_model(tmp_path, monkeypatch):
+    from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, generate_split
+    from lm_lexicon.seed_models import tiny_llama
+
+    model = tiny_llama(tmp_path / "model")
+    custom = parse_templates({"es": "Define la palabra '{term}'."})
+    custom.save(model)
+    records = [Record("perro", "", "x", "t", lang="es"), Record("bank", "the river bank", "x", "t")]
+    expected = ["Define la palabra 'perro'.", '"the river bank" What is the definition of "bank"?']
+    seen: list[str] = []
+    generate = DefinitionGenerator._generate
+
+    def spy(self, prompts, domains):  # what the model is asked
+        seen.extend(prompts)
+        return generate(self, prompts, domains)
+
+    monkeypatch.setattr(DefinitionGenerator, "_generate", spy)
+    settings = GenerationSettings(max_new_tokens=2)
+    assert DefinitionGenerator(model, settings=settings).record_prompts(records) == expected
+    generate_split(records, model, settings, use_ray=False)
+    assert seen == expected
+    # given templates win (the untrained seed, which has none, asked in a run's training format)
+    seen.clear()
+    generate_split(records, model, settings, use_ray=False, templates=PromptTemplates())
+    assert seen == [format_prompt("perro", "", "es"), expected[1]]
 
 
 def test_serving_builds_the_same_prompt():
     schemas = pytest.importorskip("lm_lexicon.serving.schemas")
-    with prompt_templates({"fr": "Définis « {term} »."}):
-        item = schemas.DefinitionItem(term="chien", lang="fr")
-        assert schemas.item_prompt(item) == format_prompt("chien", "", "fr") == "Définis « chien »."
-
-
-def test_templates_reach_processes_started_afterwards():
-    code = "from lm_lexicon.data.prompts import format_prompt; print(format_prompt('perro', '', 'es'))"
-    with prompt_templates({"es": "Define '{term}' en {language}."}):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env=dict(os.environ))
-    assert out.stdout.strip() == "Define 'perro' en Spanish."
+    templates = parse_templates({"fr": "Définis « {term} »."})
+    item = schemas.DefinitionItem(term="chien", lang="fr")
+    assert schemas.item_prompt(item, templates) == format_prompt("chien", "", "fr", templates=templates) == \
+        "Définis « chien »."
+    assert schemas.item_prompt(item) == format_prompt("chien", "", "fr")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -319,7 +355,8 @@ def test_multilingual_micro_run_reports_compliance_per_language(tmp_path, ray_lo
     cfg = config_from_dict({
         "name": "multilingual-micro", "output_dir": str(tmp_path / "run"),
         "data": {"sources": [{"format": "multilingual", "path": str(FIXTURES / "es"), "lang": "es"},
-                             {"format": "multilingual", "path": str(FIXTURES / "fr"), "lang": "fr"}]},
+                             {"format": "multilingual", "path": str(FIXTURES / "fr"), "lang": "fr"}],
+                 "prompt_templates": {"es": "Define la palabra '{term}'. Responde solo en español."}},
         "embed": {"num_actors": 1},
         "partition": {"n_experts": 2, "plot_sample": 40},
         "seed_model": {"name": str(seed)},
@@ -334,6 +371,13 @@ def test_multilingual_micro_run_reports_compliance_per_language(tmp_path, ray_lo
     results = run_pipeline(cfg, stages=("data", "partition", "experts", "merge", "evaluate"), log=lambda m: None)
     ev = results["evaluate"].path
     out = json.loads((ev / "metrics.json").read_text())
+    # the recipe's templates are saved with every model the run wrote, and the evaluation records them
+    run = tmp_path / "run"
+    custom = PromptTemplates.from_config(cfg)
+    for model_dir in ("partition/router", "experts/expert_0/model", "experts/expert_1/model", "merge/merged",
+                      "merge/merged/router", "merge/model", "merge/model/router", "evaluate/reward_model"):
+        assert PromptTemplates.load(run / model_dir) == custom != PromptTemplates(), model_dir
+    assert out["meta"]["prompt_templates"] == custom.to_config()
     assert out["meta"]["languages"] == {"es": 8, "fr": 8}
     models = ["constant", "retrieval", "moe", "moe:sample", "moe:bon-orm-n2", "moe:oracle-n2"]
     assert list(out["results"]) == models

@@ -11,7 +11,7 @@ the model that one worker with the same global batch gives.
   far training moved them (``||w2 - w1|| / ||w1 - w0||``; measured: 3e-7), room for other CPUs' kernels while a run
   whose ranks saw the same rows (each step on half the data) or weighted the ranks' tokens unequally would not pass.
   Slow (~3 min: two Ray Train runs through Tune).
-* Only rank 0 writes: in a 2-process gloo run of :func:`lm_lexicon.sft.train` (no Ray), rank 1's output directory
+* Only rank 0 writes: in a 2-process gloo run of :func:`lm_lexicon.train.train` (no Ray), rank 1's output directory
   stays empty and its reports carry no checkpoint; rank 0 writes checkpoints and the final model.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from lm_lexicon.config import load_config
 from lm_lexicon.data.records import Record
-from lm_lexicon.sft import LengthBucketBatchSampler
+from lm_lexicon.train import LengthBucketBatchSampler
 
 ROWS = [("river", "the river flooded the valley", "a large natural stream of water"),
         ("bank", "she sat on the bank", "sloping land beside a body of water"),
@@ -153,12 +153,13 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, world: int, port: int, seed: str, root: str) -> None:
-    """One data-parallel rank of sft.train (gloo on loopback); writes what it saw to ``root/rank{rank}.json``."""
+    """One data-parallel rank of lm_lexicon.train.train (gloo on loopback); writes what it saw to
+    ``root/rank{rank}.json``."""
     import torch.distributed as dist
 
     from lm_lexicon.config import TrainConfig
     from lm_lexicon.seed_models import load_causal_lm
-    from lm_lexicon.sft import train
+    from lm_lexicon.train import train
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -16,7 +16,7 @@ from lm_lexicon.metrics import sentence_bleu_a
 from lm_lexicon.reward import (PreferencePair, RewardModel, best_of_n, bon_curve, build_preference_pairs,
                                balance_lengths, build_ranked_sample_pairs, length_matched, oracle_best_of_n,
                                pairwise_accuracy, plot_bon_curve, shorter_wins_accuracy, word_count)
-from lm_lexicon.sft import record_prompt
+from lm_lexicon.train import record_prompt
 
 ADJ = ["small", "large", "red", "wooden", "quiet", "bright", "old", "sharp", "soft", "heavy", "cold", "round"]
 NOUN = ["animal", "tool", "building", "plant", "machine", "container", "vehicle", "garment", "instrument", "bird"]

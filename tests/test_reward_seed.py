@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lm_lexicon.reward import PreferencePair, RewardModel, pairwise_accuracy
-from lm_lexicon.sft import encode_example
+from lm_lexicon.train import encode_example
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

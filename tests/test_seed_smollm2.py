@@ -18,7 +18,7 @@ from lm_lexicon.config import TrainConfig
 from lm_lexicon.data.records import Record
 from lm_lexicon.seed_models import (SEED_SMOLLM2, STAMP_FILE, SeedUnavailable, causal_bert_tokenizer, load_causal_lm,
                                     resolve_seed_model)
-from lm_lexicon.sft import encode_prompt, record_prompt, train
+from lm_lexicon.train import encode_prompt, record_prompt, train
 
 ROWS = [
     ("bank", "we sat on the bank of the river", "sloping land beside a body of water"),

@@ -1,9 +1,11 @@
 """The Ray Serve application (serve_app/app.py) over real HTTP on loopback: serve.run + httpx.
 
-A tiny pipeline-output-like directory is built once for the module: two perturbed tiny Llama experts merged into a
-domain-routed MoE whose router comes from a 2-way semantic partition of bundled-MiniLM prompt embeddings, exported
+A tiny pipeline-output-like directory is built once for the module, as a recipe with custom prompt templates
+(``TEMPLATES``) leaves it: two perturbed tiny Llama experts (saved with those templates) merged into a domain-routed
+MoE whose router comes from a 2-way semantic partition of bundled-MiniLM embeddings of the custom prompts, exported
 to export/collapsed/domain-{0,1}; a reward model on a tiny Llama seed (reward.backbone=seed: the Scorer serves
-whichever kind the pipeline saved) in evaluate/reward_model; a metrics.json. Every
+whichever kind the pipeline saved) in evaluate/reward_model; a metrics.json. Every test that compares with offline
+routing, generation or scoring therefore also checks that the app builds the prompts the experts were trained on. Every
 deployment reserves 0 CPUs (the session's Ray has 2) and decodes at most 8 new tokens.
 
 Serve is shut down at module teardown; the session's Ray (tests/conftest.py) stays up.
@@ -48,6 +50,9 @@ TRAIN = [  # (term, context): the partition's training prompts; two loose themes
 ]
 HOST = "127.0.0.1"
 MAX_NEW_TOKENS = 8
+#: The recipe's data.prompt_templates: both English templates and the Spanish one differ from the defaults.
+TEMPLATES = {"en": {"context": 'Context: {context}. Define the word "{term}".', "term_only": 'Define "{term}".'},
+             "es": "Define la palabra '{term}'."}
 
 
 def _free_port() -> int:
@@ -56,17 +61,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _prompt(term: str, context: str = "", lang: str = "en") -> str:
+def _prompt(term: str, context: str = "", lang: str = "en", templates=TEMPLATES) -> str:
+    """The prompt of the served model (``templates=None``: the default templates)."""
     from lm_lexicon.baselines import prompt_of
+    from lm_lexicon.data.prompts import parse_templates
     from lm_lexicon.data.records import Record
 
-    return prompt_of(Record(term=term, context=context, definition="", source="api", lang=lang))
+    return prompt_of(Record(term=term, context=context, definition="", source="api", lang=lang),
+                     parse_templates(templates))
 
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory, perturb_weights):
     import torch
 
+    from lm_lexicon.data.prompts import parse_templates
     from lm_lexicon.embed import Embedder
     from lm_lexicon.moe import export_collapsed, merge_experts
     from lm_lexicon.partition import partition
@@ -80,6 +89,8 @@ def pipeline_dir(tmp_path_factory, perturb_weights):
         tok = causal_bert_tokenizer()
         experts = [perturb_weights(tiny_llama(root / "experts" / f"expert_{i}" / "model", tokenizer=tok, seed=i),
                                    100 + i, 0.05) for i in range(2)]
+        for e in experts:  # what the experts stage saves with a model trained under the recipe's templates
+            parse_templates(TEMPLATES).save(e)
         embedder = Embedder()
         prompts = [_prompt(t, c) for t, c in TRAIN]
         part = partition(embedder.encode(prompts), "semantic", 2, 0.1, seed=0)
@@ -87,6 +98,7 @@ def pipeline_dir(tmp_path_factory, perturb_weights):
         export_collapsed(root / "merge" / "model", root / "export" / "collapsed")
         reward_seed = tiny_llama(root / "reward_seed", tokenizer=tok, seed=7)
         RewardModel.from_seed(str(reward_seed), max_length=64, seed=0).save(root / "evaluate" / "reward_model")
+        parse_templates(TEMPLATES).save(root / "evaluate" / "reward_model")
         (root / "evaluate" / "metrics.json").write_text(json.dumps(
             {"meta": {"split": "test", "n_rows": 2}, "results": {"moe": {"bleu_a": {"value": 12.5}},
                                                                   "dense": {"bleu_a": {"value": 11.0}}}}))
@@ -206,6 +218,42 @@ def test_served_definitions_equal_offline_generation(server, pipeline_dir, defin
         offline, trace, rows = _offline(pipeline_dir, definition_traces, d, [x["prompt"] for x in mine])
         compared += assert_equal_where_decisive([[x["definition"]] for x in mine], offline, trace, rows)
     assert compared >= len(items) // 2
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_expert_receives_the_prompt_of_the_recipes_custom_templates(server, pipeline_dir, definition_traces):
+    """A recipe with custom templates is served with them, not with the defaults: the model card states them, the
+    ingress renders them, and the expert generates from that prompt -- its served definition is its offline greedy
+    output for the custom prompt, on prompts where the default prompt would have given another definition."""
+    from lm_lexicon.data.prompts import parse_templates
+    from lm_lexicon.generate import DefinitionGenerator, GenerationSettings
+    from score_trace import DECISIVE_MARGIN
+
+    assert server.get("/v1/model").json()["prompt_templates"] == parse_templates(TEMPLATES).to_config()
+    items = [{"term": t, "context": c} for t, c in TRAIN[18:23]] + [{"term": "loan"}, {"term": "hill"},
+                                                                    {"term": "perro", "lang": "es"}]  # 8: the limit
+    defs = _define(server, items)["definitions"]
+    for it, d in zip(items, defs):
+        args = (it["term"], it.get("context", ""), it.get("lang", "en"))
+        assert d["prompt"] == _prompt(*args) != _prompt(*args, templates=None)
+    assert defs[0]["prompt"] == f'Context: {TRAIN[18][1]}. Define the word "{TRAIN[18][0]}".'
+    assert defs[-1]["prompt"] == "Define la palabra 'perro'."
+    checked = telling = 0
+    for domain in (0, 1):
+        mine = [(it, d) for it, d in zip(items, defs) if d["domain"] == domain]
+        if not mine:
+            continue
+        custom, trace, rows = _offline(pipeline_dir, definition_traces, domain, [d["prompt"] for _, d in mine])
+        default_gen = DefinitionGenerator(pipeline_dir / "export" / "collapsed" / f"domain-{domain}",
+                                          settings=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
+        default = default_gen.generate([_prompt(it["term"], it.get("context", ""), it.get("lang", "en"),
+                                                templates=None) for it, _ in mine])
+        for (_, d), mine_custom, mine_default, row in zip(mine, custom, default, rows):
+            if trace.min_margin(row[0]) > DECISIVE_MARGIN:  # no near tie: batching cannot change the text
+                assert d["definition"] == mine_custom[0]
+                checked += 1
+                telling += mine_custom[0] != mine_default[0]
+    assert checked >= len(items) // 2 and telling >= 1, (checked, telling)
 
 
 @pytest.mark.usefixtures("one_torch_thread")

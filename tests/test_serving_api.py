@@ -140,12 +140,12 @@ def test_deployment_options_and_per_expert_overrides():
 
 
 def test_resolve_args_takes_unset_fields_from_the_pipeline_config():
-    cfg = {"serve": {"max_items": 7, "max_term_chars": 33, "max_batch_size": 4, "batch_wait_timeout_s": 0.5,
-                     "auth_token_env": "MY_TOKEN"},
+    cfg = {"serve": {"limits": {"max_items": 7, "max_term_chars": 33},
+                     "expert": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5}, "auth_token_env": "MY_TOKEN"},
            "evaluate": {"max_new_tokens": 12, "temperature": 0.7, "batch_size": 99}}
-    a = resolve_args({"output_dir": "x", "limits": {"max_items": 3}}, cfg)
+    a = resolve_args({"output_dir": "x", "limits": {"max_items": 3}, "expert": {"num_cpus": 0}}, cfg)
     assert (a.limits.max_items, a.limits.max_term_chars) == (3, 33)  # given wins, the rest from the pipeline
-    assert (a.expert.max_batch_size, a.expert.batch_wait_timeout_s) == (4, 0.5)
+    assert (a.expert.max_batch_size, a.expert.batch_wait_timeout_s, a.expert.num_cpus) == (4, 0.5, 0)
     assert a.auth_token_env == "MY_TOKEN"
     g = generation_settings(a)
     assert g["max_new_tokens"] == 12 and g["temperature"] == 0.7 and g["do_sample"] is False
@@ -154,14 +154,39 @@ def test_resolve_args_takes_unset_fields_from_the_pipeline_config():
     assert b.auth_token_env is None and generation_settings(b)["max_new_tokens"] == 5
     with pytest.raises(ValueError, match="unknown generation settings"):
         generation_settings(resolve_args({"output_dir": "x", "generation": {"beams": 3}}, cfg))
+    # without a serve section: the defaults, which are the recipe's defaults (one model, ServeOptions)
+    from lm_lexicon.config import config_from_dict
+
+    plain = resolve_args({"output_dir": "x"}, {})
+    assert plain.model_dump(exclude={"output_dir", "auth_token"}) == config_from_dict({}).serve.model_dump()
+    assert (plain.expert.max_batch_size, plain.expert.batch_wait_timeout_s) == (32, 0.02)
+
+
+def test_a_recipe_serve_section_is_the_serve_args_and_old_runs_still_serve():
+    from lm_lexicon.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"serve": {"limits": {"max_items": 5}, "expert": {"max_batch_size": 8},
+                                      "expert_overrides": {1: {"num_replicas": 2}}}})
+    dumped = json.loads(json.dumps(cfg.model_dump(mode="json")))  # as the stages write config.yaml
+    a = resolve_args({"output_dir": "x"}, dumped)
+    assert a.limits.max_items == 5 and a.expert.max_batch_size == 8 and a.expert_for(1).num_replicas == 2
+    with pytest.raises(ConfigError, match=r"max_items -> limits\.max_items"):
+        config_from_dict({"serve": {"max_items": 5}})
+    # a run written before: its config.yaml has the old flat keys (host/port were never read)
+    old = {"serve": {"host": "127.0.0.1", "port": 8000, "max_items": 9, "max_term_chars": 100,
+                     "max_context_chars": 2000, "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
+                     "auth_token_env": None}}
+    b = resolve_args({"output_dir": "x"}, old)
+    assert (b.limits.max_items, b.expert.max_batch_size, b.expert.batch_wait_timeout_s) == (9, 16, 0.05)
+    assert b.auth_token_env == "LM_LEXICON_API_TOKEN"  # unset then meant the default
 
 
 def test_resolve_token():
-    a = ServeArgs(output_dir="x")
-    assert resolve_token(a, {}) is None
-    assert resolve_token(a, {"LM_LEXICON_API_TOKEN": "t1"}) == "t1"
-    assert resolve_token(ServeArgs(output_dir="x", auth_token="t2"), {"LM_LEXICON_API_TOKEN": "t1"}) == "t2"
-    assert resolve_token(ServeArgs(output_dir="x", auth_token_env=None), {"LM_LEXICON_API_TOKEN": "t1"}) is None
+    assert resolve_token(None, "LM_LEXICON_API_TOKEN", {}) is None
+    assert resolve_token(None, "LM_LEXICON_API_TOKEN", {"LM_LEXICON_API_TOKEN": "t1"}) == "t1"
+    assert resolve_token("t2", "LM_LEXICON_API_TOKEN", {"LM_LEXICON_API_TOKEN": "t1"}) == "t2"
+    assert resolve_token(None, None, {"LM_LEXICON_API_TOKEN": "t1"}) is None
+    assert resolve_token(None, "LM_LEXICON_API_TOKEN", {"LM_LEXICON_API_TOKEN": ""}) is None
 
 
 def _write_json(path: Path, doc: dict) -> None:
@@ -215,7 +240,7 @@ def test_layout_checks_router_against_experts_and_finds_reward_model_and_metrics
     _write_json(root / "evaluate/reward_model/reward_config.json", {"format": "lm_lexicon.reward/1"})
     _write_json(root / "evaluate/metrics.json", {"meta": {"split": "test"},
                                                  "results": {"moe": {"bleu_a": {"value": 21.5}}}})
-    (root / "evaluate/config.yaml").write_text(yaml.safe_dump({"name": "tiny", "serve": {"max_items": 9}}))
+    (root / "evaluate/config.yaml").write_text(yaml.safe_dump({"name": "tiny", "serve": {"limits": {"max_items": 9}}}))
     layout = PipelineLayout.discover(root)
     assert layout.reward_model_dir is not None and layout.reward_reason is None
     args = resolve_args({"output_dir": str(root)}, layout.pipeline_config)
@@ -224,6 +249,34 @@ def test_layout_checks_router_against_experts_and_finds_reward_model_and_metrics
     assert card["metrics"]["results"] == {"moe": {"bleu_a": 21.5}}
     assert [e["architecture"] for e in card["experts"]] == ["LlamaForCausalLM"] * 2
     assert card["routing"]["n_domains"] == 2 and card["reward_model"]["available"]
+
+
+def test_layout_serves_the_templates_saved_with_the_experts(tmp_path):
+    from lm_lexicon.data.prompts import PromptTemplates, parse_templates
+
+    custom = parse_templates({"en": 'Define "{term}" ({context}).'})
+    old = PipelineLayout.discover(_fake_pipeline(tmp_path / "old"))  # a run from before templates were saved
+    assert old.prompt_templates == PromptTemplates() and model_card(old, ServeArgs(output_dir="x"), {})[
+        "prompt_templates"] == {}
+    root = _fake_pipeline(tmp_path / "p")
+    for d in ("export/collapsed/domain-0", "export/collapsed/domain-1", "export/collapsed/router"):
+        custom.save(root / d)
+    _write_json(root / "evaluate/reward_model/reward_config.json", {"format": "lm_lexicon.reward/1"})
+    custom.save(root / "evaluate/reward_model")
+    layout = PipelineLayout.discover(root)
+    assert layout.prompt_templates == custom and layout.reward_model_dir is not None
+    card = model_card(layout, ServeArgs(output_dir=str(root)), {})
+    assert card["prompt_templates"] == custom.to_config()
+    item = DefinitionItem(term="bank", context="by the river")
+    assert item_prompt(item, parse_templates(card["prompt_templates"])) == 'Define "bank" (by the river).'
+    # a reward model trained on other prompts would score prompts it never saw: it is not served
+    PromptTemplates().save(root / "evaluate/reward_model")
+    layout = PipelineLayout.discover(root)
+    assert layout.reward_model_dir is None and "other templates" in layout.reward_reason
+    # experts that disagree cannot be served behind one ingress
+    PromptTemplates().save(root / "export/collapsed/domain-1")
+    with pytest.raises(ValueError, match="other prompt templates"):
+        PipelineLayout.discover(root)
 
 
 # =================================================================================================== Serve config

@@ -17,8 +17,8 @@ from lm_lexicon.config import TrainConfig
 from lm_lexicon.data.records import Record
 from lm_lexicon.seed_models import (SEED_MINILM_DECODER, STAMP_FILE, build_minilm_decoder, causal_bert_tokenizer,
                                     load_causal_lm, resolve_seed_model, tiny_llama)
-from lm_lexicon.sft import (IGNORE_INDEX, LengthBucketBatchSampler, collate, cpu_supports_bf16, encode_example,
-                            encode_prompt, evaluate_loss, lr_factor, read_trainer_state, record_prompt, train)
+from lm_lexicon.train import (IGNORE_INDEX, LengthBucketBatchSampler, collate, cpu_supports_bf16, encode_example,
+                              encode_prompt, evaluate_loss, lr_factor, read_trainer_state, record_prompt, train)
 from score_trace import ScoreTrace, assert_same_decoding
 
 ROWS = [

@@ -38,9 +38,10 @@ def as_record(r: Record | Mapping) -> Record:
     raise TypeError(f"expected a Record or a dict, got {type(r).__name__}")
 
 
-def prompt_of(r: Record) -> str:
-    """The prompt the models see for a record (the text that is embedded for retrieval)."""
-    return format_prompt(r.term, r.context, r.lang)
+def prompt_of(r: Record, templates=None) -> str:
+    """The prompt the models see for a record (the text that is embedded for retrieval) under ``templates`` (a
+    :class:`~lm_lexicon.data.prompts.PromptTemplates`; None: the defaults)."""
+    return format_prompt(r.term, r.context, r.lang, templates=templates)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,12 +138,14 @@ class RetrievalBaseline:
 
     ``fit(train_records, embedder)``: embeds every training prompt (:func:`prompt_of`) with ``embedder.encode``
     (an :class:`lm_lexicon.embed.Embedder`; ``embeddings=`` skips that with precomputed ``[n, d]`` vectors) and
-    builds a faiss ``IndexFlatIP`` over the unit vectors: exact search, inner product = cosine.
+    builds a faiss ``IndexFlatIP`` over the unit vectors: exact search, inner product = cosine. ``templates``: the
+    prompt templates of the embedded prompts (None: the defaults).
     """
 
     name = "retrieval"
 
-    def __init__(self):
+    def __init__(self, templates=None):
+        self.templates = templates
         self.embedder = None
         self.index = None
         self.records: list[Record] = []
@@ -157,7 +160,7 @@ class RetrievalBaseline:
         if embeddings is None:
             if embedder is None:
                 raise ValueError("RetrievalBaseline.fit needs an embedder or precomputed embeddings")
-            embeddings = embedder.encode([prompt_of(r) for r in self.records])
+            embeddings = embedder.encode([prompt_of(r, self.templates) for r in self.records])
         vecs = _unit_rows(np.asarray(embeddings))  # [n, d]
         if vecs.shape[0] != len(self.records):
             raise ValueError(f"{vecs.shape[0]} embeddings for {len(self.records)} records")
@@ -170,7 +173,7 @@ class RetrievalBaseline:
         if embeddings is None:
             if self.embedder is None:
                 raise ValueError("no embedder: pass the query embeddings")
-            embeddings = self.embedder.encode([prompt_of(r) for r in records])
+            embeddings = self.embedder.encode([prompt_of(r, self.templates) for r in records])
         q = _unit_rows(np.asarray(embeddings))  # [m, d]
         if q.shape[0] != len(records):
             raise ValueError(f"{q.shape[0]} query embeddings for {len(records)} records")
@@ -201,7 +204,7 @@ def select_icl_exemplars(queries: Sequence[Record | Mapping], pool: Sequence[Rec
                          method: str = "random", seed: int = 0, embedder=None,
                          retriever: RetrievalBaseline | None = None, pool_embeddings: np.ndarray | None = None,
                          query_embeddings: np.ndarray | None = None,
-                         exclude_same_term: bool = True) -> list[list[Record]]:
+                         exclude_same_term: bool = True, templates=None) -> list[list[Record]]:
     """``k`` exemplars from ``pool`` for each query.
 
     ``method="random"`` (Random-ICL): a uniform sample without replacement, seeded per query (``seed`` and the
@@ -211,6 +214,7 @@ def select_icl_exemplars(queries: Sequence[Record | Mapping], pool: Sequence[Rec
     ``embedder`` / precomputed ``pool_embeddings`` and ``query_embeddings``.
     With ``exclude_same_term`` (default) a pool record with the query's term (case-insensitive) is never chosen,
     so the answer is not in the prompt. Fewer than k come back only when the pool has fewer eligible records.
+    ``templates``: the prompt templates of the embedded prompts (None: the defaults).
     """
     if method not in ("random", "retrieval"):
         raise ValueError(f"method must be 'random' or 'retrieval', got {method!r}")
@@ -242,7 +246,7 @@ def select_icl_exemplars(queries: Sequence[Record | Mapping], pool: Sequence[Rec
             out.append([pool_recs[i] for i in chosen])
         return out
     if retriever is None:
-        retriever = RetrievalBaseline().fit(pool_recs, embedder=embedder, embeddings=pool_embeddings)
+        retriever = RetrievalBaseline(templates).fit(pool_recs, embedder=embedder, embeddings=pool_embeddings)
     q_vecs = retriever._query_vectors(qs, query_embeddings)
     n = len(pool_recs)
     width = min(n, k + 16)
@@ -256,38 +260,41 @@ def select_icl_exemplars(queries: Sequence[Record | Mapping], pool: Sequence[Rec
 
 
 def format_few_shot_prompt(query: Record | Mapping, exemplars: Sequence[Record | Mapping],
-                           separator: str = "\n\n") -> str:
-    """Exemplars in the training format (prompt, a space, definition), in the given order, then the query prompt.
+                           separator: str = "\n\n", templates=None) -> str:
+    """Exemplars in the training format (prompt, a space, definition), in the given order, then the query prompt;
+    prompts under ``templates`` (None: the defaults).
 
     Retrieval-ICL exemplars come nearest first; reverse them to put the nearest next to the query.
     """
     q = as_record(query)
-    blocks = [f"{prompt_of(e)} {e.definition}" for e in (as_record(x) for x in exemplars)]
-    blocks.append(prompt_of(q))
+    blocks = [f"{prompt_of(e, templates)} {e.definition}" for e in (as_record(x) for x in exemplars)]
+    blocks.append(prompt_of(q, templates))
     return separator.join(blocks)
 
 
 def build_icl_prompts(queries: Sequence[Record | Mapping], pool: Sequence[Record | Mapping], k: int = 4,
-                      method: str = "random", separator: str = "\n\n", **kwargs) -> list[str]:
+                      method: str = "random", separator: str = "\n\n", templates=None, **kwargs) -> list[str]:
     """:func:`select_icl_exemplars` then :func:`format_few_shot_prompt` for every query."""
-    chosen = select_icl_exemplars(queries, pool, k=k, method=method, **kwargs)
-    return [format_few_shot_prompt(q, ex, separator) for q, ex in zip(queries, chosen)]
+    chosen = select_icl_exemplars(queries, pool, k=k, method=method, templates=templates, **kwargs)
+    return [format_few_shot_prompt(q, ex, separator, templates) for q, ex in zip(queries, chosen)]
 
 
-def chat_prompt(tokenizer, query: Record | Mapping, exemplars: Sequence[Record | Mapping] = ()) -> str:
+def chat_prompt(tokenizer, query: Record | Mapping, exemplars: Sequence[Record | Mapping] = (),
+                templates=None) -> str:
     """The query's prompt as a chat turn after one (user: prompt, assistant: definition) turn pair per exemplar,
     rendered by the tokenizer's chat template up to the assistant's answer."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template: prompt it in plain text")
     messages = []
     for e in (as_record(x) for x in exemplars):
-        messages += [{"role": "user", "content": prompt_of(e)}, {"role": "assistant", "content": e.definition}]
-    messages.append({"role": "user", "content": prompt_of(as_record(query))})
+        messages += [{"role": "user", "content": prompt_of(e, templates)},
+                     {"role": "assistant", "content": e.definition}]
+    messages.append({"role": "user", "content": prompt_of(as_record(query), templates)})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def build_icl_chat_prompts(tokenizer, queries: Sequence[Record | Mapping], pool: Sequence[Record | Mapping],
-                           k: int = 4, method: str = "random", **kwargs) -> list[str]:
+                           k: int = 4, method: str = "random", templates=None, **kwargs) -> list[str]:
     """:func:`build_icl_prompts` for an instruct model: the exemplars become earlier chat turns."""
-    chosen = select_icl_exemplars(queries, pool, k=k, method=method, **kwargs)
-    return [chat_prompt(tokenizer, q, ex) for q, ex in zip(queries, chosen)]
+    chosen = select_icl_exemplars(queries, pool, k=k, method=method, templates=templates, **kwargs)
+    return [chat_prompt(tokenizer, q, ex, templates) for q, ex in zip(queries, chosen)]

@@ -42,6 +42,7 @@ class SampledSet:
     samples: list[list[str]]
     logprobs: list[list[float]] = field(default_factory=list)
     references: Optional[list[list[str]]] = None  # per record: every definition of its headword in its split
+    templates: Any = None  # the PromptTemplates the samples were drawn under (None: the defaults)
 
 
 def sample_definitions(generator, records: Sequence, domains: Optional[Sequence[int]], settings,
@@ -49,11 +50,10 @@ def sample_definitions(generator, records: Sequence, domains: Optional[Sequence[
                        references: Optional[Sequence[Sequence[str]]] = None) -> SampledSet:
     """Draw ``settings.num_return_sequences`` samples per record in process (``generator``: a loaded
     :class:`lm_lexicon.generate.DefinitionGenerator`), and their log-probabilities when asked. ``references``
-    (per record) are carried along for the ranked sample pairs."""
-    from lm_lexicon.sft import record_prompt
-
+    (per record) are carried along for the ranked sample pairs. Prompts use the generator's (its model's) templates,
+    which the set carries for the reward model's pairs."""
     records = list(records)
-    prompts = [record_prompt(r) for r in records]
+    prompts = generator.record_prompts(records)
     samples = generator.generate(prompts, domains=domains, settings=settings)
     logprobs: list[list[float]] = []
     if with_logprobs:
@@ -68,7 +68,8 @@ def sample_definitions(generator, records: Sequence, domains: Optional[Sequence[
     refs = None if references is None else [list(r) for r in references]
     if refs is not None and len(refs) != len(records):
         raise ValueError(f"{len(refs)} reference lists for {len(records)} records")
-    return SampledSet(records, None if domains is None else list(domains), samples, logprobs, refs)
+    return SampledSet(records, None if domains is None else list(domains), samples, logprobs, refs,
+                      generator.templates)
 
 
 def new_reward_model(reward_cfg, seed_model: Optional[str] = None, seed: int = 0,
@@ -101,7 +102,7 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
 
     def pairs_of(sampled: SampledSet):
         gold = build_preference_pairs(sampled.records, sampled.samples, sampled.logprobs, top_k=reward_cfg.top_k,
-                                      ratio=reward_cfg.ratio, seed=seed)
+                                      ratio=reward_cfg.ratio, seed=seed, templates=sampled.templates)
         ranked = []
         if reward_cfg.sample_pairs:
             if sampled.references is None:
@@ -109,7 +110,7 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
                                  "references=...))")
             ranked = build_ranked_sample_pairs(sampled.records, sampled.samples, sampled.references,
                                                per_record=reward_cfg.sample_pairs, margin=reward_cfg.sample_margin,
-                                               seed=seed)
+                                               seed=seed, templates=sampled.templates)
         return gold, ranked
 
     train_gold, train_ranked = pairs_of(train)

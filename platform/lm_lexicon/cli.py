@@ -154,9 +154,10 @@ def data_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
               split: str = typer.Option("train", help="train, valid or test."),
               term: Optional[str] = typer.Option(None, help="Only rows of this term (case-insensitive)."),
               n: int = typer.Option(10, help="Rows to show."),
-              prompts: bool = typer.Option(False, help="Show the formatted prompt instead of the raw context.")) -> None:
+              prompts: bool = typer.Option(False, help="Show the formatted prompt (the recipe's templates) instead of "
+                                                       "the raw context.")) -> None:
     """Print a few rows of a split."""
-    from lm_lexicon.data.prompts import format_prompt
+    from lm_lexicon.data.prompts import PromptTemplates, format_prompt
 
     if split not in ("train", "valid", "test"):
         console.print(f"[red]unknown split {split!r}; expected train, valid or test[/red]")
@@ -168,8 +169,10 @@ def data_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
     table = Table(title=f"{split}: {len(rows):,} rows" + (f" for {term!r}" if term else ""), show_lines=True)
     for col in ("term", "prompt" if prompts else "context", "definition", "source"):
         table.add_column(col, overflow="fold")
+    templates = PromptTemplates.from_config(cfg)
     for r in rows[:n]:
-        table.add_row(r.term, format_prompt(r.term, r.context, r.lang) if prompts else r.context, r.definition, r.source)
+        shown = format_prompt(r.term, r.context, r.lang, templates=templates) if prompts else r.context
+        table.add_row(r.term, shown, r.definition, r.source)
     console.print(table)
 
 

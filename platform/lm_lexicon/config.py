@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
+from lm_lexicon.serving.config import ServeOptions
+
 LANGS = ("en", "es", "fr", "pt", "de")
 
 
@@ -407,20 +409,6 @@ class EvalConfig(_Strict):
         return self
 
 
-class ServeConfig(_Strict):
-    """Ray Serve application limits and scaling."""
-
-    host: str = Field("127.0.0.1", description="HTTP bind address.")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    max_items: int = Field(64, ge=1, description="Items per request.")
-    max_term_chars: int = Field(100, ge=1, description="Longest accepted term.")
-    max_context_chars: int = Field(2000, ge=1, description="Longest accepted context.")
-    max_batch_size: int = Field(32, ge=1, description="@serve.batch size of the expert deployments (docs/BENCHMARKS.md: "
-                                                      "32 beat 16 on a 2-core CPU at 128 requests in flight).")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="@serve.batch wait.")
-    auth_token_env: Optional[str] = Field(None, description="Env var holding a bearer token; auth is off when unset.")
-
-
 class TrackingConfig(_Strict):
     """Experiment tracking."""
 
@@ -443,7 +431,10 @@ class PipelineConfig(_Strict):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
+    serve: ServeOptions = Field(default_factory=ServeOptions,
+                                description="How `lm-lexicon serve` serves the run (lm_lexicon.serving.config."
+                                            "ServeOptions: limits, batching and scaling per deployment, auth env "
+                                            "var, ...); the Serve app's args override it field by field.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

@@ -1,18 +1,16 @@
-"""GPU-side pieces derived from a recipe: the DeepSpeed config, the Ray resources a recipe asks for, the plan of a
-recipe on a cluster node type, and the DeepSpeed engine the SFT loop drives on GPU workers.
+"""GPU-side pieces derived from a recipe: the DeepSpeed config, and the Ray resources a recipe asks for on a cluster's
+node types.
 
-Only :class:`DeepSpeedRunner` touches DeepSpeed, and it imports it when it is built, on a GPU worker whose recipe
-sets ``train.deepspeed``: the CPU path never imports it (a test checks). The config logic and the engine wiring are
-unit-tested on CPU (the wiring against a stand-in ``deepspeed`` module); the ZeRO-3 engine itself has not been run
-on GPU hardware from this repository yet (docs/GPU.md says exactly what is and is not tested).
+Nothing here imports DeepSpeed: the engine is driven by :class:`lm_lexicon.train.deepspeed_strategy.DeepSpeedStrategy`
+on GPU workers whose recipe sets ``train.deepspeed``. The config logic is unit-tested on CPU; the ZeRO-3 engine itself
+has not been run on GPU hardware from this repository yet (docs/GPU.md says exactly what is and is not tested).
 """
 from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 AUTO = "auto"
 DEEPSPEED_STATE_DIR = "deepspeed"   # inside an SFT checkpoint: DeepSpeed's own (ZeRO-partitioned) training state
@@ -26,7 +24,7 @@ def resolve_deepspeed_config(path: str | Path, train_cfg, world_size: int) -> di
     The recipe is the single source of truth for batch sizes, clipping and precision, so a value written explicitly in
     the JSON must agree with it. The optimizer defaults to AdamW with the recipe's lr/betas/weight decay; a
     ``scheduler`` section is refused: the SFT loop sets the learning rate of every step itself (warm-up then
-    cosine/linear decay, :func:`lm_lexicon.sft.lr_factor`), the same schedule on CPU, under DDP and under DeepSpeed.
+    cosine/linear decay, :func:`lm_lexicon.train.lr_factor`), the same schedule on CPU, under DDP and under DeepSpeed.
     """
     path = Path(path)
     if not path.is_file():
@@ -129,161 +127,3 @@ def cluster_node_types(cluster: Mapping[str, Any]) -> dict[str, dict]:
             "head": is_head,
         }
     return out
-
-
-def resources_plan(cfg, node: Mapping[str, float], max_nodes: int, *, with_dense: bool = True) -> dict:
-    """How a recipe's expert stage runs on ``max_nodes`` nodes of one type with resources ``node`` (``{"CPU": 96,
-    "GPU": 8}``): a pure function of the config and the node description, for planning and for tests.
-
-    Ray Train workers of one expert need ``{CPU: cpus_per_worker, GPU: gpus_per_worker}`` each and may span nodes;
-    jobs are the N experts plus the dense baseline (``with_dense``). Returns per-worker and per-expert reservations,
-    how many workers fit on one node, how many nodes one expert spans, how many jobs train at once ("trials in
-    parallel", also capped by ``resources.max_concurrent_experts``), how many waves that takes, the GPUs and nodes
-    in use at once, and the global batch of one optimizer step. Raises ValueError when not even one expert fits.
-    """
-    if max_nodes < 1:
-        raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
-    r = cfg.resources
-    node_cpu, node_gpu = float(node.get("CPU", 0)), float(node.get("GPU", 0))
-    gpus_per_worker = r.gpus_per_worker if r.use_gpu else 0.0
-    if r.use_gpu and node_gpu < gpus_per_worker:
-        raise ValueError(f"a training worker needs {gpus_per_worker:g} GPU(s); this node type has {node_gpu:g}")
-    if node_cpu < r.cpus_per_worker:
-        raise ValueError(f"a training worker needs {r.cpus_per_worker:g} CPUs; this node type has {node_cpu:g}")
-    fits = [int(node_cpu // r.cpus_per_worker)]
-    if r.use_gpu:
-        fits.append(int(node_gpu // gpus_per_worker))
-    workers_per_node = min(fits)
-    n_workers = r.workers_per_expert
-    jobs = cfg.partition.n_experts + (1 if with_dense else 0)
-    by_resources = (workers_per_node * max_nodes) // n_workers
-    if by_resources < 1:
-        raise ValueError(f"one expert needs {n_workers} workers; {max_nodes} node(s) of this type hold "
-                         f"{workers_per_node * max_nodes}")
-    parallel = min(jobs, by_resources)
-    if r.max_concurrent_experts:
-        parallel = min(parallel, r.max_concurrent_experts)
-    batch = cfg.train.batch_size * cfg.train.grad_accum * n_workers
-    return {
-        "use_gpu": r.use_gpu,
-        "deepspeed": deepspeed_enabled(cfg),
-        "gpus_per_worker": gpus_per_worker,
-        "cpus_per_worker": r.cpus_per_worker,
-        "workers_per_expert": n_workers,
-        "gpus_per_expert": gpus_per_worker * n_workers,
-        "cpus_per_expert": r.cpus_per_worker * n_workers,
-        "workers_per_node": workers_per_node,
-        "nodes_per_expert": math.ceil(n_workers / workers_per_node),
-        "jobs": jobs,
-        "trials_in_parallel": parallel,
-        "waves": math.ceil(jobs / parallel),
-        "total_gpus": gpus_per_worker * n_workers * parallel,
-        "total_cpus": r.cpus_per_worker * n_workers * parallel,
-        "nodes": math.ceil(n_workers * parallel / workers_per_node),
-        "global_batch_sequences": batch,
-        "global_batch_tokens": batch * cfg.train.max_length,
-    }
-
-
-# =================================================================================================== DeepSpeed engine
-class DeepSpeedRunner:
-    """The DeepSpeed side of :func:`lm_lexicon.sft.train`: it owns the engine and everything that differs from the
-    plain PyTorch/DDP loop. Decisions (see docs/GPU.md):
-
-    * **Optimizer from the DeepSpeed config**, built by :func:`resolve_deepspeed_config` from the recipe (AdamW,
-      lr, betas, weight decay), so ZeRO partitions its state and DeepSpeed may use its fused kernels; our parameter
-      groups (no decay on biases and norm gains) are passed as ``model_parameters``.
-    * **Learning-rate schedule from the loop**: no DeepSpeed scheduler; the loop writes each step's LR into the
-      optimizer's param groups, so one schedule (and one resume rule: the LR is a function of the step) serves
-      CPU, DDP and DeepSpeed.
-    * **Loss scaling**: the loop already divides the summed NLL by the target tokens of the whole optimizer step,
-      so ``engine.backward(loss, scale_wrt_gas=False)``; ``engine.step()`` after every micro-batch lets DeepSpeed
-      reduce gradients, clip (``gradient_clipping``) and update at the accumulation boundary.
-    * **Weights are saved as safetensors only**: under ZeRO-3 each rank holds a shard, so :meth:`full_state_dict`
-      gathers module by module (``deepspeed.zero.GatheredParameters``) onto rank 0, which writes them with
-      ``save_pretrained``. The optimizer and fp32 master state (needed for an exact resume) is DeepSpeed's own
-      per-rank checkpoint under ``<checkpoint>/deepspeed/``, written and read only by DeepSpeed.
-    """
-
-    def __init__(self, model, ds_config: Mapping, model_parameters, *, rank: int = 0):
-        import deepspeed  # GPU workers only (the [gpu] extra)
-
-        self._deepspeed = deepspeed
-        self.config = dict(ds_config)
-        self.rank = rank
-        self.zero_stage = int((self.config.get("zero_optimization") or {}).get("stage", 0))
-        self.grad_accum = int(self.config["gradient_accumulation_steps"])
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=model_parameters, config=self.config)
-        if scheduler is not None:
-            raise ValueError("DeepSpeed built an LR scheduler; the training loop owns the learning rate")
-        if optimizer is None:
-            raise ValueError("DeepSpeed built no optimizer: the config needs an 'optimizer' section")
-        self.engine, self.optimizer = engine, optimizer
-
-    @property
-    def module(self):
-        return self.engine.module
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def micro_step(self, loss) -> None:
-        """Backward of one micro-batch's (already step-normalised) loss, then DeepSpeed's step: it only reduces,
-        clips and updates at the accumulation boundary."""
-        self.engine.backward(loss, scale_wrt_gas=False)
-        self.engine.step()
-
-    def grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
-        if norm is None:
-            return float("nan")
-        return float(norm.item() if hasattr(norm, "item") else norm)
-
-    def full_state_dict(self) -> Optional[dict]:
-        """The whole model's weights as CPU tensors on rank 0 (``None`` elsewhere).
-
-        Under ZeRO-3 this is a collective (every rank must call it): the parameters of one module at a time are
-        gathered (``GatheredParameters`` with ``modifier_rank=0``, which also frees the gathered copies on exit),
-        copied to CPU on rank 0, and re-partitioned. Parameters shared between modules (tied embeddings) stay shared.
-        """
-        module = self.engine.module
-        if self.zero_stage < 3:
-            if self.rank != 0:
-                return None
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        state: Optional[dict] = {} if self.rank == 0 else None
-        first_key: dict[int, str] = {}
-
-        def visit(mod, prefix: str) -> None:
-            params = list(mod.parameters(recurse=False))
-            with self._deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                if state is not None:
-                    for name, p in mod.named_parameters(recurse=False):
-                        ident = getattr(p, "ds_id", id(p))
-                        if ident in first_key:
-                            state[prefix + name] = state[first_key[ident]]
-                        else:
-                            state[prefix + name] = p.detach().cpu().clone()
-                            first_key[ident] = prefix + name
-                    for name, b in mod.named_buffers(recurse=False):
-                        if b is not None and name not in mod._non_persistent_buffers_set:
-                            state[prefix + name] = b.detach().cpu().clone()
-            for name, child in mod.named_children():
-                visit(child, f"{prefix}{name}.")
-
-        visit(module, "")
-        return state
-
-    def save_state(self, directory: str | Path) -> None:
-        """DeepSpeed's resumable state (ZeRO-partitioned optimizer + fp32 master weights; one file set per rank).
-        Collective: every rank calls it with its own local directory."""
-        self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state={}, save_latest=False)
-
-    def load_state(self, directory: str | Path) -> None:
-        """Restore :meth:`save_state`'s output into this (freshly built) engine. Collective."""
-        path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-        if path is None:
-            raise FileNotFoundError(f"{directory}: no DeepSpeed state (tag {DEEPSPEED_TAG!r}) to resume from")

@@ -4,7 +4,7 @@
 :func:`lm_lexicon.seed_models.load_causal_lm`, or the MoE through :func:`lm_lexicon.moe.load`, told apart by
 ``config.json``'s ``model_type``) and generates ``n`` definitions per prompt:
 
-* prompts are encoded exactly as training saw them (:func:`lm_lexicon.sft.encode_prompt`: ``[BOS] prompt``,
+* prompts are encoded exactly as training saw them (:func:`lm_lexicon.train.encode_prompt`: ``[BOS] prompt``,
   optionally left-truncated to ``max_prompt_tokens``), padded on the LEFT (positions follow the attention mask, so a
   padded row computes what it computes alone), in length-sorted batches, with the KV cache;
 * only the new tokens are decoded, cut at the first EOS, special tokens skipped, whitespace stripped;
@@ -243,13 +243,17 @@ class DefinitionGenerator:
     ``settings``: the default :class:`GenerationSettings` (or a dict of fields) of :meth:`generate` / ``__call__``.
     ``model_name``: what the ``model`` field of predictions says (default: the path).
     ``prompt_column`` / ``domain_column`` / ``output_column``: the Ray Data columns of ``__call__``.
+    ``templates``: the prompt templates of :meth:`record_prompts` (default: the ones saved with the model,
+    :meth:`lm_lexicon.data.prompts.PromptTemplates.load`).
     """
 
     def __init__(self, model_path: str | Path, kind: str = "auto", dtype: str = "float32", device: str = "cpu",
                  torch_threads: Optional[int] = None, settings: "GenerationSettings | Mapping | None" = None, *,
                  routing: Optional[str] = None, model_name: Optional[str] = None, prompt_column: str = "prompt",
-                 domain_column: str = "domain", output_column: str = "predictions"):
+                 domain_column: str = "domain", output_column: str = "predictions", templates=None):
         import torch
+
+        from lm_lexicon.data.prompts import PromptTemplates, parse_templates
 
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -258,6 +262,7 @@ class DefinitionGenerator:
         self.model_path = Path(model_path)
         self.kind = detect_kind(self.model_path) if kind == "auto" else kind
         self.model_name = model_name or str(model_path)
+        self.templates = PromptTemplates.load(self.model_path) if templates is None else parse_templates(templates)
         self.settings = GenerationSettings.from_any(settings)
         self.prompt_column, self.domain_column, self.output_column = prompt_column, domain_column, output_column
         self.device = torch.device(device)
@@ -307,6 +312,12 @@ class DefinitionGenerator:
             raise ValueError(f"{self.model_path}: no EOS token: generation could never stop")
         return ids
 
+    def record_prompts(self, records: Sequence) -> list[str]:
+        """The prompts of ``records`` under this model's templates: what it was trained on."""
+        from lm_lexicon.train import record_prompt
+
+        return [record_prompt(r, self.templates) for r in records]
+
     # ---- domains ----
     def route(self, prompts: Sequence[str]) -> np.ndarray:
         """Domain of each prompt by the MoE's centroid router (its embedder is loaded on first use)."""
@@ -341,8 +352,8 @@ class DefinitionGenerator:
 
     # ---- encoding ----
     def encode_prompts(self, prompts: Sequence[str], max_prompt_tokens: Optional[int] = None) -> list[list[int]]:
-        """Token ids of each prompt exactly as training saw it (:func:`lm_lexicon.sft.encode_prompt`)."""
-        from lm_lexicon.sft import encode_prompt
+        """Token ids of each prompt exactly as training saw it (:func:`lm_lexicon.train.encode_prompt`)."""
+        from lm_lexicon.train import encode_prompt
 
         return [encode_prompt(self.tokenizer, p, max_prompt_tokens) for p in as_str_list(prompts, "prompt")]
 
@@ -448,7 +459,7 @@ class DefinitionGenerator:
                           include_eos: bool = True, max_length: Optional[int] = None) -> list[float]:
         """``log p(candidate | prompt)`` for each pair: the sum of the candidate's token log-probabilities.
 
-        Sequences are built as in training (:func:`lm_lexicon.sft.encode_example`: ``[BOS] prompt definition
+        Sequences are built as in training (:func:`lm_lexicon.train.encode_example`: ``[BOS] prompt definition
         [EOS]``, the definition tokenised as it follows the prompt after one space); ``include_eos`` adds the
         log-probability of ending there (on by default: a candidate is scored as a complete definition). Used to
         keep the most likely sampled candidates as reward-model negatives. ``domains`` as in :meth:`generate`.
@@ -456,7 +467,7 @@ class DefinitionGenerator:
         import torch
         import torch.nn.functional as F
 
-        from lm_lexicon.sft import IGNORE_INDEX, collate, encode_example
+        from lm_lexicon.train import IGNORE_INDEX, collate, encode_example
 
         prompts = as_str_list(prompts, "prompt")
         candidates = as_str_list(candidates, "candidate")
@@ -541,7 +552,7 @@ def generate_split(records: Sequence, model_path: str | Path, settings: "Generat
                    kind: str = "auto", dtype: str = "float32", device: str = "cpu", routing: Optional[str] = None,
                    torch_threads: Optional[int] = None, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
                    model_name: Optional[str] = None, rows_per_call: Optional[int] = None,
-                   prompts: Optional[Sequence[str]] = None) -> list[dict]:
+                   prompts: Optional[Sequence[str]] = None, templates=None) -> list[dict]:
     """Generate for every record; return prediction dicts (:func:`prediction_dict`) in input order.
 
     ``use_ray=True``: Ray Data ``map_batches`` over an actor pool of ``num_actors`` :class:`DefinitionGenerator`
@@ -552,8 +563,11 @@ def generate_split(records: Sequence, model_path: str | Path, settings: "Generat
     (per-row seeds). ``domains``: per record, for an MoE under domain routing (None or -1: the MoE's router).
     ``rows_per_call``: rows handed to each ``__call__`` (default 4 generation batches).
     ``prompts``: one prompt per record instead of the training prompt (e.g. few-shot prompts for ICL baselines).
+    ``templates``: the prompt templates of the training prompts (default: the ones saved with the model; give them
+    for a model that has none, e.g. the untrained seed asked in a run's training format).
     """
-    from lm_lexicon.sft import record_prompt
+    from lm_lexicon.data.prompts import PromptTemplates, parse_templates
+    from lm_lexicon.train import record_prompt
 
     records = list(records)
     settings = GenerationSettings.from_any(settings)
@@ -563,7 +577,8 @@ def generate_split(records: Sequence, model_path: str | Path, settings: "Generat
     if not records:
         return []
     if prompts is None:
-        prompts = [record_prompt(r) for r in records]
+        templates = PromptTemplates.load(model_path) if templates is None else parse_templates(templates)
+        prompts = [record_prompt(r, templates) for r in records]
     else:
         prompts = as_str_list(prompts, "prompt")
         if len(prompts) != len(records):

@@ -27,9 +27,7 @@ def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, .
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; available: {list(STAGES)}")
     from lm_lexicon.console import stage
-    from lm_lexicon.data.prompts import configure_prompts
 
-    configure_prompts(cfg)  # every prompt of this run (and of processes started from here) uses its templates
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results = {}

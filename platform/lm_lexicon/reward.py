@@ -8,7 +8,7 @@
   :class:`lm_lexicon.embed.Embedder`: offline, hub ids from the local cache only unless
   ``LM_LEXICON_ALLOW_DOWNLOADS=1``). Directories saved before the key existed are this kind.
 * ``"seed"``: the pretrained seed causal LM's backbone (:meth:`RewardModel.from_seed`) reading exactly what the policy
-  was trained on (:func:`lm_lexicon.sft.encode_example`: ``[BOS] prompt, a space, the definition, EOS``), pooled at
+  was trained on (:func:`lm_lexicon.train.encode_example`: ``[BOS] prompt, a space, the definition, EOS``), pooled at
   the LAST real token: in a causal model it is the only position that has read the prompt and the whole definition.
   Right padding; over ``max_length`` the prompt loses its first tokens (after BOS), never the definition.
 
@@ -84,9 +84,9 @@ def normalize_definition(text: str) -> str:
     return " ".join(strip_periods(text).lower().split())
 
 
-def _gold_and_prompt(record: Any) -> tuple[str, str]:
+def _gold_and_prompt(record: Any, templates=None) -> tuple[str, str]:
     from lm_lexicon.data.records import Record
-    from lm_lexicon.sft import record_prompt
+    from lm_lexicon.train import record_prompt
 
     if isinstance(record, Mapping):
         if "prompt" in record and "definition" in record:
@@ -94,12 +94,12 @@ def _gold_and_prompt(record: Any) -> tuple[str, str]:
         gold = record.get("definition", record.get("reference"))
         record = Record(term=record["term"], context=record.get("context") or "", definition=gold or "",
                         source=record.get("source") or "", lang=record.get("lang") or "en")
-    return record_prompt(record), record.definition
+    return record_prompt(record, templates), record.definition
 
 
 def build_preference_pairs(records: Sequence[Any], samples_per_record: Sequence[Sequence[str]],
                            logprobs: Optional[Sequence[Sequence[float]]] = None, top_k: int = 8,
-                           ratio: Optional[int] = None, *, seed: int = 0) -> list[PreferencePair]:
+                           ratio: Optional[int] = None, *, seed: int = 0, templates=None) -> list[PreferencePair]:
     """(gold, sampled) preference pairs for reward-model training (policy in the module docstring).
 
     ``records``: :class:`~lm_lexicon.data.records.Record` (or dicts with term/context/lang and definition or
@@ -107,6 +107,7 @@ def build_preference_pairs(records: Sequence[Any], samples_per_record: Sequence[
     ``logprobs[i][j]``: the generator's log-probability of sample j (then the ``top_k`` most likely are kept; without
     it, the first ``top_k`` in sample order). ``ratio``: at most this many negatives per gold, a seeded random subset
     of the kept ones (None: all of them). Records whose samples all equal the gold contribute no pair.
+    ``templates``: the prompt templates of the records' prompts (None: the defaults), the sampled model's.
     """
     if len(samples_per_record) != len(records):
         raise ValueError(f"{len(samples_per_record)} sample lists for {len(records)} records")
@@ -119,7 +120,7 @@ def build_preference_pairs(records: Sequence[Any], samples_per_record: Sequence[
     rng = np.random.default_rng(seed)
     pairs: list[PreferencePair] = []
     for i, (record, samples) in enumerate(zip(records, samples_per_record)):
-        prompt, gold = _gold_and_prompt(record)
+        prompt, gold = _gold_and_prompt(record, templates)
         gold_key = normalize_definition(gold)
         if isinstance(samples, str):
             raise TypeError(f"samples_per_record[{i}] is a string; expected a list of strings")
@@ -158,7 +159,7 @@ class RankedPairs(list):
 
 def build_ranked_sample_pairs(records: Sequence[Any], samples_per_record: Sequence[Sequence[str]],
                               references: Sequence[Sequence[str] | str], per_record: int = 4,
-                              margin: float = 0.05, *, seed: int = 0) -> RankedPairs:
+                              margin: float = 0.05, *, seed: int = 0, templates=None) -> RankedPairs:
     """(better sample, worse sample) pairs of the same prompt, ranked by Protocol A BLEU against ``references[i]``.
 
     Gold-vs-sample pairs teach the reward model to tell a dictionary definition from the policy's samples; Best-of-N
@@ -166,7 +167,8 @@ def build_ranked_sample_pairs(records: Sequence[Any], samples_per_record: Sequen
     of two samples is better: every pair of distinct (normalised) samples whose BLEU differs by at least ``margin``
     (in [0, 1]) is a candidate, and at most ``per_record`` of them are drawn (seeded, uniformly). Ties and near-ties
     (gap below ``margin``: the reference cannot tell them apart) are dropped and counted in ``.stats``
-    (:class:`RankedPairs`), as are records with fewer than two distinct samples.
+    (:class:`RankedPairs`), as are records with fewer than two distinct samples. ``templates``: as in
+    :func:`build_preference_pairs`.
     """
     if len(samples_per_record) != len(records) or len(references) != len(records):
         raise ValueError(f"{len(records)} records, {len(samples_per_record)} sample lists, "
@@ -184,7 +186,7 @@ def build_ranked_sample_pairs(records: Sequence[Any], samples_per_record: Sequen
     for i, (record, samples, refs) in enumerate(zip(records, samples_per_record, references)):
         if isinstance(samples, str):
             raise TypeError(f"samples_per_record[{i}] is a string; expected a list of strings")
-        prompt, _ = _gold_and_prompt(record)
+        prompt, _ = _gold_and_prompt(record, templates)
         distinct: dict[str, str] = {}
         for text in samples:
             text = str(text).strip()
@@ -405,7 +407,7 @@ class RewardModel:
         _init_head(net, seed)
         cfg = {"format": REWARD_FORMAT, "backbone": "seed", "seed_model": seed_model, "seed_path": str(path),
                "pooling": POOLING["seed"], "attn_implementation": attn_implementation,
-               "input": "[BOS] prompt, a space, the definition, EOS (lm_lexicon.sft.encode_example); right padded; "
+               "input": "[BOS] prompt, a space, the definition, EOS (lm_lexicon.train.encode_example); right padded; "
                         "the prompt truncated from the left", "max_length": int(max_length),
                "num_hidden_layers": int(model.config.num_hidden_layers), "hidden_size": hidden, "seed": int(seed),
                "loss": "-log sigmoid(r(x, y_w) - r(x, y_l))"}
@@ -467,9 +469,9 @@ class RewardModel:
         after BOS go, so the definition and its EOS, which the last-token head reads, are never cut."""
         import torch
 
-        from lm_lexicon.sft import _bos_ids, encode_example
+        from lm_lexicon.train import bos_ids, encode_example
 
-        n_bos = len(_bos_ids(self.tokenizer))
+        n_bos = len(bos_ids(self.tokenizer))
         rows = []
         for prompt, definition in zip(prompts, definitions):
             ids = encode_example(self.tokenizer, prompt, definition, max_length=1 << 30)["input_ids"]
@@ -529,18 +531,18 @@ class RewardModel:
         """Minimise ``-log sigma(r(x, y_w) - r(x, y_l))`` over ``pairs``; return metrics.
 
         AdamW (no decay on biases/norms), linear warm-up over ``warmup_ratio`` of the steps then ``schedule``
-        (``linear`` / ``cosine`` / ``constant``, :func:`lm_lexicon.sft.lr_factor`), gradient clipping, pairs
+        (``linear`` / ``cosine`` / ``constant``, :func:`lm_lexicon.train.lr_factor`), gradient clipping, pairs
         shuffled per epoch with ``(seed, epoch)``; ``train_encoder=False`` trains the head only. Each step encodes
         the chosen and rejected sides in one forward; ``precision`` (``fp32`` / ``bf16`` / ``auto``,
-        :func:`lm_lexicon.sft.resolve_precision`) runs the training forwards under bf16 autocast (weights and scoring
+        :func:`lm_lexicon.train.resolve_precision`) runs the training forwards under bf16 autocast (weights and scoring
         stay float32). Metrics: ``epoch_loss`` / ``epoch_accuracy`` (mean over the
         epoch's training steps, dropout on), ``loss_first`` / ``loss_last`` (first and last step),
         ``valid_accuracy`` per epoch when ``valid_pairs`` are given, ``steps``, ``seconds``.
         """
-        import torch
         import torch.nn.functional as F
 
-        from lm_lexicon.sft import autocast_context, lr_factor, make_adamw, resolve_precision, set_seed
+        from lm_lexicon.train import (LRSchedule, autocast_context, clip_gradients, make_adamw, resolve_precision,
+                                      set_seed)
 
         pairs = list(pairs)
         if not pairs:
@@ -554,7 +556,7 @@ class RewardModel:
         optimizer = make_adamw(self.net, weight_decay, lr)
         steps_per_epoch = math.ceil(len(pairs) / batch_size)
         total = steps_per_epoch * epochs
-        warmup = int(round(warmup_ratio * total))
+        lr_schedule = LRSchedule(lr, total, int(round(warmup_ratio * total)), schedule)
         metrics: dict[str, Any] = {"pairs": len(pairs), "epochs": epochs, "lr": lr, "batch_size": batch_size,
                                    "seed": seed, "precision": precision, "epoch_loss": [], "epoch_accuracy": [],
                                    "loss_first": None, "loss_last": None,
@@ -578,13 +580,11 @@ class RewardModel:
                         rewards = self.net(**self._encode(prompts, definitions)).float()  # [2b]
                     margin = rewards[:b] - rewards[b:]  # r(x, y_w) - r(x, y_l)
                     loss = F.softplus(-margin).mean()  # = -log sigmoid(margin), numerically stable
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr * lr_factor(step, total, warmup, schedule)
+                    lr_schedule.apply(optimizer, step)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if grad_clip:
-                        torch.nn.utils.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad],
-                                                       grad_clip)
+                        clip_gradients([p for p in self.net.parameters() if p.requires_grad], grad_clip)
                     optimizer.step()
                     step += 1
                     value = float(loss.detach())

@@ -450,7 +450,7 @@ def resolve_seed_model(name: str, cache_dir: str | Path | None = None) -> Path:
 def load_causal_lm(path: str | Path, dtype: str = "float32", dropout: Optional[float] = None, *,
                    trust_remote_code: bool = False, padding_side: Literal["left", "right"] = "left",
                    attn_implementation: Optional[str] = None):
-    """Load ``(model, tokenizer)`` from a local directory, ready for :mod:`lm_lexicon.sft` and ``generate()``.
+    """Load ``(model, tokenizer)`` from a local directory, ready for :mod:`lm_lexicon.train` and ``generate()``.
 
     * weights from safetensors only (``use_safetensors=True``), never from the network;
     * ``dropout`` (if given) overrides every dropout field the architecture's config has (:data:`DROPOUT_FIELDS`):

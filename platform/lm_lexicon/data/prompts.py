@@ -1,8 +1,8 @@
 """Prompt templates: the one place where a record becomes the text a model is conditioned on.
 
-Training (:func:`lm_lexicon.sft.record_prompt`), the partition's prompt embeddings, retrieval and ICL baselines
+Training (:func:`lm_lexicon.train.record_prompt`), the partition's prompt embeddings, retrieval and ICL baselines
 (:func:`lm_lexicon.baselines.prompt_of`), generation and serving all call :func:`format_prompt` with
-``(term, context, lang)``, so a record gets the same prompt everywhere.
+``(term, context, lang, templates=...)``, so a record gets the same prompt everywhere.
 
 Defaults (shared/DESIGN.md §2):
 
@@ -28,21 +28,23 @@ braces: ``{{`` ``}}``). A plain string is used for every row of the language, ex
 ``{context}`` is used only for rows that have a context: a term-only row then gets the language's ``term_only``
 template (the default one unless given). A ``term_only`` template may not contain ``{context}``.
 
-Which templates are in force: the ``templates`` argument of :func:`format_prompt`, else the process-wide ones set by
-:func:`set_prompt_templates` / :func:`configure_prompts` (a stage calls it with its config), else the ones in the
-environment variable ``LM_LEXICON_PROMPT_TEMPLATES`` (JSON; :func:`set_prompt_templates` sets it, so processes
-started afterwards -- e.g. the workers of a Ray cluster started locally later -- inherit the templates), else the
-defaults. A process that builds prompts for a run with custom templates must call :func:`configure_prompts` with the
-run's config; with the default templates nothing needs to be done.
+Which templates a model uses travels with the model: every model directory the pipeline writes (expert and dense
+checkpoints, the merged and fine-tuned MoE, the collapsed and Mixtral exports, the GGUF bundle, the reward model, the
+partition's router) holds ``prompt_templates.json`` (:meth:`PromptTemplates.save`), and whatever loads a model --
+the MoE fine-tune, generation (:class:`lm_lexicon.generate.DefinitionGenerator`), evaluation, serving -- reads them
+from there (:meth:`PromptTemplates.load`). A directory without the file (an external checkpoint, a run from
+before the file existed) uses the defaults. A stage that starts from something without templates (the seed model,
+the raw data) takes them from the recipe (:meth:`PromptTemplates.from_config`). Prompt builders take the templates as
+an argument; there is no process-wide state.
 """
 from __future__ import annotations
 
 import json
 import os
 import string
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional
+from pathlib import Path
+from typing import Any, Mapping, Optional
 
 LANGUAGE_NAMES = {"en": "English", "es": "Spanish", "fr": "French", "pt": "Portuguese", "de": "German",
                   "it": "Italian", "nl": "Dutch"}
@@ -53,8 +55,9 @@ MULTILINGUAL_TEMPLATE = "Define the {language} word '{term}'. Use only {language
 
 #: Fields a template may use.
 FIELDS = ("term", "context", "language")
-#: Environment variable carrying non-default templates to processes started later (JSON of the config mapping).
-ENV_VAR = "LM_LEXICON_PROMPT_TEMPLATES"
+#: The file beside a model's config.json that holds the templates it was trained with.
+TEMPLATES_FILE = "prompt_templates.json"
+TEMPLATES_FORMAT = "lm-lexicon-prompt-templates"
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,56 @@ class PromptTemplates:
 
     def __repr__(self) -> str:
         return f"PromptTemplates({self.to_config()!r})"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "PromptTemplates":
+        """The recipe's templates: ``data.prompt_templates`` of a ``PipelineConfig`` (or of a ``DataConfig``)."""
+        data = getattr(cfg, "data", cfg)
+        return parse_templates(getattr(data, "prompt_templates", None) or None)
+
+    def save(self, model_dir: str | Path) -> Path:
+        """Write ``prompt_templates.json`` into ``model_dir``: the overrides (what :meth:`load` reads) and, for a
+        reader without this package, every language's templates in full."""
+        path = Path(model_dir) / TEMPLATES_FILE
+        doc = {"format": TEMPLATES_FORMAT, "version": 1, "overrides": self.to_config(),
+               "templates": {lang: {"context": t.context, "term_only": t.term_only}
+                             for lang, t in sorted(self._by_lang.items())},
+               "fields": {"term": "the headword", "context": "the usage example (empty: the term_only template)",
+                          "language": "the English name of the language"}}
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "PromptTemplates":
+        """The templates saved with a model (:meth:`save`); the defaults when the directory has none (an external
+        checkpoint, an older run). A file that is not valid is a ValueError naming it."""
+        path = Path(model_dir) / TEMPLATES_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict) or doc.get("format") != TEMPLATES_FORMAT:
+                raise ValueError(f"not an {TEMPLATES_FORMAT} file")
+            return parse_templates(doc.get("overrides") or None)
+        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: invalid prompt templates ({e})") from None
+
+    @classmethod
+    def agreed(cls, model_dirs: "list[str | Path]") -> "PromptTemplates":
+        """The templates of models that must share them (experts merged into one MoE, the experts of one served
+        pipeline); a ValueError naming the first that differs."""
+        dirs = [Path(d) for d in model_dirs]
+        if not dirs:
+            return cls()
+        first = cls.load(dirs[0])
+        for d in dirs[1:]:
+            other = cls.load(d)
+            if other != first:
+                raise ValueError(f"{d} was trained with other prompt templates than {dirs[0]} "
+                                 f"({other.to_config() or 'the defaults'} vs {first.to_config() or 'the defaults'})")
+        return first
 
 
 def _check_template(template: Any, where: str, allow_context: bool = True) -> str:
@@ -172,78 +225,18 @@ def parse_templates(spec: Optional[Mapping[str, Any]]) -> PromptTemplates:
     return PromptTemplates(out)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# The templates in force in this process
-
-_ACTIVE: Optional[PromptTemplates] = None
-_FROM_ENV: tuple[Optional[str], PromptTemplates] = (None, PromptTemplates())
-
-
-def active_templates() -> PromptTemplates:
-    """The templates :func:`format_prompt` uses when none are passed (see the module docstring)."""
-    global _FROM_ENV
-    if _ACTIVE is not None:
-        return _ACTIVE
-    raw = os.environ.get(ENV_VAR) or None
-    if raw != _FROM_ENV[0]:
-        try:
-            templates = parse_templates(json.loads(raw)) if raw else PromptTemplates()
-        except (json.JSONDecodeError, ValueError) as e:
-            raise ValueError(f"environment variable {ENV_VAR} does not hold valid prompt templates: {e}") from None
-        _FROM_ENV = (raw, templates)
-    return _FROM_ENV[1]
-
-
-def set_prompt_templates(spec: Optional[Mapping[str, Any] | PromptTemplates]) -> PromptTemplates:
-    """Make ``spec`` (a ``data.prompt_templates`` mapping; None: the defaults) the templates of this process and of
-    processes it starts from now on (environment variable). Returns the templates in force before."""
-    global _ACTIVE
-    previous = active_templates()
-    templates = parse_templates(spec)
-    _ACTIVE = templates
-    if templates.overrides:
-        os.environ[ENV_VAR] = json.dumps(templates.to_config(), ensure_ascii=False, sort_keys=True)
-    else:
-        os.environ.pop(ENV_VAR, None)
-    return previous
-
-
-def configure_prompts(cfg: Any) -> PromptTemplates:
-    """:func:`set_prompt_templates` from a ``PipelineConfig`` or a ``DataConfig`` (its ``prompt_templates``)."""
-    data = getattr(cfg, "data", cfg)
-    return set_prompt_templates(getattr(data, "prompt_templates", None) or None)
-
-
-@contextmanager
-def prompt_templates(spec: Any) -> Iterator[PromptTemplates]:
-    """``with prompt_templates(cfg_or_mapping):`` -- the templates in force inside the block, restored after."""
-    global _ACTIVE
-    data = getattr(spec, "data", spec)
-    mapping = getattr(data, "prompt_templates", data)
-    saved = (_ACTIVE, os.environ.get(ENV_VAR))
-    set_prompt_templates(mapping or None)
-    try:
-        yield active_templates()
-    finally:
-        _ACTIVE = saved[0]
-        if saved[1] is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = saved[1]
-
-
 def format_prompt(term: str, context: str = "", lang: str = "en", *,
                   templates: Optional[PromptTemplates | Mapping[str, Any]] = None) -> str:
     """The prompt the model is conditioned on; the definition (and EOS) follows it in training.
 
-    ``templates``: a :class:`PromptTemplates` or a ``data.prompt_templates`` mapping (None: the templates in force,
-    :func:`active_templates`). An empty context selects the language's term-only template.
+    ``templates``: a :class:`PromptTemplates` or a ``data.prompt_templates`` mapping (None: the defaults); a model's
+    are :meth:`PromptTemplates.load` of its directory. An empty context selects the language's term-only template.
     """
     if not isinstance(term, str) or not term.strip():
         raise ValueError("term must be a non-empty string")
     if lang not in LANGUAGE_NAMES:
         raise ValueError(f"unknown language code {lang!r}; known: {sorted(LANGUAGE_NAMES)}")
-    chosen = active_templates() if templates is None else parse_templates(templates)
+    chosen = DEFAULTS if templates is None else parse_templates(templates)
     return chosen.format(term, context or "", lang)
 
 
@@ -251,3 +244,7 @@ def record_prompt(record: Any, templates: Optional[PromptTemplates | Mapping[str
     """:func:`format_prompt` of a :class:`~lm_lexicon.data.records.Record` (or a dict with its fields)."""
     get = record.get if isinstance(record, Mapping) else lambda k, d=None: getattr(record, k, d)
     return format_prompt(get("term"), get("context") or "", get("lang") or "en", templates=templates)
+
+
+#: The built-in templates of every language.
+DEFAULTS = PromptTemplates()

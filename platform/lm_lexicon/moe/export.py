@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lm_lexicon.data.prompts import PromptTemplates
 from lm_lexicon.moe.ffn_spec import LLAMA, get_spec
 from lm_lexicon.moe.hf_registration import SECTION
 from lm_lexicon.moe.merge import (
@@ -89,7 +90,8 @@ def export_collapsed(moe_dir: str | Path, out_dir: str | Path, *, domains: Optio
     """Write one dense checkpoint per domain (default: all) + the router + ``collapsed.json``; return ``out_dir``.
 
     Each ``domain-{i}`` directory is the experts' architecture with expert i's FFNs: ``AutoModelForCausalLM``
-    loads it without lm_lexicon. The domain-routed MoE with label i and ``domain-{i}`` give the same logits.
+    loads it without lm_lexicon. The domain-routed MoE with label i and ``domain-{i}`` give the same logits. Each
+    carries the MoE's prompt templates (``prompt_templates.json``).
     """
     moe_dir = Path(moe_dir)
     raw, section, _ = _read_moe(moe_dir)
@@ -100,6 +102,7 @@ def export_collapsed(moe_dir: str | Path, out_dir: str | Path, *, domains: Optio
     if raw.get("dtype") is not None:
         text_config["dtype"] = raw["dtype"]
     router_src = moe_dir / (section.get("router_dir") or "router")
+    templates = PromptTemplates.load(moe_dir)
     entries = []
     with AtomicDirectory(out_dir, overwrite) as tmp:
         for d in domains:
@@ -108,6 +111,7 @@ def export_collapsed(moe_dir: str | Path, out_dir: str | Path, *, domains: Optio
             write_sharded(collapsed_plan(moe_dir, d), ddir, max_shard_size, metadata={"lm_lexicon": EXPORT_FORMAT})
             (ddir / "config.json").write_text(json.dumps(text_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             copy_tokenizer_files(moe_dir, ddir)
+            templates.save(ddir)
             entries.append({"domain": d, "path": ddir.name})
         has_router = (router_src / "router.json").is_file()
         if has_router:
@@ -194,4 +198,5 @@ def export_mixtral(moe_dir: str | Path, out_dir: str | Path, *, force_policy: bo
         write_sharded(plan, tmp, max_shard_size, metadata={"lm_lexicon": EXPORT_FORMAT})
         config.save_pretrained(str(tmp))
         copy_tokenizer_files(moe_dir, tmp)
+        PromptTemplates.load(moe_dir).save(tmp)
     return Path(out_dir)

@@ -193,12 +193,12 @@ def _special_ids(model_dir: Path, config: dict) -> dict:
     """BOS/EOS/PAD ids and whether the tokenizer puts BOS before a text, as the checkpoint's tokenizer does."""
     from transformers import AutoTokenizer
 
-    from lm_lexicon.sft import _bos_ids
+    from lm_lexicon.train import bos_ids
 
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id if tok.eos_token_id is not None else config.get(
         "eos_token_id"), "pad": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
-    return {**{k: int(v) for k, v in ids.items() if v is not None}, "add_bos": bool(_bos_ids(tok))}
+    return {**{k: int(v) for k, v in ids.items() if v is not None}, "add_bos": bool(bos_ids(tok))}
 
 
 def _write_metadata(writer, config: dict, source_fields: dict, special: dict, name: str, file_type: int) -> None:

@@ -6,11 +6,12 @@
     out/domain-{i}.gguf         llama.cpp / llama-cpp-python / Ollama model (:func:`lm_lexicon.moe.gguf.write_gguf`)
     out/domain-{i}.Modelfile    ``ollama create lexicon-domain-{i} -f domain-{i}.Modelfile``
     out/router/                 centroids + embedder spec (:class:`lm_lexicon.routing.DomainRouter`)
+    out/prompt_templates.json   the experts' prompt templates (:class:`lm_lexicon.data.prompts.PromptTemplates`)
     out/README.md               how to pick a domain and run it
 
-The prompt is the run's template (``data.prompt_templates`` overrides included), sent raw: no chat wrapper, no BOS
-unless the tokenizer adds one, generation stops at the tokenizer's EOS. ``lm-lexicon define --backend gguf`` does the
-routing and the prompt (:mod:`lm_lexicon.gguf_runtime`).
+The prompt is the experts' template (the run's ``data.prompt_templates`` overrides included), sent raw: no chat
+wrapper, no BOS unless the tokenizer adds one, generation stops at the tokenizer's EOS. ``lm-lexicon define --backend
+gguf`` does the routing and the prompt (:mod:`lm_lexicon.gguf_runtime`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from lm_lexicon.data.prompts import LANGUAGE_NAMES, PromptTemplates, parse_templates
+from lm_lexicon.data.prompts import LANGUAGE_NAMES, PromptTemplates
 from lm_lexicon.moe.export import COLLAPSED_FORMAT, COLLAPSED_MANIFEST
 from lm_lexicon.moe.gguf import GGUF_DTYPES, write_gguf
 from lm_lexicon.moe.merge import AtomicDirectory
@@ -77,15 +78,15 @@ def modelfile(gguf_name: str, eos: str, generation: Mapping) -> str:
 
 
 def export_gguf(collapsed_dir: str | Path, out_dir: str | Path, *, metadata_source: str | Path,
-                dtype: str = "bf16", templates: Optional[PromptTemplates | Mapping] = None,
-                generation: Optional[Mapping] = None, overwrite: bool = False,
+                dtype: str = "bf16", generation: Optional[Mapping] = None, overwrite: bool = False,
                 log: Callable[[str], None] = print) -> dict:
-    """Write the GGUF bundle of a collapsed export (layout in the module docstring); return the manifest."""
+    """Write the GGUF bundle of a collapsed export (layout in the module docstring); return the manifest. The prompt
+    templates are the collapsed checkpoints' (``prompt_templates.json``, which the bundle carries too)."""
     collapsed_dir, out_dir = Path(collapsed_dir), Path(out_dir)
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
     collapsed = read_collapsed(collapsed_dir)
-    templates = parse_templates(templates) if not isinstance(templates, PromptTemplates) else templates
+    templates = PromptTemplates.agreed([collapsed_dir / e["path"] for e in collapsed["domains"]])
     generation = {**DEFAULT_GENERATION, **dict(generation or {})}
     eos = _eos_token(collapsed_dir / collapsed["domains"][0]["path"])
     entries = []
@@ -114,6 +115,7 @@ def export_gguf(collapsed_dir: str | Path, out_dir: str | Path, *, metadata_sour
         }
         (tmp / GGUF_MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(readme(manifest), encoding="utf-8")
+        templates.save(tmp)
     return manifest
 
 
@@ -126,7 +128,7 @@ def _eos_token(model_dir: Path) -> str:
 def _adds_bos(model_dir: Path) -> bool:
     from transformers import AutoTokenizer
 
-    from lm_lexicon.sft import _bos_ids
+    from lm_lexicon.train import bos_ids as _bos_ids
 
     return bool(_bos_ids(AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)))
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from lm_lexicon.data.prompts import PromptTemplates
 from lm_lexicon.moe.ffn_spec import MOE_PREFIX, FFNSpec, has_ffn_bias, spec_for_config
 from lm_lexicon.moe.hf_registration import ARCHITECTURE, MODEL_TYPE, ROUTING_POLICIES, SECTION
 from lm_lexicon._util import sha256_file
@@ -321,7 +322,8 @@ def merge_experts(expert_dirs: Sequence[str | Path], out_dir: str | Path, *, rou
     :class:`lm_lexicon.config.MergeConfig` (``merge_experts(dirs, out, **cfg.merge.model_dump(), router=...)``).
     ``router``: the :class:`~lm_lexicon.routing.DomainRouter` of the partition (or its directory); saved under
     ``router/`` and used for centroid gate init. It must have one centroid per expert. ``provenance``: extra
-    JSON-able facts recorded in the config section (e.g. the partition's run id).
+    JSON-able facts recorded in the config section (e.g. the partition's run id). The experts' prompt templates
+    (``prompt_templates.json``) must agree; the MoE and its router get them.
     """
     dirs = [Path(d) for d in expert_dirs]
     if not dirs:
@@ -336,6 +338,10 @@ def merge_experts(expert_dirs: Sequence[str | Path], out_dir: str | Path, *, rou
         raise ExpertMismatchError(f"{dirs[0]} is already an lm_lexicon MoE; merge dense experts")
     ckpts = [SafetensorsCheckpoint(d) for d in dirs]
     validate_experts(dirs, configs, ckpts)
+    try:
+        templates = PromptTemplates.agreed(dirs)  # one MoE answers one kind of prompt
+    except ValueError as e:
+        raise ExpertMismatchError(str(e)) from None
     router_obj = _load_router(router)
     if router_obj is not None and router_obj.n_clusters != n:
         raise ExpertMismatchError(f"the router has {router_obj.n_clusters} domains but {n} experts were given")
@@ -358,10 +364,12 @@ def merge_experts(expert_dirs: Sequence[str | Path], out_dir: str | Path, *, rou
     with AtomicDirectory(out_dir, overwrite) as tmp:
         if router_obj is not None:
             router_obj.save(tmp / "router")
+            templates.save(tmp / "router")
             section["embedder"] = json.loads((tmp / "router" / "router.json").read_text(encoding="utf-8"))["embedder"]
         write_sharded(plan, tmp, max_shard_size, metadata={"lm_lexicon": MERGE_FORMAT})
         write_moe_config(tmp, base, section, dtype=model_dtype)
         copy_tokenizer_files(dirs[0], tmp)
+        templates.save(tmp)
     return Path(out_dir)
 
 

@@ -320,7 +320,7 @@ class LexiconMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def routing_inputs(self, domain_labels: Any = None, routing_mask: Optional[torch.Tensor] = None):
         """Supply ``domain_labels`` / ``routing_mask`` to every forward inside the block that does not pass its own.
 
-        For code that calls the model without knowing about routing, e.g. :func:`lm_lexicon.sft.definition_nll`::
+        For code that calls the model without knowing about routing, e.g. :func:`lm_lexicon.train.definition_nll`::
 
             with model.routing_inputs(domain_labels=batch_domains):
                 nll, n = definition_nll(model, batch)

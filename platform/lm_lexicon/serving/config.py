@@ -9,13 +9,17 @@
   the memory cost of holding every expert's FFN in each replica);
 * router: the one the experts were exported with (``export/collapsed/router``, a copy of the MoE's
   ``merge/model/router``, itself the partition's router), so served routing IS the offline routing;
-* reward model: ``evaluate/reward_model/`` (:meth:`lm_lexicon.reward.RewardModel.save` format) when present;
+* prompt templates: the ``prompt_templates.json`` saved with the experts (and the router); every prompt the app
+  routes, generates from and scores is built with them, so a recipe's custom templates are served as trained;
+* reward model: ``evaluate/reward_model/`` (:meth:`lm_lexicon.reward.RewardModel.save` format) when present (and
+  trained on the experts' templates);
 * metrics: ``evaluate/metrics.json``; defaults: the pipeline's resolved ``config.yaml`` (its ``serve`` section gives
   the limits and batching, its ``evaluate`` section the decoding settings, so served greedy output equals the
   evaluation's).
 
-**Arguments**: every field of :class:`ServeArgs` has a default; unset fields fall back to the pipeline config's
-``serve`` / ``evaluate`` sections, then to the defaults here. Importing this module is cheap (no torch, no Ray).
+**Arguments**: :class:`ServeArgs` are the recipe's ``serve`` section (:class:`ServeOptions`, the same model) plus the
+output directory; fields the args leave unset come from the run's ``serve`` section, decoding from its ``evaluate``
+section, then the defaults here. Importing this module is cheap (no torch, no Ray).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lm_lexicon.data.prompts import TEMPLATES_FILE, PromptTemplates
 from lm_lexicon.serving.schemas import Limits
 
 DEFAULT_TOKEN_ENV = "LM_LEXICON_API_TOKEN"
@@ -50,12 +55,15 @@ class DeploymentOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_replicas: int = Field(1, ge=1)
-    autoscaling_config: Optional[dict] = None
-    max_ongoing_requests: Optional[int] = Field(None, ge=1)
+    num_replicas: int = Field(1, ge=1, description="Fixed number of replicas (when no autoscaling_config).")
+    autoscaling_config: Optional[dict] = Field(None, description="Ray Serve autoscaling (min_replicas, max_replicas, "
+                                                                 "target_ongoing_requests, ...); replaces "
+                                                                 "num_replicas.")
+    max_ongoing_requests: Optional[int] = Field(None, ge=1, description="Requests a replica holds at once (None: "
+                                                                        "2 x max_batch_size).")
     max_queued_requests: int = Field(-1, ge=-1, description="-1: unbounded queue at the callers' handles.")
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources of each replica "
                                                                           "(e.g. {serve_node: 0.1}: only nodes "
                                                                           "that declare it).")
@@ -63,9 +71,10 @@ class DeploymentOptions(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch wait for a fuller batch.")
     torch_threads: Optional[int] = Field(1, ge=1, description="torch intra-op threads per replica (None: torch's "
                                                                "default, every core).")
-    health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    health_check_period_s: float = Field(10.0, gt=0, description="Seconds between Serve's health checks.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="A health check slower than this fails.")
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description="Seconds a stopping replica may finish its "
+                                                                       "requests.")
 
     @model_validator(mode="after")
     def _ongoing_covers_a_batch(self) -> "DeploymentOptions":
@@ -99,12 +108,22 @@ def _opts(**kw) -> DeploymentOptions:
     return DeploymentOptions(**kw)
 
 
-class ServeArgs(BaseModel):
-    """Arguments of :func:`serve_app.app.build_app` (the ``args:`` of ``serve_app/serve_config.yaml``)."""
+#: Keys of the recipe's ``serve`` section before it became :class:`ServeOptions` -> where they live now (None: gone,
+#: they were never read). Old runs' ``config.yaml`` still hold them.
+LEGACY_SERVE_KEYS = {"max_items": "limits.max_items", "max_term_chars": "limits.max_term_chars",
+                     "max_context_chars": "limits.max_context_chars", "max_batch_size": "expert.max_batch_size",
+                     "batch_wait_timeout_s": "expert.batch_wait_timeout_s", "auth_token_env": "auth_token_env",
+                     "host": None, "port": None}
+
+
+class ServeOptions(BaseModel):
+    """How a pipeline is served: the recipe's ``serve`` section (:class:`lm_lexicon.config.PipelineConfig`) and,
+    with the output directory and an optional token, the Serve application's arguments (:class:`ServeArgs`). One
+    model, so a field set in the recipe and one set in the args are the same field: the args win
+    (:func:`resolve_args`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    output_dir: str = Field(..., description="Pipeline output directory (e.g. runs/tiny).")
     app_name: str = Field("lm-lexicon", description="Shown in the model card.")
     experts_source: Literal["auto", "collapsed", "moe"] = Field(
         "auto", description="auto: export/collapsed when present, else merge/model pinned per domain.")
@@ -115,8 +134,9 @@ class ServeArgs(BaseModel):
     router: DeploymentOptions = Field(default_factory=lambda: _opts(num_cpus=0.5, max_batch_size=64,
                                                                     batch_wait_timeout_s=0.005,
                                                                     max_ongoing_requests=256))
-    expert: DeploymentOptions = Field(default_factory=DeploymentOptions,
-                                      description="Options of every expert deployment.")
+    expert: DeploymentOptions = Field(default_factory=lambda: _opts(max_batch_size=32, batch_wait_timeout_s=0.02),
+                                      description="Options of every expert deployment (batch 32: docs/BENCHMARKS.md, "
+                                                  "32 beat 16 on a 2-core CPU at 128 requests in flight).")
     expert_overrides: dict[int, dict] = Field(default_factory=dict,
                                               description="Per-domain changes to `expert` (e.g. autoscaling).")
     scorer: DeploymentOptions = Field(default_factory=lambda: _opts(num_cpus=0.5, max_batch_size=64,
@@ -127,22 +147,31 @@ class ServeArgs(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     metrics: list[str] = Field(default_factory=lambda: ["bleu_a", "sacrebleu", "rouge_l", "exact_match"],
                                description="Reference-based metrics of /v1/score (lm_lexicon.metrics names).")
-    auth_token: Optional[str] = Field(None, description="Bearer token (prefer auth_token_env: args are visible "
-                                                        "in the Serve config).")
     auth_token_env: Optional[str] = Field(DEFAULT_TOKEN_ENV, description="Env var holding the bearer token, read "
                                                                          "by the ingress replica; auth is off "
-                                                                         "when neither is set.")
+                                                                         "when neither it nor auth_token is set.")
     insecure: bool = Field(False, description="Serve without a token on a non-loopback address (0.0.0.0): the "
                                               "ingress refuses to start there otherwise "
                                               "(lm_lexicon.serving.exposure).")
-    request_timeout_s: float = Field(120.0, gt=0)
+    request_timeout_s: float = Field(120.0, gt=0, description="A request not answered by then gets a 504.")
     retry_window_s: float = Field(30.0, ge=0, description="How long a call to a dead or restarting replica is "
                                                           "retried before the request gets a 503.")
-    device: str = Field("cpu")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = Field("cpu", description="Device of the experts and the reward model (cpu, cuda).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights dtype of the experts.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_legacy_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            old = [k for k in LEGACY_SERVE_KEYS if k in data and k not in cls.model_fields]
+            if old:
+                moved = ", ".join(f"{k} -> {LEGACY_SERVE_KEYS[k]}" if LEGACY_SERVE_KEYS[k] else
+                                  f"{k} (unused: pass --host/--port to lm-lexicon serve)" for k in old)
+                raise ValueError(f"serve options moved: {moved}")
+        return data
 
     @model_validator(mode="after")
-    def _check(self) -> "ServeArgs":
+    def _check(self) -> "ServeOptions":
         for d, override in self.expert_overrides.items():
             self.expert_for(d)  # validates
         return self
@@ -156,24 +185,52 @@ class ServeArgs(BaseModel):
         return DeploymentOptions(**merged)
 
 
+class ServeArgs(ServeOptions):
+    """Arguments of :func:`serve_app.app.build_app` (the ``args:`` of ``serve_app/serve_config.yaml``): the
+    :class:`ServeOptions` plus what a recipe does not hold."""
+
+    output_dir: str = Field(..., description="Pipeline output directory (e.g. runs/tiny).")
+    auth_token: Optional[str] = Field(None, description="Bearer token (prefer auth_token_env: args are visible "
+                                                        "in the Serve config).")
+
+
 def resolve_args(args: "ServeArgs | dict", pipeline_config: Optional[dict] = None) -> ServeArgs:
-    """``args`` (a dict is validated) with the fields the user did not set taken from the pipeline config: limits
-    and expert batching from its ``serve`` section, decoding from its ``evaluate`` section."""
+    """``args`` (a dict is validated) over the pipeline config's ``serve`` section (the same :class:`ServeOptions`;
+    the args' fields win, the section's fill the rest), and decoding from its ``evaluate`` section."""
     sa = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
     cfg = pipeline_config or {}
-    serve_cfg = cfg.get("serve") or {}
     eval_cfg = cfg.get("evaluate") or {}
-    data = sa.model_dump(exclude_unset=True)  # nested models: only their set fields
-    limit_defaults = {k: serve_cfg[k] for k in ("max_items", "max_term_chars", "max_context_chars") if k in serve_cfg}
-    data["limits"] = {**limit_defaults, **data.get("limits", {})}
-    batch_defaults = {k: serve_cfg[k] for k in ("max_batch_size", "batch_wait_timeout_s") if k in serve_cfg}
-    data["expert"] = {**batch_defaults, **data.get("expert", {})}
-    if "auth_token_env" not in data and serve_cfg.get("auth_token_env"):
-        data["auth_token_env"] = serve_cfg["auth_token_env"]
+    data = deep_merge(recipe_serve_section(cfg.get("serve")), sa.model_dump(exclude_unset=True))
     known = _generation_fields()
     data["generation"] = {**{k: eval_cfg[k] for k in GENERATION_FROM_EVAL if k in eval_cfg and k in known},
                           **data.get("generation", {})}
     return ServeArgs.model_validate(data)
+
+
+def recipe_serve_section(section: Optional[dict]) -> dict:
+    """The ``serve`` section of a run's ``config.yaml`` as :class:`ServeOptions` fields (validated). A run from
+    before the section became ServeOptions holds its old keys (:data:`LEGACY_SERVE_KEYS`): they are read where they
+    moved, as they were then (an unset ``auth_token_env`` kept the default)."""
+    section = dict(section or {})
+    legacy = {k: section.pop(k) for k in list(section) if k in LEGACY_SERVE_KEYS and k not in ServeOptions.model_fields}
+    if legacy:
+        for key, value in legacy.items():
+            target = LEGACY_SERVE_KEYS[key]
+            if target is None:
+                continue
+            head, _, leaf = target.rpartition(".")
+            section.setdefault(head, {})[leaf] = value
+        if section.get("auth_token_env") is None:
+            section.pop("auth_token_env", None)
+    return ServeOptions.model_validate(section).model_dump(exclude_unset=True)
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``base`` updated with ``extra``, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _generation_fields() -> set[str]:
@@ -197,13 +254,16 @@ def generation_settings(args: ServeArgs) -> dict:
     return settings.to_dict()
 
 
-def resolve_token(args: ServeArgs, environ: Optional[dict] = None) -> Optional[str]:
-    """The bearer token: ``args.auth_token``, else the env var ``args.auth_token_env``; None means auth is off."""
+def resolve_token(token: Optional[str], token_env: Optional[str], environ: Optional[dict] = None) -> Optional[str]:
+    """The bearer token: ``token`` (``ServeArgs.auth_token``), else the env var ``token_env``
+    (``ServeArgs.auth_token_env``) of ``environ`` (this process's environment); None means auth is off. The ingress
+    replica calls it where it runs, and ``lm-lexicon serve`` before starting, to refuse an exposed unauthenticated
+    API."""
     environ = os.environ if environ is None else environ
-    if args.auth_token:
-        return args.auth_token
-    if args.auth_token_env and environ.get(args.auth_token_env):
-        return environ[args.auth_token_env]
+    if token:
+        return token
+    if token_env and environ.get(token_env):
+        return environ[token_env]
     return None
 
 
@@ -237,6 +297,7 @@ class PipelineLayout:
     metrics_path: Optional[Path]
     pipeline_config: dict = field(default_factory=dict)
     config_path: Optional[Path] = None
+    prompt_templates: Any = None  # the experts' PromptTemplates (None: the defaults)
 
     @property
     def n_domains(self) -> int:
@@ -290,9 +351,15 @@ class PipelineLayout:
         if int(router_doc.get("n_clusters", -1)) != len(experts):
             raise ValueError(f"{found_router}: the router has {router_doc.get('n_clusters')} domains but there are "
                              f"{len(experts)} experts")
+        templates = _served_templates(experts, found_router)
 
         rm = Path(reward_model_dir).expanduser().resolve() if reward_model_dir else out / "evaluate" / "reward_model"
-        if (rm / REWARD_CONFIG).is_file():
+        if (rm / REWARD_CONFIG).is_file() and (rm / TEMPLATES_FILE).is_file() and \
+                PromptTemplates.load(rm) != templates:
+            reward_dir = None
+            reason = (f"the reward model at {rm} was trained on prompts of other templates than the experts'; "
+                      "best-of-n keeps the first sample and scores are null")
+        elif (rm / REWARD_CONFIG).is_file():
             reward_dir, reason = rm, None
         else:
             reward_dir = None
@@ -301,7 +368,16 @@ class PipelineLayout:
         metrics = out / "evaluate" / "metrics.json"
         cfg, cfg_path = read_pipeline_config(out)
         return cls(out, kind, experts, found_router, reward_dir, reason, metrics if metrics.is_file() else None,
-                   cfg, cfg_path)
+                   cfg, cfg_path, templates)
+
+
+def _served_templates(experts: list[ExpertSpec], router_dir: Path):
+    """The prompt templates saved with the experts (they must agree, and with the router's when it has them): the
+    prompts the ingress builds for routing, generation and scoring."""
+    dirs = sorted({e.model_path for e in experts})
+    if (router_dir / TEMPLATES_FILE).is_file():
+        dirs.append(str(router_dir))
+    return PromptTemplates.agreed(dirs)
 
 
 def read_pipeline_config(output_dir: Path) -> tuple[dict, Optional[Path]]:
@@ -345,6 +421,10 @@ def _architecture(model_path: str) -> Optional[str]:
     return archs[0] if archs else cfg.get("model_type")
 
 
+def _templates_of(layout: PipelineLayout) -> PromptTemplates:
+    return layout.prompt_templates if layout.prompt_templates is not None else PromptTemplates()
+
+
 def model_card(layout: PipelineLayout, args: ServeArgs, generation: dict) -> dict:
     """``GET /v1/model``: what is served, how requests are routed, decoding, limits, and the evaluation results."""
     router_doc = json.loads((layout.router_dir / "router.json").read_text(encoding="utf-8"))
@@ -371,8 +451,9 @@ def model_card(layout: PipelineLayout, args: ServeArgs, generation: dict) -> dic
             "n_domains": router_doc.get("n_clusters"), "biased": router_doc.get("biased"),
             "embedder": router_doc.get("embedder"), **meta,
             "rule": "domain = argmax_j cos(embed(prompt), centroid_j) - bias_j (lm_lexicon.routing.DomainRouter); "
-                    "prompt = lm_lexicon.data.prompts.format_prompt(term, context, lang)",
+                    "prompt = lm_lexicon.data.prompts.format_prompt(term, context, lang, templates=prompt_templates)",
         },
+        "prompt_templates": _templates_of(layout).to_config(),
         "generation": generation,
         "best_of_n": "n > 1 samples n definitions (temperature/top-k/top-p of `generation`) and keeps the one the "
                      "reward model scores highest; without a reward model, the first sample",

@@ -26,19 +26,14 @@ def repo_root() -> Optional[Path]:
     return None
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def local_args(output_dir: str | Path, overrides: Optional[dict] = None, *, local_resources: bool = True) -> dict:
     """ServeArgs for a local run: ``output_dir``, zero CPU reservations (``local_resources``), then ``overrides``."""
+    from lm_lexicon.serving.config import deep_merge
+
     args: dict = {"output_dir": str(Path(output_dir).resolve())}
     if local_resources:
-        args = _deep_merge(args, LOCAL_DEFAULTS)
-    return _deep_merge(args, overrides or {})
+        args = deep_merge(args, LOCAL_DEFAULTS)
+    return deep_merge(args, overrides or {})
 
 
 def serve_local(output_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
@@ -105,4 +100,5 @@ def _check_exposure(host: str, args: dict) -> Optional[str]:
     from lm_lexicon.serving.exposure import check_exposure
 
     sa = resolve_args(args, read_pipeline_config(Path(args["output_dir"]))[0])
-    return check_exposure(host, resolve_token(sa), sa.insecure, token_env=sa.auth_token_env)
+    return check_exposure(host, resolve_token(sa.auth_token, sa.auth_token_env), sa.insecure,
+                          token_env=sa.auth_token_env)

@@ -15,8 +15,9 @@ Error body: ``{"error": {"status": 422, "code": "validation_error", "message": "
 empty", "details": [{"loc": ["items", 0, "term"], "msg": "must not be empty"}]}}``.
 
 Prompts are built here (:func:`item_prompt`) by the same function the pipeline uses
-(:func:`lm_lexicon.data.prompts.format_prompt`, what :func:`lm_lexicon.baselines.prompt_of` calls), so routing and
-generation see exactly the prompt string the offline router and evaluation see.
+(:func:`lm_lexicon.data.prompts.format_prompt`, what :func:`lm_lexicon.baselines.prompt_of` calls) with the templates
+saved with the served experts, so routing and generation see exactly the prompt string the offline router and
+evaluation see.
 """
 from __future__ import annotations
 
@@ -303,10 +304,10 @@ def references_of(item: ScoreItem) -> Optional[list[str]]:
     return [item.reference] if isinstance(item.reference, str) else list(item.reference)
 
 
-def item_prompt(item: DefinitionItem | ScoreItem) -> str:
-    """The model's prompt for an item: the pipeline's template (:func:`lm_lexicon.data.prompts.format_prompt`) on
-    the stripped term and context."""
-    return format_prompt(item.term.strip(), (item.context or "").strip(), item.lang)
+def item_prompt(item: DefinitionItem | ScoreItem, templates=None) -> str:
+    """The model's prompt for an item: the served model's ``templates`` (:func:`lm_lexicon.data.prompts.format_prompt`;
+    None: the defaults) on the stripped term and context."""
+    return format_prompt(item.term.strip(), (item.context or "").strip(), item.lang, templates=templates)
 
 
 def openapi_request_bodies() -> dict[str, type[BaseModel]]:

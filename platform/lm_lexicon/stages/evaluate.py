@@ -12,8 +12,9 @@ With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.best_of_n`): an outcome rewa
 reranked by it, and three more rows: ``{model}:sample`` (sample 1, the N = 1 baseline), ``{model}:bon-orm-nN`` and
 ``{model}:oracle-nN`` (an upper bound: it looks at the references).
 
-Multilingual (docs/MULTILINGUAL.md): prompts come from :mod:`lm_lexicon.data.prompts` under the recipe's
-``data.prompt_templates``; language compliance (langid) is added to the metrics when any evaluated row is not English
+Multilingual (docs/MULTILINGUAL.md): prompts come from :mod:`lm_lexicon.data.prompts` under the templates saved with
+each trained model (the seed and the baselines: the recipe's ``data.prompt_templates``, which trained them; the
+reward model gets its policy's beside it); language compliance (langid) is added to the metrics when any evaluated row is not English
 (``evaluate.language_compliance``: None = that rule, true / false = always / never); with more than one language or
 with compliance on, a per-language table (BLEU-A, ROUGE-L, BERTScore, compliance, detected languages) is reported.
 Best-of-N keeps the samples in the input's language before the reward model picks (``evaluate.bon_language_filter``)
@@ -251,17 +252,12 @@ def bertscore_note(ev, metrics: list[str], records) -> str | None:
 def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Path | None, merge_dir: Path | None,
                       log=print):
     def build(work: Path) -> dict:
-        from lm_lexicon.data.prompts import prompt_templates
-
-        with prompt_templates(cfg):  # the recipe's templates, as in training (restored afterwards)
-            return _build(work)
-
-    def _build(work: Path) -> dict:
         import numpy as np
         import pandas as pd
 
         from lm_lexicon.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_chat_prompts,
                                           build_icl_prompts, chat_prompt)
+        from lm_lexicon.data.prompts import PromptTemplates
         from lm_lexicon.data.records import Record, read_jsonl
         from lm_lexicon.embed import Embedder
         from lm_lexicon.generate import GenerationSettings, generate_split
@@ -288,11 +284,15 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         predictions: dict[str, list[dict]] = {}
         t0 = time.perf_counter()
         retrieval = None
+        # the trained models carry their templates; the seed, the ICL and retrieval baselines and the partition's
+        # embeddings use the recipe's, which the trained models were trained with
+        templates = PromptTemplates.from_config(cfg)
 
         def fit_retrieval():  # the encoder loads only when a retrieval baseline needs it
             embedder = Embedder(cfg.embed.model, batch_size=cfg.embed.batch_size, max_length=cfg.embed.max_length)
             # the partition stage already embedded train.jsonl, row for row, with this same encoder
-            return RetrievalBaseline().fit(train, embedder, embeddings=np.load(partition_dir / "embeddings.npy"))
+            return RetrievalBaseline(templates).fit(train, embedder,
+                                                    embeddings=np.load(partition_dir / "embeddings.npy"))
 
         if "constant" in ev.baselines:
             constant = ConstantBaseline().fit(train)
@@ -311,7 +311,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         seed_chat = seed_chat_tokenizer(ev, paths["seed"])  # None: the seed is asked in the training format
         models = [(name, paths[name], None, None) for name in ("seed", "dense") if name in ev.baselines and name in paths]
         if seed_chat is not None and models and models[0][0] == "seed":
-            models[0] = ("seed", paths["seed"], None, [chat_prompt(seed_chat, r) for r in records])
+            models[0] = ("seed", paths["seed"], None, [chat_prompt(seed_chat, r, templates=templates) for r in records])
         for method in ("random", "retrieval"):
             if f"icl-{method}" not in ev.baselines:
                 continue
@@ -320,7 +320,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             if method == "retrieval" and retrieval is None:
                 retrieval = fit_retrieval()
             icl = dict(k=ev.icl_shots, method=method, seed=cfg.data.seed,
-                       retriever=retrieval if method == "retrieval" else None)
+                       retriever=retrieval if method == "retrieval" else None, templates=templates)
             if ev.icl_model == "seed" and seed_chat is not None:
                 prompts = build_icl_chat_prompts(seed_chat, records, train, **icl)
             else:
@@ -335,7 +335,8 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
                 settings.replace(max_prompt_tokens=_max_positions(path) - settings.max_new_tokens)
             predictions[name] = generate_split(records, path, run_settings, domains=model_domains, use_ray=True,
                                                num_actors=1, torch_threads=threads, cpus_per_actor=1.0,
-                                               model_name=name, prompts=prompts)
+                                               model_name=name, prompts=prompts,
+                                               templates=templates if name == "seed" else None)
             for p, d in zip(predictions[name], domains):
                 p["domain"] = d  # the partition's domain, for the per-domain breakdown of every model
             log(f"[evaluate] generated with {name} in {time.perf_counter() - t:.1f}s; "
@@ -388,7 +389,6 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
                                                             for lang in langs},
                 "compliance_languages": (some.get("settings") or {}).get("languages"), "notes": notes}
         meta["seed_prompting"] = "chat template" if seed_chat is not None else "training format"
-        templates = _active_templates()
         if templates.overrides:  # the recipe's non-default prompts, for the record
             meta["prompt_templates"] = templates.to_config()
         (work / "metrics.json").write_text(json.dumps({"meta": meta, "results": compact, "best_of_n": bon_report,
@@ -470,12 +470,6 @@ def _annotate_compliance(preds: list[dict], result: dict | None) -> None:
         p["language_compliant"] = score > 0
 
 
-def _active_templates():
-    from lm_lexicon.data.prompts import active_templates
-
-    return active_templates()
-
-
 def _max_positions(model_path: Path) -> int:
     """The model's context length (prompt + generation must fit), from its config.json."""
     config = json.loads((Path(model_path) / "config.json").read_text())
@@ -509,7 +503,7 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, generate_split
     from lm_lexicon.metrics import MetricUnavailable
     from lm_lexicon.reward import oracle_best_of_n, plot_bon_curve
-    from lm_lexicon.sft import record_prompt
+    from lm_lexicon.train import record_prompt
 
     ev = cfg.evaluate
     name = ev.bon_model
@@ -518,6 +512,7 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     t0 = time.perf_counter()
     sampling = GenerationSettings.from_eval_config(ev, sample=True, seed=cfg.data.seed)
     generator = DefinitionGenerator(model_path, torch_threads=threads, settings=sampling, model_name=name)
+    templates = generator.templates  # the policy's; the reward model learns (and is served) on its prompts
     orm_sampling = sampling.replace(num_return_sequences=rc.samples)
     train_rows, train_domains, train_refs = _partition_rows(partition_dir, "train", rc.train_rows, cfg.data.seed)
     valid_rows, valid_domains, valid_refs = _partition_rows(partition_dir, "valid", rc.valid_rows, cfg.data.seed)
@@ -533,6 +528,7 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
                                                           seed_model=cfg.seed_model.name,
                                                           attn_implementation=attention)
     reward_model.save(work / "reward_model")
+    templates.save(work / "reward_model")
 
     t = time.perf_counter()
     sampled = generate_split(records, model_path, sampling, domains=model_domains, use_ray=True, num_actors=1,
@@ -552,8 +548,8 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
                                                              reference_groups)
     log(f"[evaluate] BoN: {sum(map(len, candidates))} samples scored on {', '.join(metric_scores) or 'no metric'} in "
         f"{time.perf_counter() - t:.1f}s" + (f" (skipped: {metrics_skipped})" if metrics_skipped else ""))
-    result = rerank(reward_model, [record_prompt(r) for r in records], candidates, references, ev.bon_ns, keep=keep,
-                    metric_scores=metric_scores)
+    result = rerank(reward_model, [record_prompt(r, templates) for r in records], candidates, references, ev.bon_ns,
+                    keep=keep, metric_scores=metric_scores)
     n = result["n"]
     if keep is not None:
         language_filter = {**language_filter_report(keep, langs, n, ev.bon_language_filter), "applied": True}

@@ -10,9 +10,10 @@ each job from its last checkpoint under ``resources.storage_path``; a changed co
 
 On GPUs a recipe with ``train.deepspeed`` trains each job through a DeepSpeed ZeRO engine instead of DDP: the driver
 resolves the DeepSpeed JSON against the recipe once (world size = ``workers_per_expert``) and ships the dict to the
-workers, which hand the bare model to :func:`lm_lexicon.sft.train` (see
-:class:`lm_lexicon.distributed.DeepSpeedRunner`). Every worker then reports its own checkpoint directory (its ZeRO
-shard; rank 0 adds the safetensors weights), and Ray Train stores the shards of one report side by side.
+workers, which hand the bare model to :func:`lm_lexicon.train.train` (see
+:class:`lm_lexicon.train.deepspeed_strategy.DeepSpeedStrategy`). Every worker then reports its own checkpoint
+directory (its ZeRO shard; rank 0 adds the safetensors weights), and Ray Train stores the shards of one report side
+by side. The worker itself is the shared scaffold :func:`lm_lexicon.train.ray_worker.run_worker`.
 
 Writes::
 
@@ -26,17 +27,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import ray.tune
 
-from lm_lexicon.distributed import DEEPSPEED_STATE_DIR, deepspeed_enabled, resolve_deepspeed_config
+from lm_lexicon.distributed import deepspeed_enabled, resolve_deepspeed_config
 from lm_lexicon.stages.artifacts import StageResult, fingerprint, release_checkpoints, run_stage
+from lm_lexicon.train.ray_worker import FINAL_MARKER  # noqa: F401  (the final model's marker, named from here too)
+from lm_lexicon.train.ray_worker import (FAIL_ONCE_ENV, TrainJob, WorkerContext, collect_final_model, run_worker,
+                                         torch_trainer)
 
-FINAL_MARKER = "FINAL.json"
-FAIL_ONCE_ENV = "LM_LEXICON_FAIL_ONCE_AT_STEP"  # fault injection for the resume test: "<step>:<marker file>"
 TRIAL_CPUS = 0.01  # what a job's Tune trial (which only waits on its TorchTrainer) reserves; Tune needs some
 
 
@@ -63,118 +64,48 @@ def _job_records(partition_dir: Path, job: dict, split: str):
 
 
 def train_worker(loop_cfg: dict) -> None:
-    """Runs on every Ray Train worker of one job: load the seed, train on the job's rows, report checkpoints."""
-    import ray.train
-    import torch
+    """Runs on every Ray Train worker of one job: the seed, trained on the job's rows (scaffold: run_worker)."""
+    run_worker(loop_cfg, _expert_job)
 
-    from lm_lexicon.config import PipelineConfig
+
+def _expert_job(ctx: WorkerContext) -> TrainJob:
+    """The job's rows and the seed model; a domain expert's epochs scaled to the dense model's steps if asked."""
+    from lm_lexicon.data.prompts import PromptTemplates
     from lm_lexicon.seed_models import load_seed_model
-    from lm_lexicon.sft import train
+    from lm_lexicon.train import read_trainer_state
 
-    cfg = PipelineConfig.model_validate(loop_cfg["cfg"])
-    from lm_lexicon.data.prompts import configure_prompts
+    cfg, job = ctx.cfg, ctx.loop_cfg["job"]
+    partition_dir = Path(ctx.loop_cfg["partition_dir"])
+    train_rows = _job_records(partition_dir, job, "train")
+    valid_rows = _job_records(partition_dir, job, "valid")
+    train_cfg = cfg.train
+    if job["domain"] is not None and cfg.train.expert_budget == "steps" and not cfg.train.max_steps:
+        all_rows = len(_job_records(partition_dir, {"domain": None}, "train"))
+        train_cfg = cfg.train.model_copy(update={"epochs": cfg.train.epochs * all_rows / len(train_rows)})
+    model, tokenizer = load_seed_model(cfg.seed_model, dropout=cfg.train.dropout)
 
-    configure_prompts(cfg)  # this worker builds training prompts: the recipe's templates, not the defaults
-    job = loop_cfg["job"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Ray pins OMP threads to the worker's CPU reservation; torch must agree or experts sharing cores thrash.
-    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    def final_extras(metrics: dict) -> dict:
+        history = read_trainer_state(metrics["checkpoint_dir"])["history"] if metrics["checkpoint_dir"] else []
+        return {"job": job["name"], "domain": job["domain"], "resumed_from_step": ctx.resumed_step,
+                "history": history}
 
-    checkpoint = ray.train.get_checkpoint()
-    with tempfile.TemporaryDirectory() as scratch:
-        resume_from = None
-        if checkpoint is not None:
-            resume_dir = Path(scratch) / "resume"
-            checkpoint.to_directory(str(resume_dir))
-            if (resume_dir / FINAL_MARKER).exists():  # finished before the interruption: report it again
-                ray.train.report(json.loads((resume_dir / FINAL_MARKER).read_text()),
-                                 checkpoint=ray.train.Checkpoint.from_directory(str(resume_dir)))
-                return
-            resume_from = resume_dir
-
-        partition_dir = Path(loop_cfg["partition_dir"])
-        train_rows = _job_records(partition_dir, job, "train")
-        valid_rows = _job_records(partition_dir, job, "valid")
-        train_cfg = cfg.train
-        if job["domain"] is not None and cfg.train.expert_budget == "steps" and not cfg.train.max_steps:
-            all_rows = len(_job_records(partition_dir, {"domain": None}, "train"))
-            train_cfg = cfg.train.model_copy(update={"epochs": cfg.train.epochs * all_rows / len(train_rows)})
-        model, tokenizer = load_seed_model(cfg.seed_model, dropout=cfg.train.dropout)
-        device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
-        ds_config = loop_cfg.get("deepspeed")  # resolved on the driver; only set on GPUs
-        if ds_config is not None and device.type == "cuda":
-            torch.cuda.set_device(device)  # DeepSpeed places its engine on the current device
-        model.to(device)
-        if world > 1 and ds_config is None:
-            model = ray.train.torch.prepare_model(model)  # DDP; under DeepSpeed the engine does data parallelism
-
-        fail = loop_cfg.get("fail_once") or ""
-
-        def report(metrics: dict, ckpt_dir: Path | None) -> None:
-            metrics = {**metrics, "job": job["name"], "resumed_from_step": resumed_step}
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir))
-                             if ckpt_dir is not None else None)
-            if fail:
-                at, marker = fail.split(":", 1)
-                if metrics["step"] >= int(at) and not Path(marker).exists():
-                    Path(marker).write_text(job["name"])
-                    raise RuntimeError(f"injected failure after step {metrics['step']} ({FAIL_ONCE_ENV})")
-
-        resumed_step = 0
-        if resume_from is not None:
-            from lm_lexicon.sft import read_trainer_state
-
-            resumed_step = int(read_trainer_state(resume_from)["step"])
-        out = Path(scratch) / "run"
-        from lm_lexicon.console import step_reporter
-
-        metrics = train(model, tokenizer, train_rows, valid_rows, train_cfg, out, resume_from=resume_from,
-                        report_fn=report, rank=rank, world_size=world, progress=False, deepspeed_config=ds_config,
-                        step_fn=step_reporter(loop_cfg.get("progress"), job["name"]) if rank == 0 else None)
-        if rank == 0:
-            from lm_lexicon.sft import read_trainer_state
-
-            history = read_trainer_state(metrics["checkpoint_dir"])["history"] if metrics["checkpoint_dir"] else []
-            final = {**{k: v for k, v in metrics.items() if k not in ("model_dir", "checkpoint_dir")},
-                     "job": job["name"], "domain": job["domain"], "resumed_from_step": resumed_step,
-                     "history": history, "final": True}
-            final_dir = Path(metrics["model_dir"])
-            (final_dir / FINAL_MARKER).write_text(json.dumps(final))
-            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(final_dir)))
-        else:
-            ray.train.report({"final": True, "job": job["name"]}, checkpoint=None)
+    return TrainJob(job["name"], model, tokenizer, train_rows, valid_rows, train_cfg,
+                    templates=PromptTemplates.from_config(cfg),  # the seed has none: the recipe's
+                    tags={"job": job["name"], "resumed_from_step": ctx.resumed_step}, final_extras=final_extras)
 
 
 def _trainer_for(job: dict, loop_cfg: dict, run_name: str):
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    cfg = loop_cfg["resources"]
-    # the job's Tune trial holds TRIAL_CPUS: the workers take that much less, so a job costs exactly
-    # workers_per_expert x cpus_per_worker and max_concurrent() jobs really fit (2 CPUs: 2 jobs, not 1)
-    per_worker = {"CPU": cfg["cpus_per_worker"] - TRIAL_CPUS / cfg["workers_per_expert"]}
-    if cfg["use_gpu"]:
-        per_worker["GPU"] = cfg["gpus_per_worker"]
-    per_worker.update(cfg.get("worker_resources") or {})  # e.g. {"expert_node": 1}: only nodes that declare it
-    callbacks = []
     from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
+    callbacks = []
     if _in_tune_session():
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    return TorchTrainer(
-        train_worker,
-        train_loop_config={**loop_cfg, "job": job},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg["workers_per_expert"], use_gpu=cfg["use_gpu"],
-                                               resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=loop_cfg["storage_path"],
-            failure_config=ray.train.FailureConfig(max_failures=cfg["max_failures"]),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks),
-    )
+    # the job's Tune trial holds TRIAL_CPUS: the workers take that much less, so a job costs exactly
+    # workers_per_expert x cpus_per_worker and max_concurrent() jobs really fit (2 CPUs: 2 jobs, not 1)
+    return torch_trainer(train_worker, {**loop_cfg, "job": job}, loop_cfg["resources"], run_name,
+                         loop_cfg["storage_path"], cpu_discount=TRIAL_CPUS, callbacks=callbacks)
 
 
 def expert_trial(config: dict) -> dict:
@@ -188,12 +119,7 @@ def expert_trial(config: dict) -> dict:
     target = Path(loop_cfg["stage_dir"]) / job["name"]
     if target.exists():
         shutil.rmtree(target)
-    result.checkpoint.to_directory(str(target / "model"))
-    final = json.loads((target / "model" / FINAL_MARKER).read_text())
-    (target / "model" / FINAL_MARKER).unlink()
-    for leftover in ("trainer_state.json", "optimizer.pt", "rng_state.pt"):
-        (target / "model" / leftover).unlink(missing_ok=True)
-    shutil.rmtree(target / "model" / DEEPSPEED_STATE_DIR, ignore_errors=True)
+    final = collect_final_model(result.checkpoint, target / "model")
     (target / "metrics.json").write_text(json.dumps(final, indent=2, default=str))
     return {k: v for k, v in final.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
@@ -345,8 +271,9 @@ def own_domain_losses(cfg, stage_dir: Path, partition_dir: Path, jobs: list[dict
     when ``resources.use_gpu``: 8B models cannot be scored on the driver's CPU)."""
     import torch
 
+    from lm_lexicon.data.prompts import PromptTemplates
     from lm_lexicon.seed_models import load_causal_lm
-    from lm_lexicon.sft import evaluate_loss, resolve_precision
+    from lm_lexicon.train import evaluate_loss, resolve_precision
 
     on_gpu = device != "cpu"
     if not on_gpu:
@@ -370,14 +297,16 @@ def own_domain_losses(cfg, stage_dir: Path, partition_dir: Path, jobs: list[dict
         model, tok = load(stage_dir / job["name"] / "model")
         rows.append({"domain": job["domain"], "n_valid": len(valid),
                      "expert_loss": evaluate_loss(model, tok, valid, max_length=cfg.train.max_length,
-                                                  batch_size=cfg.train.batch_size, precision=precision)})
+                                                  batch_size=cfg.train.batch_size, precision=precision,
+                                                  templates=PromptTemplates.load(stage_dir / job["name"] / "model"))})
         valid_rows.append(valid)
         del model
     if (stage_dir / "dense" / "model").exists():
         dense, tok = load(stage_dir / "dense" / "model")
         for row, valid in zip(rows, valid_rows):
             row["dense_loss"] = evaluate_loss(dense, tok, valid, max_length=cfg.train.max_length,
-                                              batch_size=cfg.train.batch_size, precision=precision)
+                                              batch_size=cfg.train.batch_size, precision=precision,
+                                              templates=PromptTemplates.load(stage_dir / "dense" / "model"))
             row["expert_better"] = row["expert_loss"] < row["dense_loss"]
         del dense
     return rows

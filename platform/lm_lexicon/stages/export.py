@@ -63,7 +63,7 @@ def gguf_metadata_source(cfg, metadata_from: Path | None = None) -> Path:
 def export_gguf_files(cfg, export_dir: Path, *, dtype: str = "bf16", metadata_from: Path | None = None,
                       overwrite: bool = True, log=print) -> dict:
     """Write ``<export_dir>/gguf`` from the finished export stage's ``collapsed/`` (domain routing only), with the
-    run's prompt templates and greedy decoding settings (the evaluate section's, as served)."""
+    experts' prompt templates (saved with them) and greedy decoding settings (the evaluate section's, as served)."""
     from lm_lexicon.moe.gguf_bundle import export_gguf
 
     if cfg.merge.routing != "domain":
@@ -74,5 +74,4 @@ def export_gguf_files(cfg, export_dir: Path, *, dtype: str = "bf16", metadata_fr
                   "no_repeat_ngram_size": ev.no_repeat_ngram_size}
     return export_gguf(Path(export_dir) / "collapsed", Path(export_dir) / "gguf",
                        metadata_source=gguf_metadata_source(cfg, metadata_from), dtype=dtype,
-                       templates=cfg.data.prompt_templates or None, generation=generation, overwrite=overwrite,
-                       log=log)
+                       generation=generation, overwrite=overwrite, log=log)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from lm_lexicon.stages.artifacts import StageResult, fingerprint, release_checkpoints, run_stage
+from lm_lexicon.train.ray_worker import TrainJob, WorkerContext, collect_final_model, run_worker, torch_trainer
 
 
 def _rows_with_domains(partition_dir: Path, split: str):
@@ -37,28 +37,19 @@ def _rows_with_domains(partition_dir: Path, split: str):
 
 
 def finetune_worker(loop_cfg: dict) -> None:
-    """Ray Train worker: load the merged MoE, freeze the shared weights, train experts (+ gates) on all domains."""
-    import ray.train
-    import torch
+    """Ray Train worker: the merged MoE, shared weights frozen, experts (+ gates) trained on all domains."""
+    run_worker(loop_cfg, _finetune_job)
 
-    from lm_lexicon.config import PipelineConfig
+
+def _finetune_job(ctx: WorkerContext) -> TrainJob:
+    from lm_lexicon.data.prompts import PromptTemplates
     from lm_lexicon.moe import load
-    from lm_lexicon.sft import train
 
-    cfg = PipelineConfig.model_validate(loop_cfg["cfg"])
-    from lm_lexicon.data.prompts import configure_prompts
-
-    configure_prompts(cfg)  # this worker builds training prompts: the recipe's templates, not the defaults
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    loaded = load(loop_cfg["merged_dir"], load_router=False)
+    cfg = ctx.cfg
+    loaded = load(ctx.loop_cfg["merged_dir"], load_router=False)
     model, tokenizer = loaded.model, loaded.tokenizer
     trainable = model.set_trainable(experts=True, gates=None, shared=False)
-    if world > 1:
-        # experts with no sequence in a batch get no gradient
-        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    partition_dir = Path(loop_cfg["partition_dir"])
+    partition_dir = Path(ctx.loop_cfg["partition_dir"])
     train_rows, train_domains = _rows_with_domains(partition_dir, "train")
     valid_rows, valid_domains = _rows_with_domains(partition_dir, "valid")
     ft = cfg.finetune
@@ -67,76 +58,37 @@ def finetune_worker(loop_cfg: dict) -> None:
                                              "batch_size": ft.batch_size, "seeds": [cfg.train.seeds[0]],
                                              "eval_every": max(1, ft.max_steps or 10**9), "trainable": "all",
                                              "gradient_checkpointing": False})
-    resume_from = None
-    checkpoint = ray.train.get_checkpoint()
-    with tempfile.TemporaryDirectory() as scratch:
-        if checkpoint is not None:
-            resume_from = Path(scratch) / "resume"
-            checkpoint.to_directory(str(resume_from))
-            if (resume_from / "FINAL.json").exists():
-                ray.train.report(json.loads((resume_from / "FINAL.json").read_text()),
-                                 checkpoint=ray.train.Checkpoint.from_directory(str(resume_from)))
-                return
-
-        def report(metrics: dict, ckpt_dir: Path | None) -> None:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir))
-                             if ckpt_dir is not None else None)
-
-        from lm_lexicon.console import step_reporter
-
-        metrics = train(model, tokenizer, train_rows, valid_rows, train_cfg, Path(scratch) / "run",
-                        resume_from=resume_from, report_fn=report, rank=rank, world_size=world, progress=False,
-                        train_domains=train_domains, valid_domains=valid_domains,
-                        step_fn=step_reporter(loop_cfg.get("progress"), "fine-tune") if rank == 0 else None)
-        if rank == 0:
-            final = {k: v for k, v in metrics.items() if k not in ("model_dir", "checkpoint_dir")}
-            final.update(trainable_parameters=trainable, final=True)
-            model_dir = Path(metrics["model_dir"])
-            (model_dir / "FINAL.json").write_text(json.dumps(final))
-            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(model_dir)))
-        else:
-            ray.train.report({"final": True}, checkpoint=None)
+    return TrainJob("fine-tune", model, tokenizer, train_rows, valid_rows, train_cfg,
+                    # the experts' templates (merge_experts checked that they agree), saved with the merged model
+                    templates=PromptTemplates.load(ctx.loop_cfg["merged_dir"]),
+                    train_kwargs={"train_domains": train_domains, "valid_domains": valid_domains},
+                    ddp_kwargs={"find_unused_parameters": True},  # experts with no sequence in a batch get no grad
+                    final_extras=lambda metrics: {"trainable_parameters": trainable})
 
 
 def run_finetune(cfg, merged_dir: Path, partition_dir: Path, out_dir: Path, run_tag: str) -> dict:
     """One Ray Train run (``workers_per_expert`` workers) fine-tuning the merged MoE; the result lands in out_dir."""
     import os
 
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
+    from lm_lexicon.console import RemoteBars
     from lm_lexicon.ray_utils import init_ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     init_ray(cfg.resources)
     res = cfg.resources
     storage = res.storage_path if "://" in res.storage_path else str(Path(res.storage_path).resolve())
-    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {}),
-                  **res.worker_resources}
-    from lm_lexicon.console import RemoteBars
-
     bars = RemoteBars(["fine-tune"], unit="steps")  # a per-step bar fed by the rank-0 worker
-    trainer = TorchTrainer(
-        finetune_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "merged_dir": str(merged_dir.resolve()),
-                           "partition_dir": str(partition_dir.resolve()), "progress": bars.address},
-        scaling_config=ray.train.ScalingConfig(num_workers=res.workers_per_expert, use_gpu=res.use_gpu,
-                                               resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(name=f"{cfg.name}-moe-finetune-{run_tag}", storage_path=storage,
-                                       failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-    )
+    loop_cfg = {"cfg": cfg.model_dump(mode="json"), "merged_dir": str(merged_dir.resolve()),
+                "partition_dir": str(partition_dir.resolve()), "progress": bars.address}
+    trainer = torch_trainer(finetune_worker, loop_cfg, res.model_dump(mode="json"),
+                            f"{cfg.name}-moe-finetune-{run_tag}", storage)
     try:
         result = trainer.fit()
     finally:
         bars.close()
     if result.error:
         raise result.error
-    result.checkpoint.to_directory(str(out_dir))
-    final = json.loads((out_dir / "FINAL.json").read_text())
-    for leftover in ("FINAL.json", "trainer_state.json", "optimizer.pt", "rng_state.pt"):
-        (out_dir / leftover).unlink(missing_ok=True)
-    return final
+    return collect_final_model(result.checkpoint, out_dir)
 
 
 def merge_stage_fn(cfg, partition_dir: Path, experts_dir: Path, run_tag: str, log=print):

@@ -126,7 +126,7 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
     def build(work: Path) -> dict:
         from lm_lexicon import cluster_report
         from lm_lexicon.data.corpus import read_saved_corpus
-        from lm_lexicon.data.prompts import format_prompt
+        from lm_lexicon.data.prompts import PromptTemplates, format_prompt
         from lm_lexicon.partition import label_agreement, partition
         from lm_lexicon.ray_utils import init_ray, quiet_ray_data
 
@@ -142,7 +142,8 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
             raise ValueError(f"partition.n_experts={n_clusters} is larger than the {len(train)} training rows")
 
         held_out = {s: rows for s, rows in splits.items() if s != "train" and rows}
-        texts = {("prompt", s): [format_prompt(r.term, r.context, r.lang) for r in rows]
+        templates = PromptTemplates.from_config(cfg)
+        texts = {("prompt", s): [format_prompt(r.term, r.context, r.lang, templates=templates) for r in rows]
                  for s, rows in [("train", train), *held_out.items()]}
         if pc.features != "prompt":  # the validation definitions give the classifier's held-out answers
             texts.update({("definition", s): [r.definition for r in rows]
@@ -184,6 +185,7 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
             router.meta["embedder"] = {"model_id": cfg.embed.model, "kind": "Embedder", "pooling": "mean",
                                        "max_length": cfg.embed.max_length}
         router.save(work / "router")
+        templates.save(work / "router")  # the router places prompts built with these templates
 
         def route(split: str) -> np.ndarray:
             if pc.method == "lexical":
