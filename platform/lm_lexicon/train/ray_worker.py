@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -50,6 +51,7 @@ class TrainJob:
 
 def run_worker(loop_cfg: dict, build_job: Callable[[WorkerContext], TrainJob]) -> None:
     """The body of a Ray Train worker: everything but :func:`build_job`, which loads the stage's model and rows."""
+    launched_at = time.time()  # before loading anything: when the scheduler ran this job, side by side or not
     import ray.train
     import torch
 
@@ -80,7 +82,7 @@ def run_worker(loop_cfg: dict, build_job: Callable[[WorkerContext], TrainJob]) -
                         progress=False, deepspeed_config=ds_config, prompt_templates=job.templates,
                         **job.train_kwargs,
                         step_fn=step_reporter(loop_cfg.get("progress"), job.label) if rank == 0 else None)
-        _report_final(job, metrics, rank)
+        _report_final(job, {**metrics, "worker_launched_at": launched_at}, rank)
 
 
 def _configure_worker(cfg) -> None:
