@@ -86,6 +86,17 @@ def test_ranked_sample_pairs_teach_the_reward_model_to_rank_samples():
         train_outcome_reward_model(_set(4, 0), _set(4, 1), cfg, log=lambda m: None)
 
 
+def test_gold_pairs_off_trains_on_the_ranked_sample_pairs_alone():
+    cfg = RewardConfig(epochs=3, lr=1e-4, batch_size=8, top_k=1, max_length=48, num_hidden_layers=2,
+                       sample_pairs=3, sample_margin=0.05, gold_pairs=False)
+    model, report = train_outcome_reward_model(_damaged_set(48, 0), _damaged_set(16, 1), cfg, log=lambda m: None)
+    assert report["train_gold_pairs"] == 0 and report["train_pairs"] == report["train_sample_pairs"] == 48 * 3
+    assert report["valid_pairs"] == 16 * 1  # gold-vs-sample accuracy is still measured on held-out records
+    assert report["valid_accuracy_samples"] > 0.8
+    with pytest.raises(ValueError, match="sample_pairs > 0"):
+        RewardConfig(gold_pairs=False, sample_pairs=0)
+
+
 def test_no_pairs_is_an_error():
     same = SampledSet([Record(term="t", definition="d", context=None, source="toy")], None, [["d", "d."]], [[0.0, 0.0]])
     with pytest.raises(ValueError, match="no preference pairs"):

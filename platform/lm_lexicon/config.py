@@ -325,6 +325,11 @@ class RewardConfig(_Strict):
                                                           "record's own samples, ranked by Protocol A BLEU against "
                                                           "the headword's references (0: gold-vs-sample pairs only, "
                                                           "the paper's data).")
+    gold_pairs: bool = Field(True, description="Train on the (gold, sample) pairs too (the paper's data). They teach "
+                                               "the model to tell dictionary text from the policy's, which can rank "
+                                               "the samples among themselves the wrong way; false: the ranked sample "
+                                               "pairs alone (needs sample_pairs > 0). Gold-vs-sample accuracy is "
+                                               "reported either way.")
     sample_margin: float = Field(0.05, ge=0, lt=1, description="Minimum BLEU gap (in [0, 1]) between the two "
                                                                "samples of a ranked pair.")
     epochs: int = Field(1, ge=1, description="Passes over the preference pairs.")
@@ -347,6 +352,8 @@ class RewardConfig(_Strict):
     def _layers_only_for_the_encoder(self) -> "RewardConfig":
         if self.backbone == "seed" and self.num_hidden_layers is not None:
             raise ValueError("reward.num_hidden_layers cuts the encoder; the seed backbone is used whole")
+        if not self.gold_pairs and self.sample_pairs == 0:
+            raise ValueError("reward.gold_pairs=false needs reward.sample_pairs > 0: there would be nothing to train on")
         return self
 
 
