@@ -74,6 +74,24 @@ def sample_definitions(generator, records: Sequence, domains: Optional[Sequence[
                       generator.templates)
 
 
+def split_by_headword(keys: Sequence[Any], n_held: int, n_train: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Two disjoint sets of positions into ``keys`` (one headword key per record): up to ``n_held`` held-out records
+    and up to ``n_train`` training records, no headword on both sides. Headwords are shuffled with ``seed`` and given
+    whole to the held-out side until it has ``n_held`` records, the rest to the training side; both lists sorted."""
+    if n_held < 0 or n_train < 0:
+        raise ValueError(f"record counts must be >= 0, got {n_held} and {n_train}")
+    by_key: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
+    order = list(by_key)
+    np.random.default_rng(seed).shuffle(order)
+    held: list[int] = []
+    train: list[int] = []
+    for key in order:  # a headword straddling the cut-off stays whole on the held-out side, then is trimmed
+        (held if len(held) < n_held else train).extend(by_key[key])
+    return sorted(held[:n_held]), sorted(train[:n_train])
+
+
 def new_reward_model(reward_cfg, seed_model: Optional[str] = None, seed: int = 0,
                      attn_implementation: Optional[str] = None):
     """A fresh reward model of the configured backbone: the encoder, or ``seed_model`` (the pipeline's seed)."""

@@ -316,8 +316,13 @@ class RewardConfig(_Strict):
                                "`encoder`, mean-pooled) or 'seed' (the pipeline's pretrained seed_model, reading the "
                                "policy's own input format, pooled at its last token).")
     encoder: str = Field("bundled-minilm", description="Encoder under the scalar head (backbone 'encoder').")
-    train_rows: int = Field(512, ge=1, description="Training records whose samples become negatives.")
+    train_rows: int = Field(512, ge=1, description="Records whose samples the reward model trains on.")
     valid_rows: int = Field(200, ge=1, description="Held-out validation records: pairwise accuracy is reported.")
+    train_prompts: Literal["train", "valid"] = Field(
+        "train", description="Where the reward model's training records come from: 'train' (records the policy was "
+                             "fine-tuned on: it has nearly memorised them, so its samples there are not what it writes "
+                             "at test time) or 'valid' (validation records whose headwords are not among the "
+                             "valid_rows held-out ones: prompts the policy never trained on, like the test's).")
     samples: int = Field(16, ge=1, le=64, description="Definitions sampled per record.")
     top_k: int = Field(8, ge=1, description="Keep the k most likely samples (by the generator) as negatives.")
     ratio: Optional[int] = Field(None, ge=1, description="At most this many negatives per gold (None: all top_k).")
