@@ -93,10 +93,17 @@ def split_by_headword(keys: Sequence[Any], n_held: int, n_train: int, seed: int 
 
 
 def new_reward_model(reward_cfg, seed_model: Optional[str] = None, seed: int = 0,
-                     attn_implementation: Optional[str] = None):
-    """A fresh reward model of the configured backbone: the encoder, or ``seed_model`` (the pipeline's seed)."""
+                     attn_implementation: Optional[str] = None, policy_model: Optional[str] = None):
+    """A fresh reward model of the configured backbone: the encoder, ``seed_model`` (the pipeline's seed) or
+    ``policy_model`` (a directory: the pipeline's dense model)."""
     from lm_lexicon.reward import RewardModel
 
+    if reward_cfg.backbone == "policy":
+        if not policy_model:
+            raise ValueError("reward.backbone='policy' starts from the pipeline's dense model: this run has none "
+                             "(set train.dense_baseline: true, or choose reward.backbone 'seed' or 'encoder')")
+        return RewardModel.from_policy(policy_model, max_length=reward_cfg.max_length, beta=reward_cfg.beta,
+                                       attn_implementation=attn_implementation)
     if reward_cfg.backbone == "seed":
         if not seed_model:
             raise ValueError("reward.backbone='seed' needs the pipeline's seed_model name")
@@ -108,14 +115,14 @@ def new_reward_model(reward_cfg, seed_model: Optional[str] = None, seed: int = 0
 
 def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg, seed: int = 0,
                                log: Callable[[str], None] = print, *, seed_model: Optional[str] = None,
-                               attn_implementation: Optional[str] = None):
+                               attn_implementation: Optional[str] = None, policy_model: Optional[str] = None):
     """Preference pairs from ``train`` / ``valid`` samples, then the reward model; returns ``(model, report)``.
 
     ``report``: pair counts (and the ranked pairs' ties and near-ties dropped), training metrics, and
     ``valid_accuracy`` (fraction of held-out pairs where the gold definition outscores the sample) next to the
     accuracy before training (the random head), so the gain is visible; with ranked pairs, the same for sample vs
     sample, overall and within length-matched pairs. ``seed_model``: the backbone when ``reward_cfg.backbone`` is
-    ``"seed"``.
+    ``"seed"``; ``policy_model``: the model directory it starts from when it is ``"policy"``.
     """
     from lm_lexicon.reward import (balance_lengths, build_preference_pairs, build_ranked_sample_pairs,
                                    length_matched, pairwise_accuracy, shorter_wins_accuracy)
@@ -143,7 +150,7 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
         train_pairs, balance_dropped = balance_lengths(train_pairs, seed)
     if not train_pairs:
         raise ValueError("no preference pairs: every sample equals its gold definition")
-    model = new_reward_model(reward_cfg, seed_model, seed, attn_implementation)
+    model = new_reward_model(reward_cfg, seed_model, seed, attn_implementation, policy_model)
 
     def accuracies() -> tuple[float, float, float]:
         nan = float("nan")

@@ -311,10 +311,13 @@ class FinetuneConfig(_Strict):
 class RewardConfig(_Strict):
     """Outcome reward model for Best-of-N (paper §3.4): gold definitions preferred over the model's own samples."""
 
-    backbone: Literal["encoder", "seed"] = Field(
+    backbone: Literal["encoder", "seed", "policy"] = Field(
         "encoder", description="What reads (prompt, definition) under the scalar head: 'encoder' (the cheap one: "
-                               "`encoder`, mean-pooled) or 'seed' (the pipeline's pretrained seed_model, reading the "
-                               "policy's own input format, pooled at its last token).")
+                               "`encoder`, mean-pooled), 'seed' (the pipeline's pretrained seed_model, reading the "
+                               "policy's own input format, pooled at its last token) or 'policy' (the pipeline's "
+                               "dense model: beta x its mean log-probability of the definition and EOS, plus a "
+                               "last-token head starting at zero; needs train.dense_baseline).")
+    beta: float = Field(1.0, gt=0, description="Backbone 'policy': the weight of the mean token log-probability.")
     encoder: str = Field("bundled-minilm", description="Encoder under the scalar head (backbone 'encoder').")
     train_rows: int = Field(512, ge=1, description="Records whose samples the reward model trains on.")
     valid_rows: int = Field(200, ge=1, description="Held-out validation records: pairwise accuracy is reported.")
@@ -355,8 +358,8 @@ class RewardConfig(_Strict):
 
     @model_validator(mode="after")
     def _layers_only_for_the_encoder(self) -> "RewardConfig":
-        if self.backbone == "seed" and self.num_hidden_layers is not None:
-            raise ValueError("reward.num_hidden_layers cuts the encoder; the seed backbone is used whole")
+        if self.backbone != "encoder" and self.num_hidden_layers is not None:
+            raise ValueError(f"reward.num_hidden_layers cuts the encoder; the {self.backbone} backbone is used whole")
         if not self.gold_pairs and self.sample_pairs == 0:
             raise ValueError("reward.gold_pairs=false needs reward.sample_pairs > 0: there would be nothing to train on")
         return self

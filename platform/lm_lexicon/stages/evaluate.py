@@ -349,7 +349,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
                                  "run does not have")
             bon_rows, bon_report = _best_of_n(cfg, work, partition_dir, paths[ev.bon_model],
                                               domains if ev.bon_model == "moe" else None, records, domains,
-                                              reference_groups, threads, log)
+                                              reference_groups, threads, log, dense_path=paths.get("dense"))
             predictions.update(bon_rows)
         generate_s = time.perf_counter() - t0
 
@@ -519,7 +519,7 @@ def _reward_records(partition_dir: Path, rc, seed: int):
 
 
 def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,
-               reference_groups, threads: int, log):
+               reference_groups, threads: int, log, dense_path: Optional[Path] = None):
     """Reward model on the policy's own samples, then BoN on the test sample; returns (prediction rows, report)."""
     from lm_lexicon.best_of_n import (candidate_metric_scores, language_filter_report, language_keep_mask, rerank,
                                       sample_definitions, train_outcome_reward_model)
@@ -549,7 +549,7 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     attention = None if cfg.seed_model.attn_implementation == "auto" else cfg.seed_model.attn_implementation
     reward_model, orm_report = train_outcome_reward_model(train_set, valid_set, rc, seed=cfg.data.seed, log=log,
                                                           seed_model=cfg.seed_model.name,
-                                                          attn_implementation=attention)
+                                                          attn_implementation=attention, policy_model=dense_path)
     reward_model.save(work / "reward_model")
     templates.save(work / "reward_model")
 
