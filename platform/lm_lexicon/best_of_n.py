@@ -9,8 +9,12 @@
    too; ties and near-ties (gap < ``reward.sample_margin``) are dropped and counted. ``reward.gold_pairs: false``
    trains on those ranked pairs alone: on wordnet-small the gold definition is the longer one in 59 % of the gold
    pairs while the better sample is the shorter one in 67 % of the ranked pairs, so the gold pairs pull the other way.
-2. **Outcome reward model**: :class:`lm_lexicon.reward.RewardModel` (``reward.backbone``: the MiniLM encoder or the
-   pretrained seed LM) trained with ``-log sigma(r(x,y_w) - r(x,y_l))``. Held-out sample-vs-sample accuracy is
+   ``reward.train_prompts: valid`` draws the training records from the validation split instead, from headwords
+   that are not held out (:func:`split_by_headword`): on its own training records the policy writes near-copies of
+   the gold, which is not what it writes for an unseen test prompt.
+2. **Outcome reward model**: :class:`lm_lexicon.reward.RewardModel` (``reward.backbone``: the MiniLM encoder, the
+   pretrained seed LM, or the pipeline's dense model scoring by its own mean token log-probability plus a head)
+   trained with ``-log sigma(r(x,y_w) - r(x,y_l))``. Held-out sample-vs-sample accuracy is
    reported overall and within length-matched pairs (definitions within ``reward.length_match_gap`` words), next to
    the "prefer the shorter" rule's accuracy on the same pairs: what length alone would score. ``reward.length_balance``
    trains on a subset where the preferred definition is as often the shorter as the longer one
