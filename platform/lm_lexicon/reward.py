@@ -11,6 +11,10 @@
   was trained on (:func:`lm_lexicon.train.encode_example`: ``[BOS] prompt, a space, the definition, EOS``), pooled at
   the LAST real token: in a causal model it is the only position that has read the prompt and the whole definition.
   Right padding; over ``max_length`` the prompt loses its first tokens (after BOS), never the definition.
+* ``"policy"``: a fine-tuned causal LM of the pipeline (the dense model; :meth:`RewardModel.from_policy`) on the same
+  input, scoring ``beta`` x its mean log-probability of the definition's tokens and EOS plus a last-token head that
+  starts at zero: untrained, it ranks a policy's samples by how confident the policy's sibling is in them, per token
+  (so length alone neither helps nor hurts); training moves both parts. Its LM head stays, tied weights saved once.
 
 Training minimises the pairwise (Bradley-Terry) loss
 
