@@ -86,6 +86,17 @@ def test_ranked_sample_pairs_teach_the_reward_model_to_rank_samples():
         train_outcome_reward_model(_set(4, 0), _set(4, 1), cfg, log=lambda m: None)
 
 
+def test_gold_pairs_off_trains_on_the_ranked_sample_pairs_alone():
+    cfg = RewardConfig(epochs=3, lr=1e-4, batch_size=8, top_k=1, max_length=48, num_hidden_layers=2,
+                       sample_pairs=3, sample_margin=0.05, gold_pairs=False)
+    model, report = train_outcome_reward_model(_damaged_set(48, 0), _damaged_set(16, 1), cfg, log=lambda m: None)
+    assert report["train_gold_pairs"] == 0 and report["train_pairs"] == report["train_sample_pairs"] == 48 * 3
+    assert report["valid_pairs"] == 16 * 1  # gold-vs-sample accuracy is still measured on held-out records
+    assert report["valid_accuracy_samples"] > 0.8
+    with pytest.raises(ValueError, match="sample_pairs > 0"):
+        RewardConfig(gold_pairs=False, sample_pairs=0)
+
+
 def test_no_pairs_is_an_error():
     same = SampledSet([Record(term="t", definition="d", context=None, source="toy")], None, [["d", "d."]], [[0.0, 0.0]])
     with pytest.raises(ValueError, match="no preference pairs"):
@@ -213,3 +224,36 @@ def test_bon_section_renders_new_and_old_reports():
     assert "within length-matched pairs (at most 0 words apart) **0.500** on 2" in new and "0.625" in new
     assert "### Best-of-N on every metric" in new and "| reward model | 20.00 | 22.00 |" in new
     assert "| p, reward model vs sample 1 | 1 | 0.04 |" in new and "Not drawn: meteor (nltk is not installed)" in new
+
+
+def test_split_by_headword_keeps_every_headword_on_one_side():
+    from lm_lexicon.best_of_n import split_by_headword
+
+    keys = [f"w{i % 37}" for i in range(200)]  # 37 headwords, 5 or 6 senses each
+    held, train = split_by_headword(keys, 60, 90, seed=3)
+    assert len(held) == 60 and len(train) == 90
+    assert not {keys[i] for i in held} & {keys[i] for i in train}
+    assert held == sorted(held) and train == sorted(train) and not set(held) & set(train)
+    assert (held, train) == split_by_headword(keys, 60, 90, seed=3)
+    assert (held, train) != split_by_headword(keys, 60, 90, seed=4)
+    everything, rest = split_by_headword(keys, 500, 10, seed=0)  # asking for more than there is: all held out
+    assert everything == list(range(200)) and rest == []
+
+
+def test_reward_records_from_valid_leave_the_held_out_headwords_alone(tmp_path):
+    import pandas as pd
+
+    from lm_lexicon.stages.evaluate import _reward_records
+
+    rows = [dict(Record(term=f"w{i % 30}", context=f"c{i}", definition=f"d{i}", source="toy", split="valid").to_dict(),
+                 domain=i % 3) for i in range(90)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "valid.parquet")
+    rc = RewardConfig(train_prompts="valid", valid_rows=40, train_rows=30)
+    (train, train_domains, train_refs), (held, held_domains, held_refs) = _reward_records(tmp_path, rc, seed=0)
+    assert len(held) == 40 and len(train) == 30
+    assert not {r.term for r in train} & {r.term for r in held}
+    assert all(d == int(r.context[1:]) % 3 for r, d in zip(train + held, train_domains + held_domains))
+    assert all(sorted(refs) == sorted(f"d{j}" for j in range(90) if j % 30 == int(r.term[1:]))
+               for r, refs in zip(train + held, train_refs + held_refs))  # every sense of the headword in the split
+    with pytest.raises(ValueError, match="leave none for training"):
+        _reward_records(tmp_path, RewardConfig(train_prompts="valid", valid_rows=90), seed=0)

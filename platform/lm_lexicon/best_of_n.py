@@ -6,9 +6,15 @@
    with the gold definition (:func:`lm_lexicon.reward.build_preference_pairs`). The same on ``reward.valid_rows``
    held-out validation records gives the pairs the reward model is judged on (pairwise accuracy; chance = 0.5).
    With ``reward.sample_pairs``, (better, worse) pairs of samples ranked by BLEU against the headword's references
-   too; ties and near-ties (gap < ``reward.sample_margin``) are dropped and counted.
-2. **Outcome reward model**: :class:`lm_lexicon.reward.RewardModel` (``reward.backbone``: the MiniLM encoder or the
-   pretrained seed LM) trained with ``-log sigma(r(x,y_w) - r(x,y_l))``. Held-out sample-vs-sample accuracy is
+   too; ties and near-ties (gap < ``reward.sample_margin``) are dropped and counted. ``reward.gold_pairs: false``
+   trains on those ranked pairs alone: on wordnet-small the gold definition is the longer one in 59 % of the gold
+   pairs while the better sample is the shorter one in 67 % of the ranked pairs, so the gold pairs pull the other way.
+   ``reward.train_prompts: valid`` draws the training records from the validation split instead, from headwords
+   that are not held out (:func:`split_by_headword`): on its own training records the policy writes near-copies of
+   the gold, which is not what it writes for an unseen test prompt.
+2. **Outcome reward model**: :class:`lm_lexicon.reward.RewardModel` (``reward.backbone``: the MiniLM encoder, the
+   pretrained seed LM, or the pipeline's dense model scoring by its own mean token log-probability plus a head)
+   trained with ``-log sigma(r(x,y_w) - r(x,y_l))``. Held-out sample-vs-sample accuracy is
    reported overall and within length-matched pairs (definitions within ``reward.length_match_gap`` words), next to
    the "prefer the shorter" rule's accuracy on the same pairs: what length alone would score. ``reward.length_balance``
    trains on a subset where the preferred definition is as often the shorter as the longer one
@@ -72,11 +78,36 @@ def sample_definitions(generator, records: Sequence, domains: Optional[Sequence[
                       generator.templates)
 
 
+def split_by_headword(keys: Sequence[Any], n_held: int, n_train: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Two disjoint sets of positions into ``keys`` (one headword key per record): up to ``n_held`` held-out records
+    and up to ``n_train`` training records, no headword on both sides. Headwords are shuffled with ``seed`` and given
+    whole to the held-out side until it has ``n_held`` records, the rest to the training side; both lists sorted."""
+    if n_held < 0 or n_train < 0:
+        raise ValueError(f"record counts must be >= 0, got {n_held} and {n_train}")
+    by_key: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
+    order = list(by_key)
+    np.random.default_rng(seed).shuffle(order)
+    held: list[int] = []
+    train: list[int] = []
+    for key in order:  # a headword straddling the cut-off stays whole on the held-out side, then is trimmed
+        (held if len(held) < n_held else train).extend(by_key[key])
+    return sorted(held[:n_held]), sorted(train[:n_train])
+
+
 def new_reward_model(reward_cfg, seed_model: Optional[str] = None, seed: int = 0,
-                     attn_implementation: Optional[str] = None):
-    """A fresh reward model of the configured backbone: the encoder, or ``seed_model`` (the pipeline's seed)."""
+                     attn_implementation: Optional[str] = None, policy_model: Optional[str] = None):
+    """A fresh reward model of the configured backbone: the encoder, ``seed_model`` (the pipeline's seed) or
+    ``policy_model`` (a directory: the pipeline's dense model)."""
     from lm_lexicon.reward import RewardModel
 
+    if reward_cfg.backbone == "policy":
+        if not policy_model:
+            raise ValueError("reward.backbone='policy' starts from the pipeline's dense model: this run has none "
+                             "(set train.dense_baseline: true, or choose reward.backbone 'seed' or 'encoder')")
+        return RewardModel.from_policy(policy_model, max_length=reward_cfg.max_length, beta=reward_cfg.beta,
+                                       attn_implementation=attn_implementation)
     if reward_cfg.backbone == "seed":
         if not seed_model:
             raise ValueError("reward.backbone='seed' needs the pipeline's seed_model name")
@@ -88,14 +119,14 @@ def new_reward_model(reward_cfg, seed_model: Optional[str] = None, seed: int = 0
 
 def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg, seed: int = 0,
                                log: Callable[[str], None] = print, *, seed_model: Optional[str] = None,
-                               attn_implementation: Optional[str] = None):
+                               attn_implementation: Optional[str] = None, policy_model: Optional[str] = None):
     """Preference pairs from ``train`` / ``valid`` samples, then the reward model; returns ``(model, report)``.
 
     ``report``: pair counts (and the ranked pairs' ties and near-ties dropped), training metrics, and
     ``valid_accuracy`` (fraction of held-out pairs where the gold definition outscores the sample) next to the
     accuracy before training (the random head), so the gain is visible; with ranked pairs, the same for sample vs
     sample, overall and within length-matched pairs. ``seed_model``: the backbone when ``reward_cfg.backbone`` is
-    ``"seed"``.
+    ``"seed"``; ``policy_model``: the model directory it starts from when it is ``"policy"``.
     """
     from lm_lexicon.reward import (balance_lengths, build_preference_pairs, build_ranked_sample_pairs,
                                    length_matched, pairwise_accuracy, shorter_wins_accuracy)
@@ -116,12 +147,14 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
     train_gold, train_ranked = pairs_of(train)
     valid_gold, valid_ranked = pairs_of(valid)
     valid_matched = length_matched(valid_ranked, reward_cfg.length_match_gap)
+    if not reward_cfg.gold_pairs:  # valid_gold stays: gold-vs-sample accuracy is reported either way
+        train_gold = []
     train_pairs, balance_dropped = train_gold + train_ranked, 0
     if reward_cfg.length_balance:
         train_pairs, balance_dropped = balance_lengths(train_pairs, seed)
     if not train_pairs:
         raise ValueError("no preference pairs: every sample equals its gold definition")
-    model = new_reward_model(reward_cfg, seed_model, seed, attn_implementation)
+    model = new_reward_model(reward_cfg, seed_model, seed, attn_implementation, policy_model)
 
     def accuracies() -> tuple[float, float, float]:
         nan = float("nan")

@@ -311,13 +311,21 @@ class FinetuneConfig(_Strict):
 class RewardConfig(_Strict):
     """Outcome reward model for Best-of-N (paper §3.4): gold definitions preferred over the model's own samples."""
 
-    backbone: Literal["encoder", "seed"] = Field(
+    backbone: Literal["encoder", "seed", "policy"] = Field(
         "encoder", description="What reads (prompt, definition) under the scalar head: 'encoder' (the cheap one: "
-                               "`encoder`, mean-pooled) or 'seed' (the pipeline's pretrained seed_model, reading the "
-                               "policy's own input format, pooled at its last token).")
+                               "`encoder`, mean-pooled), 'seed' (the pipeline's pretrained seed_model, reading the "
+                               "policy's own input format, pooled at its last token) or 'policy' (the pipeline's "
+                               "dense model: beta x its mean log-probability of the definition and EOS, plus a "
+                               "last-token head starting at zero; needs train.dense_baseline).")
+    beta: float = Field(1.0, gt=0, description="Backbone 'policy': the weight of the mean token log-probability.")
     encoder: str = Field("bundled-minilm", description="Encoder under the scalar head (backbone 'encoder').")
-    train_rows: int = Field(512, ge=1, description="Training records whose samples become negatives.")
+    train_rows: int = Field(512, ge=1, description="Records whose samples the reward model trains on.")
     valid_rows: int = Field(200, ge=1, description="Held-out validation records: pairwise accuracy is reported.")
+    train_prompts: Literal["train", "valid"] = Field(
+        "train", description="Where the reward model's training records come from: 'train' (records the policy was "
+                             "fine-tuned on: it has nearly memorised them, so its samples there are not what it writes "
+                             "at test time) or 'valid' (validation records whose headwords are not among the "
+                             "valid_rows held-out ones: prompts the policy never trained on, like the test's).")
     samples: int = Field(16, ge=1, le=64, description="Definitions sampled per record.")
     top_k: int = Field(8, ge=1, description="Keep the k most likely samples (by the generator) as negatives.")
     ratio: Optional[int] = Field(None, ge=1, description="At most this many negatives per gold (None: all top_k).")
@@ -325,6 +333,11 @@ class RewardConfig(_Strict):
                                                           "record's own samples, ranked by Protocol A BLEU against "
                                                           "the headword's references (0: gold-vs-sample pairs only, "
                                                           "the paper's data).")
+    gold_pairs: bool = Field(True, description="Train on the (gold, sample) pairs too (the paper's data). They teach "
+                                               "the model to tell dictionary text from the policy's, which can rank "
+                                               "the samples among themselves the wrong way; false: the ranked sample "
+                                               "pairs alone (needs sample_pairs > 0). Gold-vs-sample accuracy is "
+                                               "reported either way.")
     sample_margin: float = Field(0.05, ge=0, lt=1, description="Minimum BLEU gap (in [0, 1]) between the two "
                                                                "samples of a ranked pair.")
     epochs: int = Field(1, ge=1, description="Passes over the preference pairs.")
@@ -345,8 +358,10 @@ class RewardConfig(_Strict):
 
     @model_validator(mode="after")
     def _layers_only_for_the_encoder(self) -> "RewardConfig":
-        if self.backbone == "seed" and self.num_hidden_layers is not None:
-            raise ValueError("reward.num_hidden_layers cuts the encoder; the seed backbone is used whole")
+        if self.backbone != "encoder" and self.num_hidden_layers is not None:
+            raise ValueError(f"reward.num_hidden_layers cuts the encoder; the {self.backbone} backbone is used whole")
+        if not self.gold_pairs and self.sample_pairs == 0:
+            raise ValueError("reward.gold_pairs=false needs reward.sample_pairs > 0: there would be nothing to train on")
         return self
 
 

@@ -11,6 +11,10 @@
   was trained on (:func:`lm_lexicon.train.encode_example`: ``[BOS] prompt, a space, the definition, EOS``), pooled at
   the LAST real token: in a causal model it is the only position that has read the prompt and the whole definition.
   Right padding; over ``max_length`` the prompt loses its first tokens (after BOS), never the definition.
+* ``"policy"``: a fine-tuned causal LM of the pipeline (the dense model; :meth:`RewardModel.from_policy`) on the same
+  input, scoring ``beta`` x its mean log-probability of the definition's tokens and EOS plus a last-token head that
+  starts at zero: untrained, it ranks a policy's samples by how confident the policy's sibling is in them, per token
+  (so length alone neither helps nor hurts); training moves both parts. Its LM head stays, tied weights saved once.
 
 Training minimises the pairwise (Bradley-Terry) loss
 
@@ -57,8 +61,8 @@ WEIGHTS_FILE = "model.safetensors"
 ENCODER_DIR = "encoder"
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_NS = (1, 2, 4, 8, 16, 32)
-BACKBONES = ("encoder", "seed")
-POOLING = {"encoder": "mean", "seed": "last"}
+BACKBONES = ("encoder", "seed", "policy")
+POOLING = {"encoder": "mean", "seed": "last", "policy": "last"}
 
 
 # =================================================================================================== preference data
@@ -261,6 +265,8 @@ def _torch_modules():
     import torch
     import torch.nn as nn
 
+    from lm_lexicon.train import IGNORE_INDEX as IGNORE
+
     class RewardNet(nn.Module):
         """Backbone + linear head on its last hidden states, ``[B, T] -> [B]``: their masked mean
         (``pooling="mean"``) or the last real token's (``"last"``; rows padded on the right)."""
@@ -286,7 +292,30 @@ def _torch_modules():
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, H]
             return self.head(pooled).squeeze(-1)  # [B]
 
-    return torch, RewardNet
+    class LikelihoodRewardNet(nn.Module):
+        """A causal LM scoring a definition by its own judgement, ``[B, T] -> [B]``: ``beta`` x the mean
+        log-probability of the definition's tokens and EOS (positions whose label is not ignored), plus a linear head
+        on the last real token's hidden state (zero at start, so the untrained model ranks by likelihood alone)."""
+
+        def __init__(self, lm: nn.Module, hidden_size: int, beta: float = 1.0):
+            super().__init__()
+            self.encoder = lm  # the causal LM, its head included (same attribute name as the other kind)
+            self.head = nn.Linear(hidden_size, 1)
+            self.beta = float(beta)
+
+        def forward(self, input_ids, attention_mask, labels):
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                               use_cache=False)
+            logits = out.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
+            targets = labels[:, 1:]  # [B, T-1]
+            scored = targets != IGNORE
+            token_lp = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+            mean_lp = (token_lp * scored).sum(1) / scored.sum(1).clamp(min=1)  # [B]
+            last = attention_mask.sum(1).long() - 1  # [B]
+            pooled = out.hidden_states[-1][torch.arange(input_ids.shape[0], device=input_ids.device), last]  # [B, H]
+            return self.beta * mean_lp + self.head(pooled.to(self.head.weight.dtype)).squeeze(-1)  # [B]
+
+    return torch, RewardNet, LikelihoodRewardNet
 
 
 def _init_head(net, seed: int) -> None:
@@ -296,6 +325,13 @@ def _init_head(net, seed: int) -> None:
     with torch.no_grad():
         net.head.weight.copy_(torch.randn(net.head.weight.shape, generator=g) * 0.02)
         net.head.bias.zero_()
+
+
+def _untied(net, missing_keys: Sequence[str], loaded: Mapping[str, Any]) -> list[str]:
+    """The missing keys that are not a tied alias of a loaded tensor (those were saved once, under another name)."""
+    state = net.state_dict()
+    loaded_ptrs = {state[k].data_ptr() for k in loaded if k in state}
+    return [k for k in missing_keys if state[k].data_ptr() not in loaded_ptrs]
 
 
 class RewardModel:
@@ -321,7 +357,7 @@ class RewardModel:
         self.history: list[dict] = list(config.get("history") or [])
 
     def __repr__(self) -> str:
-        name = self.config.get("seed_model") if self.backbone == "seed" else self.config.get("encoder")
+        name = self.config.get({"seed": "seed_model", "policy": "policy_model"}.get(self.backbone, "encoder"))
         return (f"RewardModel(backbone={self.backbone!r}, model={name!r}, "
                 f"layers={self.config.get('num_hidden_layers')}, max_length={self.max_length})")
 
@@ -337,7 +373,7 @@ class RewardModel:
 
         from lm_lexicon.embed import ALLOW_DOWNLOADS_ENV, downloads_allowed, resolve_encoder
 
-        _, RewardNet = _torch_modules()
+        _, RewardNet, _ = _torch_modules()
         if max_length < 4:
             raise ValueError(f"max_length must be >= 4, got {max_length}")
         path = resolve_encoder(encoder)
@@ -384,7 +420,7 @@ class RewardModel:
 
         from lm_lexicon.seed_models import resolve_seed_model
 
-        _, RewardNet = _torch_modules()
+        _, RewardNet, _ = _torch_modules()
         if max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {max_length}")
         path = resolve_seed_model(seed_model, cache_dir=cache_dir)
@@ -414,12 +450,49 @@ class RewardModel:
         return cls(net, tokenizer, cfg, device)
 
     @classmethod
+    def from_policy(cls, model_dir: str | Path, *, max_length: int = 128, beta: float = 1.0, device: str = "cpu",
+                    attn_implementation: Optional[str] = None) -> "RewardModel":
+        """A fine-tuned causal LM of this project (e.g. the pipeline's dense model) as the reward model: ``beta`` x
+        its mean log-probability of the definition and EOS, plus a last-token head that starts at zero
+        (:class:`LikelihoodRewardNet` in :func:`_torch_modules`). Float32; the directory's safetensors only."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _, _, LikelihoodRewardNet = _torch_modules()
+        if max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {max_length}")
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir}: no config.json (the policy model the reward model starts from)")
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True,
+                                                  local_files_only=True, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{model_dir}: the tokenizer has no eos_token; the policy's input format ends with one")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        hidden = int(lm.config.get_text_config().hidden_size)
+        net = LikelihoodRewardNet(lm, hidden, beta)
+        with torch.no_grad():
+            net.head.weight.zero_()
+            net.head.bias.zero_()
+        cfg = {"format": REWARD_FORMAT, "backbone": "policy", "policy_model": str(model_dir), "beta": float(beta),
+               "pooling": POOLING["policy"], "attn_implementation": attn_implementation,
+               "input": "[BOS] prompt, a space, the definition, EOS (lm_lexicon.train.encode_example); right padded; "
+                        "the prompt truncated from the left", "max_length": int(max_length),
+               "num_hidden_layers": int(lm.config.get_text_config().num_hidden_layers), "hidden_size": hidden,
+               "score": "beta * mean log p(definition tokens, EOS | prompt) + head(last hidden state)",
+               "loss": "-log sigmoid(r(x, y_w) - r(x, y_l))"}
+        return cls(net, tokenizer, cfg, device)
+
+    @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> "RewardModel":
         """Read a directory written by :meth:`save` (safetensors + JSON; nothing unpickled, nothing downloaded)."""
         from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-        _, RewardNet = _torch_modules()
+        _, RewardNet, LikelihoodRewardNet = _torch_modules()
         directory = Path(directory)
         cfg_path = directory / CONFIG_FILE
         if not cfg_path.is_file():
@@ -432,13 +505,19 @@ class RewardModel:
             raise ValueError(f"{cfg_path}: backbone {backbone!r}, expected one of {BACKBONES}")
         enc_config = AutoConfig.from_pretrained(str(directory / ENCODER_DIR), local_files_only=True)
         extra = {"attn_implementation": cfg["attn_implementation"]} if cfg.get("attn_implementation") else {}
-        encoder = AutoModel.from_config(enc_config, **extra)
-        net = RewardNet(encoder, int(enc_config.hidden_size), pooling=cfg.get("pooling", POOLING[backbone]))
+        if backbone == "policy":
+            net = LikelihoodRewardNet(AutoModelForCausalLM.from_config(enc_config, **extra),
+                                      int(enc_config.get_text_config().hidden_size), cfg.get("beta", 1.0))
+        else:
+            net = RewardNet(AutoModel.from_config(enc_config, **extra), int(enc_config.hidden_size),
+                            pooling=cfg.get("pooling", POOLING[backbone]))
         state = load_file(str(directory / WEIGHTS_FILE))
         result = net.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        net.encoder.tie_weights()  # tied tensors are saved once (save): the other name shares the loaded one
+        missing = _untied(net, result.missing_keys, state)
+        if missing or result.unexpected_keys:
             raise RuntimeError(f"{directory}: weights do not match the reward model: missing "
-                               f"{sorted(result.missing_keys)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+                               f"{sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
         tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR), local_files_only=True)
         return cls(net, tokenizer, cfg, device)
 
@@ -448,7 +527,12 @@ class RewardModel:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").clone().contiguous() for k, v in self.net.state_dict().items()}
+        state, seen = {}, set()
+        for name, tensor in self.net.state_dict().items():
+            if tensor.data_ptr() in seen:  # a tied weight (a causal LM's head and embeddings): saved once
+                continue
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.detach().to("cpu").clone().contiguous()
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "lm_lexicon": REWARD_FORMAT})
         self.net.encoder.config.save_pretrained(str(directory / ENCODER_DIR))
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
@@ -458,7 +542,7 @@ class RewardModel:
 
     # ---- scoring ----
     def _encode(self, prompts: Sequence[str], definitions: Sequence[str]):
-        if self.backbone == "seed":
+        if self.backbone in ("seed", "policy"):
             return self._encode_as_policy(prompts, definitions)
         enc = self.tokenizer(list(prompts), list(definitions), truncation=True, max_length=self.max_length,
                              padding=True, return_tensors="pt")
@@ -466,25 +550,33 @@ class RewardModel:
 
     def _encode_as_policy(self, prompts: Sequence[str], definitions: Sequence[str]):
         """The policy's training input (module docstring), right padded; over ``max_length`` the prompt's first tokens
-        after BOS go, so the definition and its EOS, which the last-token head reads, are never cut."""
+        after BOS go, so the definition and its EOS, which the last-token head reads, are never cut. The policy kind
+        also gets the training labels (the definition's tokens and EOS; the rest ignored), which it scores."""
         import torch
 
-        from lm_lexicon.train import bos_ids, encode_example
+        from lm_lexicon.train import IGNORE_INDEX, bos_ids, encode_example
 
         n_bos = len(bos_ids(self.tokenizer))
         rows = []
         for prompt, definition in zip(prompts, definitions):
-            ids = encode_example(self.tokenizer, prompt, definition, max_length=1 << 30)["input_ids"]
+            example = encode_example(self.tokenizer, prompt, definition, max_length=1 << 30)
+            ids, labels = example["input_ids"], example["labels"]
             if len(ids) > self.max_length:
-                ids = ids[:n_bos] + ids[len(ids) - (self.max_length - n_bos):]
-            rows.append(ids)
-        width = max(len(r) for r in rows)
+                cut = len(ids) - (self.max_length - n_bos)
+                ids, labels = ids[:n_bos] + ids[cut:], labels[:n_bos] + labels[cut:]
+            rows.append((ids, labels))
+        width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), int(self.tokenizer.pad_token_id), dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, ids in enumerate(rows):
+        label_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (ids, labels) in enumerate(rows):
             input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[i, :len(ids)] = 1
-        return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+            label_ids[i, :len(labels)] = torch.tensor(labels, dtype=torch.long)
+        batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+        if self.backbone == "policy":
+            batch["labels"] = label_ids.to(self.device)
+        return batch
 
     def score(self, prompts: Sequence[str], definitions: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """``r(prompt_i, definition_i)`` for each pair: float32 ``[n]``, in input order (eval mode, no dropout)."""

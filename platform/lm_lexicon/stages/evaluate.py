@@ -39,6 +39,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Optional
 
 from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
 
@@ -348,7 +349,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
                                  "run does not have")
             bon_rows, bon_report = _best_of_n(cfg, work, partition_dir, paths[ev.bon_model],
                                               domains if ev.bon_model == "moe" else None, records, domains,
-                                              reference_groups, threads, log)
+                                              reference_groups, threads, log, dense_path=paths.get("dense"))
             predictions.update(bon_rows)
         generate_s = time.perf_counter() - t0
 
@@ -477,7 +478,7 @@ def _max_positions(model_path: Path) -> int:
     return int(text.get("max_position_embeddings") or config.get("max_position_embeddings") or 2048)
 
 
-def _partition_rows(partition_dir: Path, split: str, n: int, seed: int):
+def _partition_rows(partition_dir: Path, split: str, n: Optional[int], seed: int):
     """A seeded sample of ``n`` rows of a split: (records, domains, references), the references of a record being
     every definition of its headword in the split (Protocol A's grouping). Train: the domain files; else
     split.parquet."""
@@ -495,8 +496,30 @@ def _partition_rows(partition_dir: Path, split: str, n: int, seed: int):
     return records, domains, [groups[headword_key(vars(r))] for r in records]
 
 
+def _reward_records(partition_dir: Path, rc, seed: int):
+    """The reward model's training and held-out records, each as (records, domains, references). Held out:
+    ``valid_rows`` validation records. Training: ``train_rows`` records of the policy's training split, or, with
+    ``train_prompts: valid``, of the other validation headwords (none shared with the held-out records)."""
+    from lm_lexicon.best_of_n import split_by_headword
+    from lm_lexicon.metrics.bleu import headword_key
+
+    if rc.train_prompts == "train":
+        return (_partition_rows(partition_dir, "train", rc.train_rows, seed),
+                _partition_rows(partition_dir, "valid", rc.valid_rows, seed))
+    records, domains, refs = _partition_rows(partition_dir, "valid", None, seed)
+    held, train = split_by_headword([headword_key(vars(r)) for r in records], rc.valid_rows, rc.train_rows, seed)
+    if not train:
+        raise ValueError(f"reward.train_prompts=valid: the validation split's {len(records)} records leave none for "
+                         f"training after reward.valid_rows={rc.valid_rows} held out")
+
+    def pick(idx):
+        return [records[i] for i in idx], [domains[i] for i in idx], [refs[i] for i in idx]
+
+    return pick(train), pick(held)
+
+
 def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,
-               reference_groups, threads: int, log):
+               reference_groups, threads: int, log, dense_path: Optional[Path] = None):
     """Reward model on the policy's own samples, then BoN on the test sample; returns (prediction rows, report)."""
     from lm_lexicon.best_of_n import (candidate_metric_scores, language_filter_report, language_keep_mask, rerank,
                                       sample_definitions, train_outcome_reward_model)
@@ -514,10 +537,10 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     generator = DefinitionGenerator(model_path, torch_threads=threads, settings=sampling, model_name=name)
     templates = generator.templates  # the policy's; the reward model learns (and is served) on its prompts
     orm_sampling = sampling.replace(num_return_sequences=rc.samples)
-    train_rows, train_domains, train_refs = _partition_rows(partition_dir, "train", rc.train_rows, cfg.data.seed)
-    valid_rows, valid_domains, valid_refs = _partition_rows(partition_dir, "valid", rc.valid_rows, cfg.data.seed)
-    log(f"[evaluate] reward model data: {rc.samples} samples from {name} for {len(train_rows)} train and "
-        f"{len(valid_rows)} valid records")
+    (train_rows, train_domains, train_refs), (valid_rows, valid_domains, valid_refs) = _reward_records(
+        partition_dir, rc, cfg.data.seed)
+    log(f"[evaluate] reward model data: {rc.samples} samples from {name} for {len(train_rows)} "
+        f"{rc.train_prompts} and {len(valid_rows)} held-out valid records")
     train_set = sample_definitions(generator, train_rows, train_domains if is_moe else None, orm_sampling,
                                    references=train_refs)
     valid_set = sample_definitions(generator, valid_rows, valid_domains if is_moe else None, orm_sampling,
@@ -526,7 +549,7 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     attention = None if cfg.seed_model.attn_implementation == "auto" else cfg.seed_model.attn_implementation
     reward_model, orm_report = train_outcome_reward_model(train_set, valid_set, rc, seed=cfg.data.seed, log=log,
                                                           seed_model=cfg.seed_model.name,
-                                                          attn_implementation=attention)
+                                                          attn_implementation=attention, policy_model=dense_path)
     reward_model.save(work / "reward_model")
     templates.save(work / "reward_model")
 
