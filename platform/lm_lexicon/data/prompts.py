@@ -40,11 +40,12 @@ an argument; there is no process-wide state.
 from __future__ import annotations
 
 import json
-import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
+
+from lm_lexicon._util import atomic_write_text
 
 LANGUAGE_NAMES = {"en": "English", "es": "Spanish", "fr": "French", "pt": "Portuguese", "de": "German",
                   "it": "Italian", "nl": "Dutch"}
@@ -126,10 +127,7 @@ class PromptTemplates:
                              for lang, t in sorted(self._by_lang.items())},
                "fields": {"term": "the headword", "context": "the usage example (empty: the term_only template)",
                           "language": "the English name of the language"}}
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "PromptTemplates":

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -47,7 +45,7 @@ from safetensors.torch import save_file
 from lm_lexicon.data.prompts import PromptTemplates
 from lm_lexicon.moe.ffn_spec import MOE_PREFIX, FFNSpec, has_ffn_bias, spec_for_config
 from lm_lexicon.moe.hf_registration import ARCHITECTURE, MODEL_TYPE, ROUTING_POLICIES, SECTION
-from lm_lexicon._util import sha256_file
+from lm_lexicon._util import sha256_file, written_atomically
 
 MERGE_FORMAT = "lm_lexicon.moe.merge/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -213,28 +211,13 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-class AtomicDirectory:
-    """Build a directory in a temporary sibling and rename it into place on success."""
-
-    def __init__(self, out_dir: str | Path, overwrite: bool):
-        self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not overwrite:
-            raise FileExistsError(f"{self.out_dir} exists; pass overwrite=True to replace it")
-        self.overwrite = overwrite
-
-    def __enter__(self) -> Path:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.writing-", dir=self.out_dir.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        os.rename(self.tmp, self.out_dir)
-        return False
+def atomic_directory(out_dir: str | Path, overwrite: bool):
+    """Build a directory in a temporary sibling and rename it into place on success (a context manager yielding the
+    sibling); an existing ``out_dir`` is a FileExistsError unless ``overwrite``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    return written_atomically(out_dir)
 
 
 # =================================================================================================== validation
@@ -361,7 +344,7 @@ def merge_experts(expert_dirs: Sequence[str | Path], out_dir: str | Path, *, rou
     }
     if provenance:
         section["provenance"] = provenance
-    with AtomicDirectory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite) as tmp:
         if router_obj is not None:
             router_obj.save(tmp / "router")
             templates.save(tmp / "router")
