@@ -157,7 +157,7 @@ def data_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
               prompts: bool = typer.Option(False, help="Show the formatted prompt (the recipe's templates) instead of "
                                                        "the raw context.")) -> None:
     """Print a few rows of a split."""
-    from lm_lexicon.data.prompts import PromptTemplates, format_prompt
+    from lm_lexicon.data.prompts import PromptTemplates, record_prompt
 
     if split not in ("train", "valid", "test"):
         console.print(f"[red]unknown split {split!r}; expected train, valid or test[/red]")
@@ -171,7 +171,7 @@ def data_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
         table.add_column(col, overflow="fold")
     templates = PromptTemplates.from_config(cfg)
     for r in rows[:n]:
-        shown = format_prompt(r.term, r.context, r.lang, templates=templates) if prompts else r.context
+        shown = record_prompt(r, templates) if prompts else r.context
         table.add_row(r.term, shown, r.definition, r.source)
     console.print(table)
 

@@ -1,8 +1,8 @@
 """Prompt templates: the one place where a record becomes the text a model is conditioned on.
 
-Training (:func:`lm_lexicon.train.record_prompt`), the partition's prompt embeddings, retrieval and ICL baselines
-(:func:`lm_lexicon.baselines.prompt_of`), generation and serving all call :func:`format_prompt` with
-``(term, context, lang, templates=...)``, so a record gets the same prompt everywhere.
+Training, generation, the reward model, the partition's prompt embeddings and the retrieval and ICL baselines all
+call :func:`record_prompt`, and serving :func:`format_prompt` (which it calls) with ``(term, context, lang,
+templates=...)``, so a record gets the same prompt everywhere.
 
 Defaults (shared/DESIGN.md §2):
 

@@ -494,7 +494,7 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, generate_split
     from lm_lexicon.metrics import MetricUnavailable
     from lm_lexicon.reward import oracle_best_of_n, plot_bon_curve
-    from lm_lexicon.train import record_prompt
+    from lm_lexicon.data.prompts import record_prompt
 
     ev = cfg.evaluate
     name = ev.bon_model
