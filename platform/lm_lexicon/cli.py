@@ -6,7 +6,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -59,12 +59,24 @@ def _config(path: Optional[Path], overrides: Optional[List[str]]):
     try:
         return load_config(path, overrides or [])
     except ConfigError as e:
-        say_error(str(e))
-        raise typer.Exit(2)
+        _usage_error(str(e))
 
 
 def _comma_list(text: Optional[str]) -> tuple[str, ...]:
     return tuple(s for s in (text or "").split(",") if s)
+
+
+def _usage_error(message: str) -> NoReturn:
+    say_error(message)
+    raise typer.Exit(2)
+
+
+def _int_list(text: str) -> list[int]:
+    """Comma-separated whole numbers (spaces allowed), or the parse error in one line and exit 2."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        _usage_error(str(e))
 
 
 def _load_corpus(cfg):
@@ -422,14 +434,9 @@ def scan_cmd(config: Path = _recipe_option("configs/tiny.yaml", "YAML recipe (th
     from lm_lexicon.ray_utils import STOP_TIMEOUT_S, clean_exit
 
     cfg = _config(config, overrides)
-    try:
-        counts = [int(n) for n in ns.split(",") if n.strip()]
-    except ValueError as e:
-        say_error(str(e))
-        raise typer.Exit(2)
+    counts = _int_list(ns)
     if not counts or min(counts) < 1:
-        say_error(f"--ns must list expert counts >= 1, got {ns!r}")
-        raise typer.Exit(2)
+        _usage_error(f"--ns must list expert counts >= 1, got {ns!r}")
     out = Path(out or f"{cfg.output_dir}-scan")
     with clean_exit() as stop:  # SIGTERM / Ctrl-C: the trials' pipelines and Ray are gone within STOP_TIMEOUT_S
         try:
@@ -464,17 +471,11 @@ def ablate_cmd(config: Path = _recipe_option("configs/ablation.yaml"),
     from lm_lexicon.experiments import run_ablation
 
     if study not in (*ABLATION_STUDIES, "all"):
-        say_error(f"--study must be one of {', '.join(ABLATION_STUDIES)} or all, got {study!r}")
-        raise typer.Exit(2)
+        _usage_error(f"--study must be one of {', '.join(ABLATION_STUDIES)} or all, got {study!r}")
     cfg = _config(config, overrides)
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError as e:
-        say_error(str(e))
-        raise typer.Exit(2)
+    seed_list = _int_list(seeds)
     if not seed_list:
-        say_error("--seeds is empty")
-        raise typer.Exit(2)
+        _usage_error("--seeds is empty")
     out = Path(out or f"{cfg.output_dir}-ablation")
     studies = list(ABLATION_STUDIES) if study == "all" else [study]
     for name in studies:
