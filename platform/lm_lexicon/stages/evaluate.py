@@ -491,10 +491,10 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     """Reward model on the policy's own samples, then BoN on the test sample; returns (prediction rows, report)."""
     from lm_lexicon.best_of_n import (candidate_metric_scores, language_filter_report, language_keep_mask, rerank,
                                       sample_definitions, train_outcome_reward_model)
+    from lm_lexicon.data.prompts import record_prompt
     from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, generate_split
     from lm_lexicon.metrics import MetricUnavailable
     from lm_lexicon.reward import oracle_best_of_n, plot_bon_curve
-    from lm_lexicon.data.prompts import record_prompt
 
     ev = cfg.evaluate
     name = ev.bon_model

@@ -47,9 +47,8 @@ def _job_records(partition_dir: Path, job: dict, split: str):
     from lm_lexicon.stages.partition import split_files
 
     if split == "train":
-        files = split_files(partition_dir, split)
-        if job["domain"] is not None:
-            files = [partition_dir / f"domain_{job['domain']}.parquet"]
+        files = (split_files(partition_dir, split) if job["domain"] is None
+                 else [partition_dir / f"domain_{job['domain']}.parquet"])
         return records_from_parquet(files)[0]
     path = partition_dir / f"{split}.parquet"
     if not path.exists():
