@@ -10,8 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # works from a plain checkout too
 
-from lm_lexicon.cli import app  # noqa: E402
+from lm_lexicon.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], "train-experts", *sys.argv[1:]]
-    app()
+    job_main("train-experts")

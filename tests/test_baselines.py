@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lm_lexicon.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_prompts, format_few_shot_prompt,
-                                  prompt_of, select_icl_exemplars)
+                                  select_icl_exemplars)
+from lm_lexicon.data.prompts import record_prompt
 from lm_lexicon.data.records import Record
 
 
@@ -106,10 +107,10 @@ def test_retrieval_copies_the_definition_of_the_nearest_training_prompt():
 
 def test_retrieval_with_precomputed_embeddings_matches_the_embedder():
     emb = BagOfWordsEmbedder()
-    pre = emb.encode([prompt_of(r) for r in TRAIN]) * 3.0  # not unit: fit normalises
+    pre = emb.encode([record_prompt(r) for r in TRAIN]) * 3.0  # not unit: fit normalises
     rb = RetrievalBaseline().fit(TRAIN, embeddings=pre)
     q = [Q("sea", "the sea was calm")]
-    assert rb.predict(q, embeddings=emb.encode([prompt_of(q[0])])) == ["a division of an ocean"]
+    assert rb.predict(q, embeddings=emb.encode([record_prompt(q[0])])) == ["a division of an ocean"]
     with pytest.raises(ValueError):
         rb.predict(q)  # no embedder to embed the queries
     with pytest.raises(ValueError):
@@ -197,11 +198,11 @@ def test_chat_prompt_puts_exemplars_in_earlier_turns(chat_tokenizer):
 
     query = Q("bank", "we sat on the bank")
     exemplars = [R("cat", "a small feline", "the cat slept"), R("run", "move fast")]
-    assert chat_prompt(chat_tokenizer, query) == f"<user>{prompt_of(query)}</s><assistant>"
+    assert chat_prompt(chat_tokenizer, query) == f"<user>{record_prompt(query)}</s><assistant>"
     assert chat_prompt(chat_tokenizer, query, exemplars) == (
-        f"<user>{prompt_of(exemplars[0])}</s><assistant>a small feline</s>"
-        f"<user>{prompt_of(exemplars[1])}</s><assistant>move fast</s>"
-        f"<user>{prompt_of(query)}</s><assistant>")
+        f"<user>{record_prompt(exemplars[0])}</s><assistant>a small feline</s>"
+        f"<user>{record_prompt(exemplars[1])}</s><assistant>move fast</s>"
+        f"<user>{record_prompt(query)}</s><assistant>")
 
 
 def test_icl_chat_prompts_use_the_same_exemplars_as_plain_ones(chat_tokenizer):

@@ -22,3 +22,15 @@ def test_every_job_script_opens_with_the_command_that_runs_it():
     for job in (REPO / "jobs").glob("*.py"):
         head = job.read_text().split('"""')[1]
         assert f"python jobs/{job.name}" in head, job.name
+
+
+def test_the_readmes_layout_names_every_module_of_the_library_and_nothing_else():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    library_lines = layout.split("\nplatform/lm_lexicon/", 1)[1].split("\n", 1)[1].split("\njobs/", 1)[0]
+    library = REPO / "platform" / "lm_lexicon"
+    tree = {p.name + ("/" if p.is_dir() else "") for p in library.iterdir()
+            if p.name not in ("__init__.py", "__pycache__")}
+    named = {word for line in library_lines.splitlines() for word in line.split()
+             if word.endswith((".py", "/"))}
+    assert tree == named, f"missing from README: {sorted(tree - named)}; not in the tree: {sorted(named - tree)}"

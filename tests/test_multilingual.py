@@ -31,13 +31,10 @@ def test_default_template_per_language_is_the_papers():
 
 
 def test_term_only_records_get_the_term_only_prompt_everywhere():
-    from lm_lexicon.baselines import prompt_of
-    from lm_lexicon.train import record_prompt as train_record_prompt
-
     for r in (Record("dog", "", "a domestic canine", "t"), Record("dog", None, "a domestic canine", "t"),
               Record("perro", "", "mamífero doméstico", "multilingual:es", lang="es")):
         expected = format_prompt(r.term, "", r.lang)
-        assert record_prompt(r) == train_record_prompt(r) == prompt_of(r) == expected
+        assert record_prompt(r) == expected
         assert record_prompt(r.to_dict()) == expected
 
 
@@ -92,20 +89,21 @@ def test_recipe_field_is_validated():
 
 
 def test_the_templates_argument_reaches_every_prompt_builder():
-    from lm_lexicon.baselines import format_few_shot_prompt, prompt_of
-    from lm_lexicon.train import record_prompt as train_record_prompt
+    from lm_lexicon import train
+    from lm_lexicon.baselines import format_few_shot_prompt
 
     cfg = config_from_dict({"data": {"prompt_templates": {"es": "Define la palabra '{term}'."}}})
     templates = PromptTemplates.from_config(cfg)
     r = Record("perro", "", "mamífero doméstico", "multilingual:es", lang="es")
-    # training, generation, reward model (train.record_prompt), baselines / ICL / retrieval, partition embedding
-    # (format_prompt) all build the same text from the templates they are given
-    assert train_record_prompt(r, templates) == prompt_of(r, templates) == record_prompt(r, templates) == \
-        format_prompt("perro", "", "es", templates=templates) == "Define la palabra 'perro'."
+    # training, generation, the reward model (which imports it from lm_lexicon.train), baselines / ICL / retrieval
+    # and the partition embedding all build the text with record_prompt, from the templates they are given
+    assert train.record_prompt is record_prompt
+    assert record_prompt(r, templates) == format_prompt("perro", "", "es", templates=templates) == \
+        "Define la palabra 'perro'."
     assert format_few_shot_prompt(r, [r], templates=templates).endswith("Define la palabra 'perro'.")
     # nothing is process state: without the argument every builder uses the defaults
     default = MULTILINGUAL_TEMPLATE.format(language="Spanish", term="perro")
-    assert train_record_prompt(r) == prompt_of(r) == record_prompt(r) == format_prompt("perro", "", "es") == default
+    assert record_prompt(r) == format_prompt("perro", "", "es") == default
 
 
 def test_templates_are_saved_with_a_model_and_loaded_from_it(tmp_path):

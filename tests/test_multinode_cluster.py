@@ -223,7 +223,7 @@ def scenario_serve(work: Path, pipeline_dir: Path) -> dict:
     from ray import serve
 
     sys.path.insert(0, str(REPO))
-    from lm_lexicon.baselines import prompt_of
+    from lm_lexicon.data.prompts import record_prompt
     from lm_lexicon.routing import DomainRouter
     from serve_app.app import build_app
 
@@ -248,7 +248,7 @@ def scenario_serve(work: Path, pipeline_dir: Path) -> dict:
         from lm_lexicon.data.records import Record
 
         terms = ["river", "tree", "leaf", "rain", "hill", "lake", "bank", "loan", "tax", "price", "engine", "robot"]
-        prompts = [prompt_of(Record(term=t, context="", definition="", source="api")) for t in terms]
+        prompts = [record_prompt(Record(term=t, context="", definition="", source="api")) for t in terms]
         domain0 = [t for t, d in zip(terms, router.route_prompts(prompts)) if d == 0][:3]
         replicas = [a for a in cluster.alive("ServeReplica:lexicon:Expert0")]
         victim = replicas[0]["node_id"]

@@ -43,6 +43,7 @@ from lm_lexicon.config import load_config
 from lm_lexicon.pipeline import STAGES, run_pipeline
 from lm_lexicon.stages.artifacts import MARKER
 from micro_pipeline import micro_overrides, private_ray_env
+from process_helpers import kill_and_wait, process_tree, processes_naming
 
 pytestmark = pytest.mark.ray
 
@@ -98,36 +99,12 @@ def test_a_uninterrupted_run_finishes_every_stage(uninterrupted):
     print(f"\nuninterrupted micro pipeline: {uninterrupted['seconds']:.1f}s")
 
 
-def _tree(pid: int) -> list:
-    import psutil
-
-    try:
-        parent = psutil.Process(pid)
-        return [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _ray_leftovers(private_dir: str) -> list:
-    """Processes of the subprocess's own Ray: their command lines name its private temp dir."""
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(private_dir in arg for arg in p.info["cmdline"] or ()):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
-
 def _kill(proc: subprocess.Popen, private_dir: str) -> list[int]:
     """SIGKILL the subprocess's process group (and, by pid, any descendant or Ray process of its own that left the
     group); returns the pids that were still alive after the group kill."""
     import psutil
 
-    tree = _tree(proc.pid)
+    tree = process_tree(proc.pid)
     group, outside = [], []  # start_new_session: the group id is the subprocess's pid
     for p in tree:
         try:
@@ -145,20 +122,12 @@ def _kill(proc: subprocess.Popen, private_dir: str) -> list[int]:
 def _kill_leftovers(private_dir: str, alive: list = (), extra: list = ()) -> list[int]:
     """SIGKILL, by pid, ``alive`` (the group's survivors), ``extra`` and any process that names ``private_dir``;
     returns the pids of ``alive``."""
-    import psutil
-
     # The process group must die with the group kill (`alive` counts against it). A local Ray's daemons run in
     # sessions of their own and can outlive a SIGKILLed driver (Ray's behaviour, seen on a clean clone): they are
     # killed here by pid so nothing leaks, but not counted against the group kill.
-    leftovers = [p for p in [*extra, *_ray_leftovers(private_dir)] if p not in alive]
-    survivors = list(alive)
-    for p in survivors + leftovers:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(survivors + leftovers, timeout=20)
-    return [p.pid for p in survivors]
+    leftovers = [p for p in [*extra, *processes_naming(private_dir)] if p not in alive]
+    kill_and_wait([*alive, *leftovers], timeout=20)
+    return [p.pid for p in alive]
 
 
 def _wait_for(predicate, proc: subprocess.Popen, log_path: Path, what: str, timeout: float = KILL_TIMEOUT_S):

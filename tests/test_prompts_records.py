@@ -55,3 +55,19 @@ def test_prompt_templates_argument_and_missing_context():
     assert format_prompt("bank", "x", templates={"es": "¿Qué es '{term}'?"}) == '"x" What is the definition of "bank"?'
     with pytest.raises(ValueError, match="must contain"):
         format_prompt("bank", "", templates={"en": "Define it."})
+
+
+def test_partition_parquet_round_trip_keeps_records_domains_and_missing_values(tmp_path):
+    from lm_lexicon.data.records import records_from_parquet, write_parquet
+
+    rows = [Record("bank", "the river bank", "land beside a river", "wordnet", pos="n", sense_id="bank.n.01"),
+            Record("run", "", "move fast", "3dex:Urban", lang="en", split="train"),  # pos and sense_id None
+            Record("gato", "", "un felino", "dict:es", lang="es")]
+    write_parquet(rows[:2], [1, 0], tmp_path / "domain_a.parquet")
+    write_parquet(rows[2:], [1], tmp_path / "domain_b.parquet")
+    files = [tmp_path / "domain_a.parquet", tmp_path / "domain_b.parquet"]
+    records, domains = records_from_parquet(files)
+    assert records == rows and domains == [1, 0, 1]
+    assert records[1].pos is None and records[1].sense_id is None  # NaN in pandas, None again here
+    assert records_from_parquet(files, domain=1) == ([rows[0], rows[2]], [1, 1])
+    assert records_from_parquet(files, domain=2) == ([], [])

@@ -28,7 +28,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import pytest
 
+from process_helpers import free_port, kill_and_wait, processes_naming
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,30 +47,9 @@ VENV_BIN = Path(sys.prefix) / "bin"
 STAGES = ("data", "partition", "experts", "merge", "evaluate", "export")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _processes_naming(*needles: str) -> list:
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(n in arg for arg in p.info["cmdline"] or () for n in needles):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """A private head node: 2 CPUs, 200 MB object store, free ports, its own temp dir and auth token."""
-    import psutil
-
     temp_dir = tempfile.mkdtemp(prefix="lmlx-head-")  # short: Ray's unix sockets live under it (108-byte limit)
     token = Path(temp_dir) / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -108,13 +88,7 @@ def ray_head(tmp_path):
                 os.killpg(head.pid, signal.SIGKILL)
                 head.wait(timeout=30)
         log.close()
-        leftovers = _processes_naming(temp_dir, str(tmp_path))
-        for p in leftovers:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(leftovers, timeout=30)
+        kill_and_wait(processes_naming(temp_dir, str(tmp_path)), timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

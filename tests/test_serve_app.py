@@ -63,12 +63,11 @@ def _free_port() -> int:
 
 def _prompt(term: str, context: str = "", lang: str = "en", templates=TEMPLATES) -> str:
     """The prompt of the served model (``templates=None``: the default templates)."""
-    from lm_lexicon.baselines import prompt_of
-    from lm_lexicon.data.prompts import parse_templates
+    from lm_lexicon.data.prompts import parse_templates, record_prompt
     from lm_lexicon.data.records import Record
 
-    return prompt_of(Record(term=term, context=context, definition="", source="api", lang=lang),
-                     parse_templates(templates))
+    return record_prompt(Record(term=term, context=context, definition="", source="api", lang=lang),
+                         parse_templates(templates))
 
 
 @pytest.fixture(scope="module")

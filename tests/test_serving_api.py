@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from lm_lexicon.baselines import prompt_of
+from lm_lexicon.data.prompts import record_prompt
 from lm_lexicon.data.records import Record
 from lm_lexicon.serving.client import ApiClientError, LexiconClient, define_file, read_rows
 from lm_lexicon.serving.config import (DeploymentOptions, PipelineLayout, ServeArgs, generation_settings,
@@ -100,7 +100,7 @@ def test_valid_request_and_prompts_match_the_pipeline():
     for it in req.items:
         record = Record(term=it.term.strip(), context=(it.context or "").strip(), definition="", source="api",
                         lang=it.lang)
-        assert item_prompt(it) == prompt_of(record)
+        assert item_prompt(it) == record_prompt(record)
     assert item_prompt(req.items[0]) == '"the bank of the river" What is the definition of "bank"?'
     assert item_prompt(req.items[2]) == 'What is the definition of "run"?'
 

@@ -28,7 +28,8 @@ import pytest
 
 from lm_lexicon.ray_utils import STOP_TIMEOUT_S
 from micro_pipeline import micro_overrides, private_ray_env
-from test_serve_app import _free_port, pipeline_dir  # noqa: F401 (pipeline_dir is a fixture)
+from process_helpers import free_port, kill_and_wait, process_tree, processes_naming
+from test_serve_app import pipeline_dir  # noqa: F401 (pipeline_dir is a fixture)
 
 pytestmark = pytest.mark.ray
 
@@ -64,20 +65,7 @@ class Run:
 
     def processes(self) -> list:
         """The command's process tree and every process that names its private Ray directory."""
-        found = {}
-        try:
-            root = psutil.Process(self.proc.pid)
-            for p in [root, *root.children(recursive=True)]:
-                found[p.pid] = p
-        except psutil.NoSuchProcess:
-            pass
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(self.private in arg for arg in p.info["cmdline"] or ()):
-                    found[p.pid] = p
-            except psutil.Error:
-                pass
-        return list(found.values())
+        return list({p.pid: p for p in [*process_tree(self.proc.pid), *processes_naming(self.private)]}.values())
 
     def stop(self, sig: int, group: bool = False) -> dict:
         """Send ``sig`` (to the process group: a terminal's Ctrl-C), then wait until every process of the run is gone
@@ -106,13 +94,7 @@ class Run:
                 "survivors": survivors}
 
     def cleanup(self) -> None:
-        leftovers = [p for p in self.processes() if _alive(p)]
-        for p in leftovers:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(leftovers, timeout=20)
+        kill_and_wait([p for p in self.processes() if _alive(p)], timeout=20)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
@@ -150,7 +132,7 @@ def _assert_stopped(report: dict, what: str) -> None:
 
 
 def test_serve_stops_on_sigterm_with_every_process_it_started(tmp_path, pipeline_dir):
-    port = _free_port()
+    port = free_port()
     run = Run([sys.executable, "-c", "from lm_lexicon.cli import app; app()", "serve", str(pipeline_dir),
                "--host", "0.0.0.0", "--port", str(port), "--insecure"], tmp_path)
     try:

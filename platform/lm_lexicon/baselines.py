@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from lm_lexicon.data.prompts import format_prompt
+from lm_lexicon.data.prompts import record_prompt
 from lm_lexicon.data.records import Record
 from lm_lexicon.metrics.bleu import ReferenceSet, sentence_bleu_a, tokenize_a
 
@@ -36,12 +36,6 @@ def as_record(r: Record | Mapping) -> Record:
     if isinstance(r, Mapping):
         return Record.from_dict(dict(r))
     raise TypeError(f"expected a Record or a dict, got {type(r).__name__}")
-
-
-def prompt_of(r: Record, templates=None) -> str:
-    """The prompt the models see for a record (the text that is embedded for retrieval) under ``templates`` (a
-    :class:`~lm_lexicon.data.prompts.PromptTemplates`; None: the defaults)."""
-    return format_prompt(r.term, r.context, r.lang, templates=templates)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,10 +130,10 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 class RetrievalBaseline:
     """Copy the definition of the training record whose prompt is nearest (cosine) to the query prompt.
 
-    ``fit(train_records, embedder)``: embeds every training prompt (:func:`prompt_of`) with ``embedder.encode``
-    (an :class:`lm_lexicon.embed.Embedder`; ``embeddings=`` skips that with precomputed ``[n, d]`` vectors) and
-    builds a faiss ``IndexFlatIP`` over the unit vectors: exact search, inner product = cosine. ``templates``: the
-    prompt templates of the embedded prompts (None: the defaults).
+    ``fit(train_records, embedder)``: embeds every training prompt (:func:`~lm_lexicon.data.prompts.record_prompt`)
+    with ``embedder.encode`` (an :class:`lm_lexicon.embed.Embedder`; ``embeddings=`` skips that with precomputed
+    ``[n, d]`` vectors) and builds a faiss ``IndexFlatIP`` over the unit vectors: exact search, inner product =
+    cosine. ``templates``: the prompt templates of the embedded prompts (None: the defaults).
     """
 
     name = "retrieval"
@@ -160,7 +154,7 @@ class RetrievalBaseline:
         if embeddings is None:
             if embedder is None:
                 raise ValueError("RetrievalBaseline.fit needs an embedder or precomputed embeddings")
-            embeddings = embedder.encode([prompt_of(r, self.templates) for r in self.records])
+            embeddings = embedder.encode([record_prompt(r, self.templates) for r in self.records])
         vecs = _unit_rows(np.asarray(embeddings))  # [n, d]
         if vecs.shape[0] != len(self.records):
             raise ValueError(f"{vecs.shape[0]} embeddings for {len(self.records)} records")
@@ -173,7 +167,7 @@ class RetrievalBaseline:
         if embeddings is None:
             if self.embedder is None:
                 raise ValueError("no embedder: pass the query embeddings")
-            embeddings = self.embedder.encode([prompt_of(r, self.templates) for r in records])
+            embeddings = self.embedder.encode([record_prompt(r, self.templates) for r in records])
         q = _unit_rows(np.asarray(embeddings))  # [m, d]
         if q.shape[0] != len(records):
             raise ValueError(f"{q.shape[0]} query embeddings for {len(records)} records")
@@ -267,8 +261,8 @@ def format_few_shot_prompt(query: Record | Mapping, exemplars: Sequence[Record |
     Retrieval-ICL exemplars come nearest first; reverse them to put the nearest next to the query.
     """
     q = as_record(query)
-    blocks = [f"{prompt_of(e, templates)} {e.definition}" for e in (as_record(x) for x in exemplars)]
-    blocks.append(prompt_of(q, templates))
+    blocks = [f"{record_prompt(e, templates)} {e.definition}" for e in (as_record(x) for x in exemplars)]
+    blocks.append(record_prompt(q, templates))
     return separator.join(blocks)
 
 
@@ -287,9 +281,9 @@ def chat_prompt(tokenizer, query: Record | Mapping, exemplars: Sequence[Record |
         raise ValueError("this tokenizer has no chat template: prompt it in plain text")
     messages = []
     for e in (as_record(x) for x in exemplars):
-        messages += [{"role": "user", "content": prompt_of(e, templates)},
+        messages += [{"role": "user", "content": record_prompt(e, templates)},
                      {"role": "assistant", "content": e.definition}]
-    messages.append({"role": "user", "content": prompt_of(as_record(query), templates)})
+    messages.append({"role": "user", "content": record_prompt(as_record(query), templates)})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -1,16 +1,19 @@
-"""`lm-lexicon`: the command line. Each command is a thin wrapper over a library function."""
+"""`lm-lexicon`: the command line. Each command is a thin wrapper over a library function; the scripts under jobs/
+(what ``ray job submit`` runs) call these commands."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from lm_lexicon.config import ConfigError, load_config
+from lm_lexicon.pipeline import STAGES
 
 app = typer.Typer(help="LM-Lexicon: Split-then-Merge definition modeling on Ray.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -20,6 +23,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 # A pipe or a CI log is not 80 columns wide in spirit: keep the tables readable there.
 console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True)
 
 _options = {"verbose": False}
 
@@ -36,12 +40,43 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (default: the
 OverridesArg = typer.Argument(None, help="Overrides: section.field=value ...")
 
 
+def _recipe_option(default: str, help: str = "YAML recipe."):
+    return typer.Option(Path(default), "--config", "-c", help=help)
+
+
+def say(message: str) -> None:
+    """A line as it is: no markup, no highlighting, never wrapped (a path stays whole)."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def say_error(message: str) -> None:
+    """One line on stderr (red on a terminal)."""
+    err_console.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+
+
 def _config(path: Optional[Path], overrides: Optional[List[str]]):
+    """The recipe with its overrides, or its error in one line on stderr and exit 2."""
     try:
         return load_config(path, overrides or [])
     except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2)
+        _usage_error(str(e))
+
+
+def _comma_list(text: Optional[str]) -> tuple[str, ...]:
+    return tuple(s for s in (text or "").split(",") if s)
+
+
+def _usage_error(message: str) -> NoReturn:
+    say_error(message)
+    raise typer.Exit(2)
+
+
+def _int_list(text: str) -> list[int]:
+    """Comma-separated whole numbers (spaces allowed), or the parse error in one line and exit 2."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        _usage_error(str(e))
 
 
 def _load_corpus(cfg):
@@ -157,7 +192,7 @@ def data_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
               prompts: bool = typer.Option(False, help="Show the formatted prompt (the recipe's templates) instead of "
                                                        "the raw context.")) -> None:
     """Print a few rows of a split."""
-    from lm_lexicon.data.prompts import PromptTemplates, format_prompt
+    from lm_lexicon.data.prompts import PromptTemplates, record_prompt
 
     if split not in ("train", "valid", "test"):
         console.print(f"[red]unknown split {split!r}; expected train, valid or test[/red]")
@@ -171,30 +206,104 @@ def data_show(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
         table.add_column(col, overflow="fold")
     templates = PromptTemplates.from_config(cfg)
     for r in rows[:n]:
-        shown = format_prompt(r.term, r.context, r.lang, templates=templates) if prompts else r.context
+        shown = record_prompt(r, templates) if prompts else r.context
         table.add_row(r.term, shown, r.definition, r.source)
     console.print(table)
 
 
-def _run_stages(config, overrides, stages: tuple[str, ...], force: bool):
+@contextlib.contextmanager
+def _pipeline_run(cfg, stages: Optional[tuple[str, ...]], force: tuple[str, ...], verbose: bool,
+                  stop: Optional[dict] = None, announce: bool = False):
     """Run stages under the quiet terminal (:mod:`lm_lexicon.console`): the project's lines and bars here, every
-    library's output in <output_dir>/logs/pipeline.log (``lm-lexicon --verbose ...`` shows it live too)."""
+    library's output in <output_dir>/logs/pipeline.log (``--verbose`` shows it live too). Yields (terminal, results).
+
+    Exit 2 with the message for bad input, 1 with one line (the traceback in the log) for any other failure, and,
+    inside :func:`~lm_lexicon.ray_utils.clean_exit` (``stop``), 128 + the signal when interrupted."""
     from lm_lexicon.console import pipeline_terminal
     from lm_lexicon.pipeline import run_pipeline
+    from lm_lexicon.ray_utils import STOP_TIMEOUT_S
     from lm_lexicon.seed_models import SeedUnavailable
 
-    cfg = _config(config, overrides)
-    with pipeline_terminal(cfg.output_dir, verbose=_options["verbose"]) as term:
+    with pipeline_terminal(cfg.output_dir, verbose=verbose) as term:
+        if announce:
+            term.line(f"lm-lexicon pipeline {cfg.name!r}: logs of Ray, Tune, transformers and MLflow go to "
+                      f"{term.log_path}" + ("" if verbose else " (--verbose shows them)"))
         try:
-            results = run_pipeline(cfg, stages=stages, force=stages if force else (), log=term.line)
+            results = run_pipeline(cfg, stages=stages, force=force, log=term.line)
+        except KeyboardInterrupt:
+            if stop is None:
+                raise
+            term.notice("error", f"interrupted ({stop['signal'] or 'SIGINT'}): stopping every process of the run "
+                                 f"(at most {STOP_TIMEOUT_S:.0f} s); a re-run resumes after the last finished stage")
+            raise typer.Exit(stop["exit_code"])
         except (ValueError, SeedUnavailable) as e:  # bad input (empty split, N > rows, a missing package, ...)
             term.err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True, style="bold red")
             raise typer.Exit(2)
-        except Exception as e:
+        except Exception as e:  # one line here, the traceback in the log
             term.fail(e)
             raise typer.Exit(1)
+        yield term, results
+
+
+def _run_stages(config, overrides, stages: tuple[str, ...], force: bool):
+    """One stage (and those it needs) for a stage command; its tables are printed after the terminal closed."""
+    cfg = _config(config, overrides)
+    with _pipeline_run(cfg, stages, stages if force else (), _options["verbose"]) as (term, results):
         term.line(term.summary())
     return cfg, results
+
+
+@app.command("run")
+def run_cmd(config: Path = _recipe_option("configs/tiny.yaml"), overrides: Optional[List[str]] = OverridesArg,
+            stages: Optional[str] = typer.Option(None, help=f"Comma-separated subset of {','.join(STAGES)}."),
+            force: str = typer.Option("", help="Comma-separated stages to recompute even if finished."),
+            verbose: bool = typer.Option(False, "--verbose", "-v",
+                                         help="Also show Ray's, Tune's, transformers' and MLflow's logs live (they "
+                                              "always go to <output_dir>/logs/pipeline.log).")) -> None:
+    """Run the whole pipeline: data, partition, experts, merge, evaluate, export (resumable).
+
+    A re-run skips the finished stages. Ctrl-C or SIGTERM stops every process of the run within 30 s.
+    `ray job submit -- python jobs/pipeline.py` runs this command."""
+    from lm_lexicon.ray_utils import clean_exit
+
+    cfg = _config(config, overrides)
+    verbose = verbose or _options["verbose"]
+    with clean_exit() as stop:  # SIGTERM / Ctrl-C: every process the run started is gone within STOP_TIMEOUT_S
+        with _pipeline_run(cfg, _comma_list(stages) or None, _comma_list(force), verbose, stop,
+                           announce=True) as (term, results):
+            print_summary(cfg, results, term.console)
+            term.line(f"pipeline finished in {results['_seconds']:.1f}s; artifacts under "
+                      f"{Path(cfg.output_dir).resolve()}; {term.summary()}")
+
+
+def print_summary(cfg, results: dict, out: Console) -> None:
+    """The evaluation's headline table and example lines (or the data statistics when the run stopped before
+    evaluate)."""
+    if "evaluate" in results:
+        from lm_lexicon.stages.evaluate import example_rows
+
+        ev = results["evaluate"]
+        headline = ev.summary["headline"]
+        metrics = sorted({m for res in headline.values() for m in res})
+        table = Table(title=f"{cfg.name}: {ev.summary['split']} split, {ev.summary['n_rows']} rows")
+        table.add_column("model")
+        for m in metrics:
+            table.add_column(m, justify="right")
+        for model, res in headline.items():
+            table.add_row(model, *[f"{res[m]:.2f}" if res.get(m) is not None else "skipped" for m in metrics])
+        out.print(table)
+        examples = example_rows(ev.path)
+        if examples:
+            shown = Table(title="What the models write (5 test lines spread over the sample)", show_lines=True)
+            for column in examples[0]:
+                shown.add_column(column, overflow="fold")
+            for row in examples:
+                shown.add_row(*[str(v) for v in row.values()])
+            out.print(shown)
+        out.print(f"report: {ev.path / 'report.html'} (markdown: {ev.path / 'report.md'})", markup=False,
+                  highlight=False, soft_wrap=True)
+    elif "data" in results:
+        print_stats(results["data"].summary["stats"], out=out)
 
 
 @app.command("partition")
@@ -256,6 +365,16 @@ def merge_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]]
                   + (f"; fine-tune {ft.get('steps')} steps, valid loss {ft.get('valid_loss')}" if ft else ""))
 
 
+@app.command("evaluate")
+def evaluate_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
+                 force: bool = typer.Option(False, help="Re-evaluate even if a finished stage matches.")) -> None:
+    """Evaluate the MoE, the dense model and the baselines on the recipe's split (earlier stages run first if needed).
+
+    Prints the headline table and a few example lines; writes report.html and report.md."""
+    cfg, results = _run_stages(config, overrides, ("evaluate",), force)
+    print_summary(cfg, results, console)
+
+
 EXPORT_FORMATS = ("hf", "gguf")
 
 
@@ -297,6 +416,73 @@ def _export_gguf(cfg, export_dir: Path, dtype: str, metadata: Optional[Path]) ->
         raise typer.Exit(2)
     console.print(f"gguf: {export_dir / 'gguf'} ({manifest['n_domains']} domains, {manifest['dtype']}; "
                   f"README.md there says how to run them)", markup=False, highlight=False)
+
+
+@app.command("scan")
+def scan_cmd(config: Path = _recipe_option("configs/tiny.yaml", "YAML recipe (the base of every trial)."),
+             overrides: Optional[List[str]] = typer.Argument(None, help="section.field=value, applied to every trial."),
+             ns: str = typer.Option("1,2,4,8", help="Comma-separated expert counts."),
+             out: Optional[Path] = typer.Option(None, help="Scan directory (default: <output_dir>-scan)."),
+             max_concurrent: int = typer.Option(1, help="Trials at once."),
+             trial_cpus: float = typer.Option(0.0, help="CPUs the trial actor itself reserves.")) -> None:
+    """Scan the number of experts with Ray Tune (paper Fig. 5): one whole pipeline per N.
+
+    Each trial is evaluated on the validation split; writes scan.md, scan.png and scan.json under --out. On a 2-CPU
+    machine keep --max-concurrent 1 (a trial's stages need both CPUs). `ray job submit -- python
+    jobs/tune_experts.py` runs this command."""
+    from lm_lexicon.experiments import expert_count_scan
+    from lm_lexicon.ray_utils import STOP_TIMEOUT_S, clean_exit
+
+    cfg = _config(config, overrides)
+    counts = _int_list(ns)
+    if not counts or min(counts) < 1:
+        _usage_error(f"--ns must list expert counts >= 1, got {ns!r}")
+    out = Path(out or f"{cfg.output_dir}-scan")
+    with clean_exit() as stop:  # SIGTERM / Ctrl-C: the trials' pipelines and Ray are gone within STOP_TIMEOUT_S
+        try:
+            result = expert_count_scan(str(config), overrides or [], counts, out, max_concurrent_trials=max_concurrent,
+                                       trial_cpus=trial_cpus, name=cfg.name)
+        except KeyboardInterrupt:
+            say_error(f"scan interrupted ({stop['signal'] or 'SIGINT'}): stopping its trials and Ray (at most "
+                      f"{STOP_TIMEOUT_S:.0f} s); finished trials are under {out.resolve()}")
+            raise typer.Exit(stop["exit_code"])
+    say(f"scan of N={counts} finished: {out.resolve() / 'scan.md'}, plot {out.resolve() / 'scan.png'}")
+    raise typer.Exit(0 if result["rows"] else 1)
+
+
+ABLATION_STUDIES = ("partition", "routing", "features")
+
+
+@app.command("ablate")
+def ablate_cmd(config: Path = _recipe_option("configs/ablation.yaml"),
+               overrides: Optional[List[str]] = typer.Argument(None, help="section.field=value, applied to every arm."),
+               study: str = typer.Option("all", help="partition, routing, features or all (all three, in that "
+                                                     "order)."),
+               seeds: str = typer.Option("21,42,84", help="Comma-separated seeds (paper: 21, 42, 84)."),
+               metrics: str = typer.Option("bleu_a,rouge_l", help="Metrics in the tables."),
+               out: Optional[Path] = typer.Option(None, help="Ablation directory (default: <output_dir>-ablation)."),
+               keep_weights: bool = typer.Option(False, help="Keep every arm's model weights (default: delete them "
+                                                             "once the arm is evaluated).")) -> None:
+    """Run the paper's ablations: partition method, routing policy, cluster features (over seeds).
+
+    Partition method (Table 3), routing policy (Table 4) and what the clusters are made of, with mean ± std and a
+    paired permutation test against the default arm. Writes {study}.md, .png and .json under --out; a re-run skips
+    finished arms. `ray job submit -- python jobs/ablate.py` runs this command."""
+    from lm_lexicon.experiments import run_ablation
+
+    if study not in (*ABLATION_STUDIES, "all"):
+        _usage_error(f"--study must be one of {', '.join(ABLATION_STUDIES)} or all, got {study!r}")
+    cfg = _config(config, overrides)
+    seed_list = _int_list(seeds)
+    if not seed_list:
+        _usage_error("--seeds is empty")
+    out = Path(out or f"{cfg.output_dir}-ablation")
+    studies = list(ABLATION_STUDIES) if study == "all" else [study]
+    for name in studies:
+        # the default partition arm's experts feed the routing arms: kept until the routing study has used them
+        run_ablation(name, str(config), overrides or [], seed_list, out, metrics=list(_comma_list(metrics)),
+                     keep_weights=keep_weights, keep_shared_upstream=name == "partition" and "routing" in studies)
+    say(f"ablations finished: {', '.join(str(out.resolve() / f'{s}.md') for s in studies)}")
 
 
 @config_app.command("show")
@@ -358,20 +544,19 @@ def serve_cmd(
         overrides.setdefault("expert", {})["max_batch_size"] = max_batch_size
     if auth_token_env is not None:
         overrides["auth_token_env"] = auth_token_env
-    show = lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     code = 0
     with clean_exit(STOP_TIMEOUT_S) as stop:
         try:
             serve_local(output_dir, host=host, port=port, overrides=overrides, address=address,
-                        local_resources=not reserve_cpus, insecure=insecure, log=show)
+                        local_resources=not reserve_cpus, insecure=insecure, log=say)
         except KeyboardInterrupt:  # during start-up (serve_local handles it once serving)
-            show("interrupted; shutting down")
+            say("interrupted; shutting down")
         except (FileNotFoundError, ValueError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
             console.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
             code = 2
     done = stop["stopped"]
     if done and done["owned_ray"]:
-        show(f"stopped: Ray shut down and {done['terminated']} leftover processes ended ({done['killed']} needed "
+        say(f"stopped: Ray shut down and {done['terminated']} leftover processes ended ({done['killed']} needed "
              f"SIGKILL) in {done['seconds']:.1f} s")
     if code:
         raise typer.Exit(code)
@@ -530,6 +715,11 @@ def _define_batch(client, input_path: Path, output_path: Optional[Path], fmt: st
             table.add_row(str(r.line), r.reason)
         console.print(table)
     raise typer.Exit(0 if s.defined or not s.rows else 1)
+
+
+def job_main(command: str) -> None:
+    """What a script under jobs/ runs: ``python jobs/<script>.py ARGS`` is ``lm-lexicon COMMAND ARGS``."""
+    app(args=[command, *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -314,7 +314,7 @@ class DefinitionGenerator:
 
     def record_prompts(self, records: Sequence) -> list[str]:
         """The prompts of ``records`` under this model's templates: what it was trained on."""
-        from lm_lexicon.train import record_prompt
+        from lm_lexicon.data.prompts import record_prompt
 
         return [record_prompt(r, self.templates) for r in records]
 
@@ -566,8 +566,7 @@ def generate_split(records: Sequence, model_path: str | Path, settings: "Generat
     ``templates``: the prompt templates of the training prompts (default: the ones saved with the model; give them
     for a model that has none, e.g. the untrained seed asked in a run's training format).
     """
-    from lm_lexicon.data.prompts import PromptTemplates, parse_templates
-    from lm_lexicon.train import record_prompt
+    from lm_lexicon.data.prompts import PromptTemplates, parse_templates, record_prompt
 
     records = list(records)
     settings = GenerationSettings.from_any(settings)

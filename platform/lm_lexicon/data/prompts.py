@@ -1,8 +1,8 @@
 """Prompt templates: the one place where a record becomes the text a model is conditioned on.
 
-Training (:func:`lm_lexicon.train.record_prompt`), the partition's prompt embeddings, retrieval and ICL baselines
-(:func:`lm_lexicon.baselines.prompt_of`), generation and serving all call :func:`format_prompt` with
-``(term, context, lang, templates=...)``, so a record gets the same prompt everywhere.
+Training, generation, the reward model, the partition's prompt embeddings and the retrieval and ICL baselines all
+call :func:`record_prompt`, and serving :func:`format_prompt` (which it calls) with ``(term, context, lang,
+templates=...)``, so a record gets the same prompt everywhere.
 
 Defaults (shared/DESIGN.md §2):
 
@@ -40,11 +40,12 @@ an argument; there is no process-wide state.
 from __future__ import annotations
 
 import json
-import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
+
+from lm_lexicon._util import atomic_write_text
 
 LANGUAGE_NAMES = {"en": "English", "es": "Spanish", "fr": "French", "pt": "Portuguese", "de": "German",
                   "it": "Italian", "nl": "Dutch"}
@@ -126,10 +127,7 @@ class PromptTemplates:
                              for lang, t in sorted(self._by_lang.items())},
                "fields": {"term": "the headword", "context": "the usage example (empty: the term_only template)",
                           "language": "the English name of the language"}}
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "PromptTemplates":

@@ -131,3 +131,26 @@ def read_jsonl(path: str | Path) -> Iterator[Record]:
                 yield Record.from_dict(json.loads(line))
             except (json.JSONDecodeError, TypeError) as e:
                 raise LoadError(path, f"not a record: {e}", line=i) from e
+
+
+def write_parquet(records: Iterable[Record], domains: Iterable[int], path: str | Path) -> None:
+    """Write records with the domain of each (a ``domain`` column beside the record fields): the partition's files."""
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame([r.to_dict() for r in records])
+    frame["domain"] = np.asarray(domains).astype(np.int64)
+    frame.to_parquet(path, index=False)
+
+
+def records_from_parquet(files: Iterable[str | Path], domain: Optional[int] = None) -> tuple[list[Record], list[int]]:
+    """The records of files written by :func:`write_parquet`, in file order, and their domains; ``domain``: only
+    that domain's rows. A missing value (NaN in pandas, e.g. an absent ``pos``) becomes None."""
+    import pandas as pd
+
+    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    if domain is not None:
+        frame = frame[frame["domain"] == domain]
+    records = [Record.from_dict({k: (None if v != v else v) for k, v in row.items()})  # NaN != NaN
+               for row in frame.drop(columns=["domain"]).to_dict("records")]
+    return records, frame["domain"].astype(int).tolist()

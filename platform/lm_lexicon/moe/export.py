@@ -33,9 +33,9 @@ from lm_lexicon.moe.ffn_spec import LLAMA, get_spec
 from lm_lexicon.moe.hf_registration import SECTION
 from lm_lexicon.moe.merge import (
     DEFAULT_MAX_SHARD_SIZE,
-    AtomicDirectory,
     PlannedTensor,
     SafetensorsCheckpoint,
+    atomic_directory,
     copy_tokenizer_files,
     write_sharded,
 )
@@ -104,7 +104,7 @@ def export_collapsed(moe_dir: str | Path, out_dir: str | Path, *, domains: Optio
     router_src = moe_dir / (section.get("router_dir") or "router")
     templates = PromptTemplates.load(moe_dir)
     entries = []
-    with AtomicDirectory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite) as tmp:
         for d in domains:
             ddir = tmp / f"domain-{d}"
             ddir.mkdir()
@@ -194,7 +194,7 @@ def export_mixtral(moe_dir: str | Path, out_dir: str | Path, *, force_policy: bo
             module, _, leaf = rel.rpartition(".")
             name = f"{spec.layers_path}.{layer}.block_sparse_moe.experts.{expert}.{MIXTRAL_NAMES[module]}.{leaf}"
         plan.append(PlannedTensor(name, ckpt.shape(key), ckpt.dtype(key), _reader(ckpt, key)))
-    with AtomicDirectory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite) as tmp:
         write_sharded(plan, tmp, max_shard_size, metadata={"lm_lexicon": EXPORT_FORMAT})
         config.save_pretrained(str(tmp))
         copy_tokenizer_files(moe_dir, tmp)

@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Optional
 from lm_lexicon.data.prompts import LANGUAGE_NAMES, PromptTemplates
 from lm_lexicon.moe.export import COLLAPSED_FORMAT, COLLAPSED_MANIFEST
 from lm_lexicon.moe.gguf import GGUF_DTYPES, write_gguf
-from lm_lexicon.moe.merge import AtomicDirectory
+from lm_lexicon.moe.merge import atomic_directory
 
 GGUF_FORMAT = "lm-lexicon-gguf"
 GGUF_MANIFEST = "gguf.json"
@@ -90,7 +90,7 @@ def export_gguf(collapsed_dir: str | Path, out_dir: str | Path, *, metadata_sour
     generation = {**DEFAULT_GENERATION, **dict(generation or {})}
     eos = _eos_token(collapsed_dir / collapsed["domains"][0]["path"])
     entries = []
-    with AtomicDirectory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite) as tmp:
         for entry in collapsed["domains"]:
             d = int(entry["domain"])
             name = f"domain-{d}.gguf"

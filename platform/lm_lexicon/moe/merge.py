@@ -13,10 +13,10 @@ For experts fine-tuned from one seed (same architecture, same tensor names and s
   (``gate_init_effective``). Under ``domain`` routing the gate is unused; it is written anyway so the checkpoint
   can later be fine-tuned with another policy (or calibrated: :func:`lm_lexicon.moe.model.calibrate_gates`).
 
-Memory: tensors are read one at a time (seek + read, not a memory map: see :class:`SafetensorsCheckpoint`) and the
-output is written shard by shard (``max_shard_size``, default 2 GB), so the peak is about one output shard (twice,
-while safetensors serialises it) plus the tensor being averaged, never N models. Nothing is unpickled: experts must
-be safetensors.
+Memory: tensors are read one at a time (a file is mapped only while one tensor is copied out: see
+:class:`SafetensorsCheckpoint`) and the output is written shard by shard (``max_shard_size``, default 2 GB), so the
+peak is about one output shard (twice, while safetensors serialises it) plus the tensor being averaged, never N
+models. Nothing is unpickled: experts must be safetensors.
 
 Validation happens before anything is written: same ``model_type`` and architecture fields in ``config.json``
 (dropout, name and version fields may differ), same tensor names, shapes and dtypes, same tokenizer files. A
@@ -32,22 +32,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lm_lexicon.data.prompts import PromptTemplates
 from lm_lexicon.moe.ffn_spec import MOE_PREFIX, FFNSpec, has_ffn_bias, spec_for_config
 from lm_lexicon.moe.hf_registration import ARCHITECTURE, MODEL_TYPE, ROUTING_POLICIES, SECTION
-from lm_lexicon._util import sha256_file
+from lm_lexicon._util import sha256_file, written_atomically
 
 MERGE_FORMAT = "lm_lexicon.moe.merge/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -80,9 +78,9 @@ class ExpertMismatchError(ValueError):
 class SafetensorsCheckpoint:
     """Tensor-by-tensor access to the safetensors weights of one ``save_pretrained`` directory (sharded or not).
 
-    Reads the safetensors header (JSON) and then each tensor's bytes with an explicit ``seek`` + ``read``, instead of
-    ``safe_open``'s memory map: a mapped file stays resident (and is counted in the process's RSS) once read, so
-    merging N experts through mmap would show N experts' worth of memory. Here only the tensor being used is held.
+    Each :meth:`get` opens its file with ``safe_open``, copies the one tensor out and closes the file again: a memory
+    map left open stays resident (and is counted in the process's RSS) once read, so merging N experts through open
+    maps would show N experts' worth of memory. Here only the tensor being used is held.
     """
 
     def __init__(self, directory: str | Path):
@@ -97,39 +95,27 @@ class SafetensorsCheckpoint:
             pickled = sorted(p.name for p in self.directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             hint = f" (it holds pickled weights {pickled}, which are never loaded)" if pickled else ""
             raise FileNotFoundError(f"{self.directory}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}{hint}")
-        self._entries: dict[str, tuple[Path, int, int, str, tuple[int, ...]]] = {}  # key -> file, start, end, dtype, shape
+        self._entries: dict[str, tuple[Path, str, tuple[int, ...]]] = {}  # key -> file, dtype, shape
         for name in files:
             path = self.directory / name
-            with open(path, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len))
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                self._entries[key] = (path, 8 + header_len + begin, 8 + header_len + end, info["dtype"],
-                                      tuple(info["shape"]))
+            with safe_open(path, framework="pt") as f:
+                for key in f.offset_keys():  # the file's order (keys() sorts them)
+                    info = f.get_slice(key)
+                    self._entries[key] = (path, info.get_dtype(), tuple(info.get_shape()))
         self.weight_map = {key: entry[0].name for key, entry in self._entries.items()}
 
     def keys(self) -> list[str]:
         return list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][4]
+        return self._entries[key][2]
 
     def dtype(self, key: str) -> torch.dtype:
-        return _ST_DTYPES[self._entries[key][3]]
+        return _ST_DTYPES[self._entries[key][1]]
 
     def get(self, key: str) -> torch.Tensor:
-        path, start, end, dtype, shape = self._entries[key]
-        buf = bytearray(end - start)
-        with open(path, "rb") as f:
-            f.seek(start)
-            if f.readinto(buf) != len(buf):
-                raise OSError(f"{path}: truncated tensor {key}")
-        if not buf:
-            return torch.empty(shape, dtype=_ST_DTYPES[dtype])
-        return torch.frombuffer(buf, dtype=_ST_DTYPES[dtype]).reshape(shape)  # safetensors data is little-endian
+        with safe_open(self._entries[key][0], framework="pt") as f:
+            return f.get_tensor(key)
 
 
 def read_config(directory: str | Path) -> dict:
@@ -213,28 +199,13 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-class AtomicDirectory:
-    """Build a directory in a temporary sibling and rename it into place on success."""
-
-    def __init__(self, out_dir: str | Path, overwrite: bool):
-        self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not overwrite:
-            raise FileExistsError(f"{self.out_dir} exists; pass overwrite=True to replace it")
-        self.overwrite = overwrite
-
-    def __enter__(self) -> Path:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.writing-", dir=self.out_dir.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        os.rename(self.tmp, self.out_dir)
-        return False
+def atomic_directory(out_dir: str | Path, overwrite: bool):
+    """Build a directory in a temporary sibling and rename it into place on success (a context manager yielding the
+    sibling); an existing ``out_dir`` is a FileExistsError unless ``overwrite``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    return written_atomically(out_dir)
 
 
 # =================================================================================================== validation
@@ -361,7 +332,7 @@ def merge_experts(expert_dirs: Sequence[str | Path], out_dir: str | Path, *, rou
     }
     if provenance:
         section["provenance"] = provenance
-    with AtomicDirectory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite) as tmp:
         if router_obj is not None:
             router_obj.save(tmp / "router")
             templates.save(tmp / "router")

@@ -15,9 +15,9 @@ Error body: ``{"error": {"status": 422, "code": "validation_error", "message": "
 empty", "details": [{"loc": ["items", 0, "term"], "msg": "must not be empty"}]}}``.
 
 Prompts are built here (:func:`item_prompt`) by the same function the pipeline uses
-(:func:`lm_lexicon.data.prompts.format_prompt`, what :func:`lm_lexicon.baselines.prompt_of` calls) with the templates
-saved with the served experts, so routing and generation see exactly the prompt string the offline router and
-evaluation see.
+(:func:`lm_lexicon.data.prompts.format_prompt`, what :func:`lm_lexicon.data.prompts.record_prompt` calls) with the
+templates saved with the served experts, so routing and generation see exactly the prompt string the offline router
+and evaluation see.
 """
 from __future__ import annotations
 

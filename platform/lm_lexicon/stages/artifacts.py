@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from lm_lexicon._util import written_atomically
+
 MARKER = "_SUCCESS.json"
 
 
@@ -91,24 +93,18 @@ def run_stage(name: str, path: str | Path, fp: str, fn: Callable[[Path], dict], 
     if done is not None:
         log(f"[{name}] reusing {path} (finished {done.get('provenance', {}).get('finished_at', '?')})")
         return StageResult(name, path, fp, True, 0.0, done.get("summary", {}))
-    tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    log(f"[{name}] running -> {path}")
-    t0 = time.perf_counter()
-    summary = fn(tmp) or {}
-    seconds = time.perf_counter() - t0
-    if cfg is not None:
-        from lm_lexicon.config import dump_config
+    # a failure leaves <name>.partial (the next run clears it); a stage linked from another run (ablations link
+    # unchanged upstream stages) is unlinked, not followed, when this one replaces it
+    with written_atomically(path, ".partial") as tmp:
+        log(f"[{name}] running -> {path}")
+        t0 = time.perf_counter()
+        summary = fn(tmp) or {}
+        seconds = time.perf_counter() - t0
+        if cfg is not None:
+            from lm_lexicon.config import dump_config
 
-        dump_config(cfg, tmp / "config.yaml")
-    (tmp / MARKER).write_text(json.dumps({"stage": name, "fingerprint": fp, "seconds": round(seconds, 2),
-                                          "summary": summary, "provenance": _provenance()}, indent=2))
-    if path.is_symlink():  # a stage shared from another run (ablations link unchanged upstream stages): unlink only
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+            dump_config(cfg, tmp / "config.yaml")
+        (tmp / MARKER).write_text(json.dumps({"stage": name, "fingerprint": fp, "seconds": round(seconds, 2),
+                                              "summary": summary, "provenance": _provenance()}, indent=2))
     log(f"[{name}] done in {seconds:.1f}s")
     return StageResult(name, path, fp, False, seconds, summary)

@@ -254,12 +254,11 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
                       log=print):
     def build(work: Path) -> dict:
         import numpy as np
-        import pandas as pd
 
         from lm_lexicon.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_chat_prompts,
                                           build_icl_prompts, chat_prompt)
         from lm_lexicon.data.prompts import PromptTemplates
-        from lm_lexicon.data.records import Record, read_jsonl
+        from lm_lexicon.data.records import read_jsonl, records_from_parquet
         from lm_lexicon.embed import Embedder
         from lm_lexicon.generate import GenerationSettings, generate_split
         from lm_lexicon.metrics import breakdown, compute_metrics
@@ -270,10 +269,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
 
         ev = cfg.evaluate
         split = ev.split
-        frame = pd.read_parquet(partition_dir / f"{split}.parquet")
-        all_rows = [Record.from_dict({k: (None if v != v else v) for k, v in row.items()})
-                    for row in frame.drop(columns=["domain"]).to_dict("records")]
-        all_domains = frame["domain"].astype(int).tolist()
+        all_rows, all_domains = records_from_parquet([partition_dir / f"{split}.parquet"])
         records, domains = _sample(all_rows, all_domains, ev.max_rows, cfg.data.seed)
         if not records:
             raise ValueError(f"the {split} split is empty: nothing to evaluate")
@@ -480,19 +476,14 @@ def _max_positions(model_path: Path) -> int:
 
 def _partition_rows(partition_dir: Path, split: str, n: Optional[int], seed: int):
     """A seeded sample of ``n`` rows of a split: (records, domains, references), the references of a record being
-    every definition of its headword in the split (Protocol A's grouping). Train: the domain files; else
-    split.parquet."""
-    import pandas as pd
-
-    from lm_lexicon.data.records import Record
+    every definition of its headword in the split (Protocol A's grouping)."""
+    from lm_lexicon.data.records import records_from_parquet
     from lm_lexicon.metrics.bleu import headword_key, headword_references
+    from lm_lexicon.stages.partition import split_files
 
-    files = sorted(partition_dir.glob("domain_*.parquet")) if split == "train" else [partition_dir / f"{split}.parquet"]
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    rows = [Record.from_dict({k: (None if v != v else v) for k, v in row.items()})
-            for row in frame.drop(columns=["domain"]).to_dict("records")]
+    rows, row_domains = records_from_parquet(split_files(partition_dir, split))
     groups = headword_references(rows)
-    records, domains = _sample(rows, frame["domain"].astype(int).tolist(), n, seed)
+    records, domains = _sample(rows, row_domains, n, seed)
     return records, domains, [groups[headword_key(vars(r))] for r in records]
 
 
@@ -523,10 +514,10 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
     """Reward model on the policy's own samples, then BoN on the test sample; returns (prediction rows, report)."""
     from lm_lexicon.best_of_n import (candidate_metric_scores, language_filter_report, language_keep_mask, rerank,
                                       sample_definitions, train_outcome_reward_model)
+    from lm_lexicon.data.prompts import record_prompt
     from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, generate_split
     from lm_lexicon.metrics import MetricUnavailable
     from lm_lexicon.reward import oracle_best_of_n, plot_bon_curve
-    from lm_lexicon.train import record_prompt
 
     ev = cfg.evaluate
     name = ev.bon_model

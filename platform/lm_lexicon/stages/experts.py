@@ -43,24 +43,17 @@ TRIAL_CPUS = 0.01  # what a job's Tune trial (which only waits on its TorchTrain
 
 def _job_records(partition_dir: Path, job: dict, split: str):
     """Training rows of a job (its domain, or every domain for the dense model) and its validation rows."""
-    import pandas as pd
-
-    from lm_lexicon.data.records import Record
+    from lm_lexicon.data.records import records_from_parquet
+    from lm_lexicon.stages.partition import split_files
 
     if split == "train":
-        files = sorted(partition_dir.glob("domain_*.parquet"))
-        if job["domain"] is not None:
-            files = [partition_dir / f"domain_{job['domain']}.parquet"]
-        df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    else:
-        path = partition_dir / f"{split}.parquet"
-        if not path.exists():
-            return []
-        df = pd.read_parquet(path)
-        if job["domain"] is not None:
-            df = df[df["domain"] == job["domain"]]
-    return [Record.from_dict({k: (None if v != v else v) for k, v in row.items()})  # NaN -> None
-            for row in df.drop(columns=["domain"]).to_dict("records")]
+        files = (split_files(partition_dir, split) if job["domain"] is None
+                 else [partition_dir / f"domain_{job['domain']}.parquet"])
+        return records_from_parquet(files)[0]
+    path = partition_dir / f"{split}.parquet"
+    if not path.exists():
+        return []
+    return records_from_parquet([path], domain=job["domain"])[0]
 
 
 def train_worker(loop_cfg: dict) -> None:

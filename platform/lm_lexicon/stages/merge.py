@@ -21,19 +21,11 @@ from lm_lexicon.train.ray_worker import TrainJob, WorkerContext, collect_final_m
 
 
 def _rows_with_domains(partition_dir: Path, split: str):
-    import pandas as pd
+    from lm_lexicon.data.records import records_from_parquet
+    from lm_lexicon.stages.partition import split_files
 
-    from lm_lexicon.data.records import Record
-
-    files = sorted(partition_dir.glob("domain_*.parquet")) if split == "train" else [partition_dir / f"{split}.parquet"]
-    files = [f for f in files if f.exists()]
-    if not files:
-        return [], []
-    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    domains = df["domain"].astype(int).tolist()
-    records = [Record.from_dict({k: (None if v != v else v) for k, v in row.items()})
-               for row in df.drop(columns=["domain"]).to_dict("records")]
-    return records, domains
+    files = [f for f in split_files(partition_dir, split) if f.exists()]
+    return records_from_parquet(files) if files else ([], [])
 
 
 def finetune_worker(loop_cfg: dict) -> None:

@@ -95,12 +95,10 @@ def embed_on_ray(prompts: list[str], embed_cfg, torch_threads: int | None = None
     return out
 
 
-def _records_frame(records, domains: np.ndarray):
-    import pandas as pd
-
-    df = pd.DataFrame([r.to_dict() for r in records])
-    df["domain"] = domains.astype(np.int64)
-    return df
+def split_files(partition_dir: Path, split: str) -> list[Path]:
+    """Where a split's rows are (:func:`~lm_lexicon.data.records.records_from_parquet` reads them): train's in one
+    file per domain, valid's and test's in one file."""
+    return sorted(partition_dir.glob("domain_*.parquet")) if split == "train" else [partition_dir / f"{split}.parquet"]
 
 
 def _actor_threads(resources, num_actors: int) -> tuple[int | None, float]:
@@ -126,7 +124,8 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
     def build(work: Path) -> dict:
         from lm_lexicon import cluster_report
         from lm_lexicon.data.corpus import read_saved_corpus
-        from lm_lexicon.data.prompts import PromptTemplates, format_prompt
+        from lm_lexicon.data.prompts import PromptTemplates, record_prompt
+        from lm_lexicon.data.records import write_parquet
         from lm_lexicon.partition import label_agreement, partition
         from lm_lexicon.ray_utils import init_ray, quiet_ray_data
 
@@ -143,7 +142,7 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
 
         held_out = {s: rows for s, rows in splits.items() if s != "train" and rows}
         templates = PromptTemplates.from_config(cfg)
-        texts = {("prompt", s): [format_prompt(r.term, r.context, r.lang, templates=templates) for r in rows]
+        texts = {("prompt", s): [record_prompt(r, templates) for r in rows]
                  for s, rows in [("train", train), *held_out.items()]}
         if pc.features != "prompt":  # the validation definitions give the classifier's held-out answers
             texts.update({("definition", s): [r.definition for r in rows]
@@ -197,11 +196,11 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
         sizes = np.bincount(labels, minlength=n_clusters)
         for d in range(n_clusters):
             idx = np.flatnonzero(labels == d)
-            _records_frame([train[i] for i in idx], labels[idx]).to_parquet(work / f"domain_{d}.parquet", index=False)
+            write_parquet([train[i] for i in idx], labels[idx], work / f"domain_{d}.parquet")
         held_out_sizes = {}
         for s in held_out:
             dom = route(s) if result.routable else np.zeros(len(held_out[s]), dtype=np.int64)
-            _records_frame(held_out[s], dom).to_parquet(work / f"{s}.parquet", index=False)
+            write_parquet(held_out[s], dom, work / f"{s}.parquet")
             held_out_sizes[s] = np.bincount(dom, minlength=n_clusters).tolist()
 
         agreement = {"source": label_agreement(labels, [r.source for r in train]),

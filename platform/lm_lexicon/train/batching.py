@@ -6,8 +6,9 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from lm_lexicon.data.prompts import record_prompt
 from lm_lexicon.data.records import Record
-from lm_lexicon.train.tokens import IGNORE_INDEX, assemble, bos_ids, eos_id, record_prompt, split_prompt_definition
+from lm_lexicon.train.tokens import IGNORE_INDEX, assemble, bos_ids, eos_id, split_prompt_definition
 
 
 class SFTDataset(torch.utils.data.Dataset):

@@ -4,17 +4,15 @@ the loop state as JSON. Every directory is written beside its final place and re
 leaves a half-written one that looks complete."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
+from lm_lexicon import _util
 from lm_lexicon.train.parallel import unwrap
 from lm_lexicon.train.state import TrainerState
 
@@ -29,18 +27,12 @@ CHECKPOINTS_DIR = "checkpoints"
 TRAINING_STATE_FILES = (STATE_FILE, OPTIMIZER_FILE, RNG_FILE)
 
 
-@contextlib.contextmanager
-def written_atomically(directory: Path) -> Iterator[Path]:
+SCRATCH_SUFFIX = ".tmp"  # a directory being written: step-0000004.tmp, model.tmp (never taken for a checkpoint)
+
+
+def written_atomically(directory: Path):
     """Yield an empty temporary sibling of ``directory`` to fill; on success it replaces ``directory``."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    yield tmp
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.rename(tmp, directory)
+    return _util.written_atomically(directory, SCRATCH_SUFFIX)
 
 
 def rng_state() -> dict:
@@ -142,7 +134,7 @@ def load_model_weights(model, directory: str | Path) -> None:
 
 def prune_checkpoints(root: Path, keep: int, protect: set[str]) -> None:
     """Delete all but the newest ``keep`` step checkpoints under ``root``, never one named in ``protect``."""
-    ckpts = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    ckpts = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(SCRATCH_SUFFIX))
     for p in ckpts[:-keep] if keep > 0 else ckpts:
         if p.name not in protect:
             shutil.rmtree(p, ignore_errors=True)

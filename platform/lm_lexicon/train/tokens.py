@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from lm_lexicon.data.prompts import format_prompt
-from lm_lexicon.data.records import Record
+from lm_lexicon.data.prompts import record_prompt  # noqa: F401  (lm_lexicon.train.record_prompt too)
 
 IGNORE_INDEX = -100
 
@@ -112,9 +111,3 @@ def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: Optional[int] = Non
         keep = max(0, max_prompt_tokens - len(bos))
         ids = ids[len(ids) - keep:] if keep else []
     return bos + ids
-
-
-def record_prompt(record: Record, templates=None) -> str:
-    """The prompt of a record (shared/DESIGN.md §2) under ``templates`` (None: the defaults: the paper's template, or
-    the multilingual one)."""
-    return format_prompt(record.term, record.context, record.lang, templates=templates)
