@@ -4,31 +4,14 @@ save/load round trip gives identical scores."""
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
+from reward_pairs import fluent_vs_shuffled_pairs as _pairs
 
-from lm_lexicon.reward import PreferencePair, RewardModel, pairwise_accuracy
+from lm_lexicon.reward import RewardModel, pairwise_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-ADJ = ["small", "large", "red", "wooden", "quiet", "bright", "old", "sharp", "soft", "heavy", "cold", "round"]
-NOUN = ["animal", "tool", "building", "plant", "machine", "container", "vehicle", "garment", "instrument", "bird"]
-
-
-def _pairs(n: int, seed: int) -> list[PreferencePair]:
-    """The better definition is fluent ("a <adj> <noun> of the kind"); the worse one is the same words shuffled."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        words = f"a {rng.choice(ADJ)} {rng.choice(NOUN)} of the kind".split()
-        worse = list(words)
-        while worse == words:
-            rng.shuffle(worse)
-        out.append(PreferencePair(f'"seen {seed}-{i}" What is the definition of "term{i}"?', " ".join(words),
-                                  " ".join(worse), i))
-    return out
 
 
 @pytest.fixture(scope="module")
