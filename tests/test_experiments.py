@@ -238,3 +238,36 @@ def test_keep_weights_and_the_features_study_reuses_the_semantic_arm(tmp_path, f
     assert len(_weights(abl / "features" / "definition-s1")) == 5
     with pytest.raises(ValueError, match="study must be one of"):
         run_ablation("nonsense", "configs/tiny.yaml", [], [1], abl)
+
+
+def test_the_recipe_study_reuses_the_semantic_and_dense_arms_and_varies_one_choice_per_arm(tmp_path, fake_runs,
+                                                                                          monkeypatch):
+    import lm_lexicon.pipeline
+    from lm_lexicon.experiments import PARTITION_VARIANTS, RECIPE_VARIANTS, run_ablation
+
+    abl, configs = tmp_path / "abl", {}
+    fake = lm_lexicon.pipeline.run_pipeline
+
+    def recording(cfg, log=print):
+        configs[Path(cfg.output_dir).name] = cfg
+        fake(cfg, log)
+
+    monkeypatch.setattr(lm_lexicon.pipeline, "run_pipeline", recording)
+    ablation_recipe = ["train.dense_baseline=false"]  # as the ablation recipes: a dense model is an arm of its own
+    run_ablation("partition", "configs/tiny.yaml", ablation_recipe, [1], abl,
+                 variants=[PARTITION_VARIANTS[0], PARTITION_VARIANTS[3]], log=lambda m: None)
+    res = run_ablation("recipe", "configs/tiny.yaml", ablation_recipe, [1], abl, log=lambda m: None)
+    # the default MoE and the dense model are the partition study's arms, not trained again
+    assert fake_runs == ["semantic-s1", "none-s1", "no-finetune-s1", "compute-matched-s1", "full-s1", "dense-full-s1"]
+    assert [r["variant"] for r in res.rows] == [v.name for v in RECIPE_VARIANTS]
+    default, dense = configs["semantic-s1"], configs["none-s1"]
+    differs = lambda name: {  # noqa: E731  the (section, field) pairs where an arm's recipe leaves the default's
+        (sec, key) for sec in ("partition", "train", "finetune")
+        for key, value in getattr(configs[name], sec).model_dump().items()
+        if value != getattr(default, sec).model_dump()[key] and not (sec == "train" and key == "seeds")}
+    assert differs("no-finetune-s1") == {("finetune", "enabled"), ("train", "dense_baseline")}
+    assert differs("compute-matched-s1") == {("train", "expert_budget"), ("train", "dense_baseline")}
+    assert configs["compute-matched-s1"].train.expert_budget == "steps"
+    assert differs("full-s1") == {("train", "trainable")} and configs["full-s1"].train.trainable == "all"
+    assert configs["dense-full-s1"].partition.n_experts == 1 and configs["dense-full-s1"].train.trainable == "all"
+    assert dense.partition.n_experts == 1 and dense.train.trainable == default.train.trainable

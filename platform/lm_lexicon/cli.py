@@ -450,23 +450,24 @@ def scan_cmd(config: Path = _recipe_option("configs/tiny.yaml", "YAML recipe (th
     raise typer.Exit(0 if result["rows"] else 1)
 
 
-ABLATION_STUDIES = ("partition", "routing", "features")
+ABLATION_STUDIES = ("partition", "routing", "features", "recipe")
 
 
 @app.command("ablate")
 def ablate_cmd(config: Path = _recipe_option("configs/ablation.yaml"),
                overrides: Optional[List[str]] = typer.Argument(None, help="section.field=value, applied to every arm."),
-               study: str = typer.Option("all", help="partition, routing, features or all (all three, in that "
-                                                     "order)."),
+               study: str = typer.Option("all", help="partition, routing, features, recipe or all (all "
+                                                     "four, in that order)."),
                seeds: str = typer.Option("21,42,84", help="Comma-separated seeds (paper: 21, 42, 84)."),
                metrics: str = typer.Option("bleu_a,rouge_l", help="Metrics in the tables."),
                out: Optional[Path] = typer.Option(None, help="Ablation directory (default: <output_dir>-ablation)."),
                keep_weights: bool = typer.Option(False, help="Keep every arm's model weights (default: delete them "
                                                              "once the arm is evaluated).")) -> None:
-    """Run the paper's ablations: partition method, routing policy, cluster features (over seeds).
+    """Run the paper's ablations: partition method, routing policy, cluster features, training recipe (over seeds).
 
-    Partition method (Table 3), routing policy (Table 4) and what the clusters are made of, with mean ± std and a
-    paired permutation test against the default arm. Writes {study}.md, .png and .json under --out; a re-run skips
+    Partition method (Table 3), routing policy (Table 4), what the clusters are made of, and the training recipe (the
+    MoE against dense, no router fine-tune, compute-matched experts, full training), with mean ± std and a paired
+    permutation test against the default arm. Writes {study}.md, .png and .json under --out; a re-run skips
     finished arms. `ray job submit -- python jobs/ablate.py` runs this command."""
     from lm_lexicon.experiments import run_ablation
 

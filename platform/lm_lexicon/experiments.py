@@ -1,5 +1,6 @@
 """Experiments over whole pipelines: the Ray Tune scan over the expert count (paper Fig. 5) and the ablations of the
-partition method (Table 3) and the routing policy (Table 4), with seeds, mean ± std and a significance test.
+partition method (Table 3), the routing policy (Table 4), the cluster features and the training recipe, with seeds,
+mean ± std and a significance test.
 
 **Scan** (:func:`expert_count_scan`): a Ray Tune grid over N; each trial runs ``jobs/pipeline.py`` at its N as a
 subprocess that joins the same Ray cluster (``RAY_ADDRESS``), so the trial's own stages (Ray Data, a Tune grid of Ray
@@ -16,6 +17,8 @@ export only. Per variant: mean ± sample std over seeds of each metric (the seed
 default variant, a paired sign-flip permutation test on the per-item scores averaged over seeds (same test items in
 every variant: ``data.seed`` is fixed). The ``features`` study compares what the semantic clusters are made of
 (prompt / definition / prompt+definition); its prompt arm *is* the partition study's semantic arm (same directory).
+The ``recipe`` study puts the default MoE beside the dense model (the partition study's ``none`` arm) and beside
+other training choices: no router fine-tune, compute-matched experts, full training of MoE and dense.
 
 Disk: an evaluated arm keeps its metrics, predictions, reports and configs, and its model weights (experts, dense,
 merged model, exports; see :func:`prune_weights`) are deleted unless ``keep_weights``. Its ``ARM_DONE.json`` marker
@@ -278,7 +281,23 @@ FEATURE_VARIANTS = [Variant("prompt", ["partition.method=semantic", "partition.f
                             label="definition (classifier-routed)"),
                     Variant("prompt+definition", ["partition.method=semantic", "partition.features=prompt+definition"],
                             label="prompt+definition (classifier-routed)")]
-STUDIES = {"partition": PARTITION_VARIANTS, "routing": ROUTING_VARIANTS, "features": FEATURE_VARIANTS}
+# does the method get a fair shot? The default MoE against the dense model (N=1) and against the training choices the
+# paper could have made instead; the two arms that add `train.dense_baseline` also train a dense model on every
+# domain, so their experts stage reports each expert's own-domain validation loss beside the dense model's (at equal
+# epochs, and compute-matched: each expert as many steps as the dense model)
+RECIPE_VARIANTS = [Variant("default", ["partition.method=semantic"], label="MoE: 1 epoch, FFN-only, router fine-tune "
+                           "(default)", same_as="partition/semantic"),
+                   Variant("dense", ["partition.method=none", "partition.n_experts=1"], label="dense (N=1)",
+                           same_as="partition/none"),
+                   Variant("no-finetune", ["finetune.enabled=false", "train.dense_baseline=true"],
+                           label="MoE without the router fine-tune"),
+                   Variant("compute-matched", ["train.expert_budget=steps", "train.dense_baseline=true"],
+                           label="MoE, experts compute-matched (N passes over their domain)"),
+                   Variant("full", ["train.trainable=all"], label="MoE, full training (non-FFN tensors averaged)"),
+                   Variant("dense-full", ["partition.method=none", "partition.n_experts=1", "train.trainable=all"],
+                           label="dense (N=1), full training")]
+STUDIES = {"partition": PARTITION_VARIANTS, "routing": ROUTING_VARIANTS, "features": FEATURE_VARIANTS,
+           "recipe": RECIPE_VARIANTS}
 UPSTREAM = ("data", "partition", "experts")
 ARM_DONE = "ARM_DONE.json"
 WEIGHT_STAGES = ("experts", "merge", "export")
@@ -312,7 +331,7 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
                  metrics: Sequence[str] = ("bleu_a", "rouge_l"), model: str = "moe",
                  variants: Optional[Sequence[Variant]] = None, log: Callable[[str], None] = print,
                  keep_weights: bool = False, keep_shared_upstream: bool = False) -> AblationResult:
-    """Every variant x seed of ``study`` (``partition``, ``routing`` or ``features``), in process; writes
+    """Every variant x seed of ``study`` (``partition``, ``routing``, ``features`` or ``recipe``), in process; writes
     ``{study}.json``, ``{study}.md`` and ``{study}.png`` under ``out_dir``. The first variant is the default the
     others are tested against. Routing arms link the upstream stages of ``out_dir/partition/semantic-s{seed}`` (run
     that study first, or let this function run the default partition arm when it is missing).
