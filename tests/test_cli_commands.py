@@ -79,7 +79,7 @@ def test_a_bad_recipe_is_one_line_on_stderr_and_exit_2(command, tmp_path, calls)
     ("scan", ["--ns", "0,2"], "--ns must list expert counts >= 1, got '0,2'"),
     ("scan", ["--ns", "two"], "invalid literal for int() with base 10: 'two'"),
     ("ablate", ["--seeds", ","], "--seeds is empty"),
-    ("ablate", ["--study", "tables"], "--study must be one of partition, routing, features or all, got 'tables'"),
+    ("ablate", ["--study", "tables"], "--study must be one of partition, routing, features, recipe or all, got 'tables'"),
 ])
 def test_bad_options_are_one_line_and_exit_2(command, options, message, calls):
     res = runner.invoke(app, [command, "--config", "configs/tiny.yaml", *options])
@@ -113,7 +113,8 @@ def test_scan_and_ablate_call_the_runners_with_the_options(tmp_path, calls):
                               "--out", str(tmp_path / "abl"), "--keep-weights"])
     assert res.exit_code == 0, res.output
     assert [(c[1][0], c[1][3], c[2]["keep_shared_upstream"], c[2]["keep_weights"]) for c in calls] == [
-        ("partition", [1, 2], True, True), ("routing", [1, 2], False, True), ("features", [1, 2], False, True)]
+        ("partition", [1, 2], True, True), ("routing", [1, 2], False, True), ("features", [1, 2], False, True),
+        ("recipe", [1, 2], False, True)]
     assert all(c[2]["metrics"] == ["bleu_a", "rouge_l"] for c in calls)
 
 
