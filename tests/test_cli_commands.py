@@ -104,10 +104,11 @@ def test_evaluate_runs_the_evaluate_stage_and_prints_its_headline(tmp_path, call
 
 def test_scan_and_ablate_call_the_runners_with_the_options(tmp_path, calls):
     res = runner.invoke(app, ["scan", "--ns", "1,2", "--out", str(tmp_path / "scan"), "--max-concurrent", "2",
-                              "--trial-cpus", "0.5", "train.max_steps=2"])
+                              "--trial-cpus", "0.5", "--seeds", "21,42", "train.max_steps=2"])
     assert res.exit_code == 0, res.output
     assert calls.pop() == ("expert_count_scan", ("configs/tiny.yaml", ["train.max_steps=2"], [1, 2], tmp_path / "scan"),
-                           {"max_concurrent_trials": 2, "trial_cpus": 0.5, "name": "tiny"})
+                           {"max_concurrent_trials": 2, "trial_cpus": 0.5, "name": "tiny", "seeds": [21, 42],
+                            "keep_weights": False})
     assert res.stdout.startswith("scan of N=[1, 2] finished: ")
     res = runner.invoke(app, ["ablate", "--config", "configs/tiny.yaml", "--study", "all", "--seeds", "1, 2",
                               "--out", str(tmp_path / "abl"), "--keep-weights"])

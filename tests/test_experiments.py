@@ -64,6 +64,59 @@ def test_scan_table_and_plot(tmp_path):
     assert (tmp_path / "scan.png").stat().st_size > 1000
 
 
+def test_scan_rows_are_means_over_seeds_with_their_std(tmp_path):
+    from lm_lexicon.experiments import aggregate_scan
+
+    trials = [{"n": 1, "seed": 21, "moe_bleu_a": 10.0, "dense_bleu_a": 9.0, "seconds": 60},
+              {"n": 1, "seed": 42, "moe_bleu_a": 12.0, "dense_bleu_a": 9.0, "seconds": 120},
+              {"n": 4, "seed": 21, "moe_bleu_a": 13.0, "seconds": 240}]
+    rows = aggregate_scan(trials)
+    assert [r["n"] for r in rows] == [1, 4] and rows[0]["seeds"] == [21, 42]
+    assert rows[0]["moe_bleu_a"] == 11.0 and rows[0]["moe_bleu_a_std"] == pytest.approx(2 ** 0.5)
+    assert rows[0]["dense_bleu_a_std"] == 0.0 and rows[0]["seconds"] == 90.0
+    assert "moe_bleu_a_std" not in rows[1] and "dense_bleu_a" not in rows[1]  # one seed: no std; no dense model
+    table = scan_table(rows)
+    assert "| 1 | 11.00 ± 1.41 | 9.00 ± 0.00 | 1.5 |" in table and "| 4 | 13.00 |  | 4.0 |" in table
+    assert "seeds 21, 42" in table
+    plot_scan(rows, tmp_path / "scan.png", "t")
+    assert (tmp_path / "scan.png").stat().st_size > 1000
+
+
+def test_a_scan_trial_runs_once_deletes_its_weights_and_reruns_when_its_config_changes(tmp_path, monkeypatch):
+    import ray.tune
+
+    import lm_lexicon.experiments as experiments
+
+    runs, reports = [], []
+
+    def fake_pipeline(config, overrides, log_file, env=None):
+        out = Path(next(o for o in overrides if o.startswith("output_dir=")).split("=", 1)[1])
+        runs.append(list(overrides))
+        for rel in ("experts/expert_0/model/model.safetensors", "merge/model/model.safetensors"):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(b"x" * 100)
+        (out / "evaluate").mkdir(parents=True, exist_ok=True)
+        (out / "evaluate" / "metrics.json").write_text(json.dumps(
+            {"meta": {"split": "valid"}, "results": {"moe": {"bleu_a": {"value": 10.0 + len(runs)}}}}))
+
+    monkeypatch.setattr(experiments, "run_pipeline_process", fake_pipeline)
+    monkeypatch.setattr(ray.tune, "report", reports.append)
+    trial = {"n": 2, "seed": 21, "scan_dir": str(tmp_path), "overrides": ["train.max_steps=2"],
+             "config": "configs/tiny.yaml", "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "env": {},
+             "name": "tiny", "keep_weights": False}
+    experiments._scan_trial(trial)
+    out = tmp_path / "n2-s21"
+    assert len(runs) == 1 and {"partition.seed=21", "train.seeds=[21]", "partition.n_experts=2",
+                               "evaluate.split=valid"} <= set(runs[0])
+    assert reports[-1]["n"] == 2 and reports[-1]["seed"] == 21 and reports[-1]["moe_bleu_a"] == 11.0
+    assert not list(out.rglob("*.safetensors"))
+    assert json.loads((out / experiments.ARM_DONE).read_text())["pruned"]["files"] == 2
+    experiments._scan_trial(trial)  # resumed: read, not rerun
+    assert len(runs) == 1 and reports[-1]["moe_bleu_a"] == 11.0
+    experiments._scan_trial({**trial, "overrides": ["train.max_steps=3"]})
+    assert len(runs) == 2 and reports[-1]["moe_bleu_a"] == 12.0
+
+
 def _micro(tmp_path, seed_dir) -> list[str]:
     return [f"seed_model.name={seed_dir}", "data.max_train_rows=40", "data.max_valid_rows=12", "data.max_test_rows=10",
             "partition.plot_sample=30", "train.max_steps=2", "train.eval_every=2", "train.batch_size=4",

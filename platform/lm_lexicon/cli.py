@@ -424,12 +424,16 @@ def scan_cmd(config: Path = _recipe_option("configs/tiny.yaml", "YAML recipe (th
              ns: str = typer.Option("1,2,4,8", help="Comma-separated expert counts."),
              out: Optional[Path] = typer.Option(None, help="Scan directory (default: <output_dir>-scan)."),
              max_concurrent: int = typer.Option(1, help="Trials at once."),
-             trial_cpus: float = typer.Option(0.0, help="CPUs the trial actor itself reserves.")) -> None:
-    """Scan the number of experts with Ray Tune (paper Fig. 5): one whole pipeline per N.
+             trial_cpus: float = typer.Option(0.0, help="CPUs the trial actor itself reserves."),
+             seeds: str = typer.Option("", help="Comma-separated seeds: one trial per N and seed, mean ± std over "
+                                                "them (default: the recipe's seeds, one trial per N)."),
+             keep_weights: bool = typer.Option(False, help="Keep every trial's model weights (default: delete them "
+                                                           "once the trial is evaluated).")) -> None:
+    """Scan the number of experts with Ray Tune (paper Fig. 5): one whole pipeline per N (and seed).
 
-    Each trial is evaluated on the validation split; writes scan.md, scan.png and scan.json under --out. On a 2-CPU
-    machine keep --max-concurrent 1 (a trial's stages need both CPUs). `ray job submit -- python
-    jobs/tune_experts.py` runs this command."""
+    Each trial is evaluated on the validation split; writes scan.md, scan.png and scan.json under --out; a re-run
+    skips finished trials. On a 2-CPU machine keep --max-concurrent 1 (a trial's stages need both CPUs).
+    `ray job submit -- python jobs/tune_experts.py` runs this command."""
     from lm_lexicon.experiments import expert_count_scan
     from lm_lexicon.ray_utils import STOP_TIMEOUT_S, clean_exit
 
@@ -441,7 +445,8 @@ def scan_cmd(config: Path = _recipe_option("configs/tiny.yaml", "YAML recipe (th
     with clean_exit() as stop:  # SIGTERM / Ctrl-C: the trials' pipelines and Ray are gone within STOP_TIMEOUT_S
         try:
             result = expert_count_scan(str(config), overrides or [], counts, out, max_concurrent_trials=max_concurrent,
-                                       trial_cpus=trial_cpus, name=cfg.name)
+                                       trial_cpus=trial_cpus, name=cfg.name, seeds=_int_list(seeds),
+                                       keep_weights=keep_weights)
         except KeyboardInterrupt:
             say_error(f"scan interrupted ({stop['signal'] or 'SIGINT'}): stopping its trials and Ray (at most "
                       f"{STOP_TIMEOUT_S:.0f} s); finished trials are under {out.resolve()}")

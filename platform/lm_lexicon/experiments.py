@@ -8,7 +8,8 @@ Train runs) are ordinary jobs of the cluster rather than a Tune run nested insid
 reserves ``trial_cpus`` (default 0: it only waits, and asks Tune for 64 MB of memory instead), so on a 2-CPU machine one trial at a time
 (``max_concurrent_trials=1``) leaves both CPUs to the stages and nothing deadlocks; on a cluster, raise
 ``max_concurrent_trials`` and the pipelines run side by side. Each trial evaluates on the validation split and
-reports the MoE's metrics to Tune.
+reports the MoE's metrics to Tune. Given seeds, the grid is N x seed and each N's row is the mean ± std over its
+seeds. Trials keep their metrics and predictions and, like ablation arms, lose their weights once evaluated.
 
 **Ablations** (:func:`run_ablation`): variants x seeds, each a pipeline in its own output directory. Routing
 variants differ only from the merge stage on, so they link the data / partition / experts stages of the default
@@ -132,22 +133,39 @@ def _stop_with_parent():
 
 # =================================================================================================== Tune scan
 def _scan_trial(trial: dict) -> None:
-    """One Tune trial: the whole pipeline at ``trial['n']`` experts, evaluated on the validation split."""
+    """One Tune trial: the whole pipeline at ``trial['n']`` experts (and seed ``trial['seed']``, if any), evaluated on
+    the validation split. A trial whose marker says it finished with this configuration is read, not rerun; an
+    evaluated trial's weights are deleted unless ``trial['keep_weights']``."""
     from ray import tune
 
-    n = int(trial["n"])
-    out = Path(trial["scan_dir"]) / f"n{n}"
-    overrides = [*trial["overrides"], f"partition.n_experts={n}", f"output_dir={out}",
-                 f"resources.storage_path={out / 'ray'}", "evaluate.split=valid",
-                 f"tracking.mlflow_uri={trial['mlflow_uri']}", f"name={trial['name']}-n{n}"]
+    from lm_lexicon.config import load_config
+
+    n, seed = int(trial["n"]), trial.get("seed")
+    out = Path(trial["scan_dir"]) / (f"n{n}" if seed is None else f"n{n}-s{seed}")
+    overrides = [*trial["overrides"], *([] if seed is None else _seed_overrides(int(seed))),
+                 f"partition.n_experts={n}", f"output_dir={out}", f"resources.storage_path={out / 'ray'}",
+                 "evaluate.split=valid", f"tracking.mlflow_uri={trial['mlflow_uri']}",
+                 f"name={trial['name']}-{out.name}"]
+    cfg_hash = config_hash(load_config(trial["config"], overrides))
     t0 = time.perf_counter()
-    try:
-        run_pipeline_process(trial["config"], overrides, out / "pipeline.log", env=trial["env"])
-    except RuntimeError as e:  # reported, not raised: Tune retries only trials whose node died
-        tune.report({"n": n, "trial_error": str(e)})
-        return
+    marker = read_arm_marker(out)
+    if marker is not None and marker.get("config_hash") != cfg_hash:
+        forget_finished_run(out, marker)
+        marker = None
+    if marker is None:
+        try:
+            run_pipeline_process(trial["config"], overrides, out / "pipeline.log", env=trial["env"])
+        except RuntimeError as e:  # reported, not raised: Tune retries only trials whose node died
+            tune.report({"n": n, "trial_error": str(e)})
+            return
+        seconds = round(time.perf_counter() - t0, 1)
+        _write_arm_marker(out, cfg_hash, f"n{n}", seed, seconds=seconds,
+                          pruned=None if trial.get("keep_weights") else prune_weights(out))
+        marker = read_arm_marker(out)
     results = evaluation(out)["results"]
-    report = {"n": n, "seconds": time.perf_counter() - t0}
+    report = {"n": n, "seconds": marker.get("seconds", time.perf_counter() - t0)}
+    if seed is not None:
+        report["seed"] = int(seed)
     for model in ("moe", "dense"):
         for m in SCAN_METRICS:
             value = results.get(model, {}).get(m, {}).get("value")
@@ -158,9 +176,11 @@ def _scan_trial(trial: dict) -> None:
 
 def expert_count_scan(config: str | Path, overrides: Sequence[str], ns: Sequence[int], scan_dir: str | Path,
                       max_concurrent_trials: int = 1, trial_cpus: float = 0.0, name: str = "scan",
+                      seeds: Sequence[int] = (), keep_weights: bool = False,
                       log: Callable[[str], None] = print) -> dict:
-    """Ray Tune grid over N (module docstring); returns ``{"rows": [...], "table": markdown}`` and writes
-    ``scan.json``, ``scan.md`` and ``scan.png`` (metric vs N) under ``scan_dir``."""
+    """Ray Tune grid over N, and over ``seeds`` if given (module docstring); returns ``{"rows": [...], "trials":
+    [...], "table": markdown}`` and writes ``scan.json``, ``scan.md`` and ``scan.png`` (metric vs N, mean ± std over
+    the seeds) under ``scan_dir``. A rerun reads the trials that finished instead of running them again."""
     import ray
     from ray import tune
 
@@ -184,8 +204,9 @@ def expert_count_scan(config: str | Path, overrides: Sequence[str], ns: Sequence
         tuner = tune.Tuner(
             trainable,
             param_space={"n": tune.grid_search(sorted(set(int(n) for n in ns))), "scan_dir": str(scan_dir),
+                         **({"seed": tune.grid_search([int(s) for s in seeds])} if seeds else {}),
                          "config": str(Path(config).resolve()), "overrides": list(overrides), "mlflow_uri": uri,
-                         "env": env, "name": name},
+                         "env": env, "name": name, "keep_weights": keep_weights},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials, metric="moe_bleu_a",
                                         mode="max"),
             run_config=tune.RunConfig(name=f"{name}-expert-count", storage_path=str(scan_dir / "tune"),
@@ -198,20 +219,46 @@ def expert_count_scan(config: str | Path, overrides: Sequence[str], ns: Sequence
                   if r.error or (r.metrics or {}).get("trial_error")]
         if errors:
             raise RuntimeError(f"{len(errors)} scan trial(s) failed: {errors[0][:2000]}")
-        rows = sorted((dict(r.metrics) for r in grid), key=lambda m: m["n"])
-        rows = [{k: v for k, v in r.items() if k == "n" or k == "seconds" or k.startswith(("moe_", "dense_"))}
-                for r in rows]
+        trials = sorted((dict(r.metrics) for r in grid), key=lambda m: (m["n"], m.get("seed", 0)))
+        trials = [{k: v for k, v in r.items() if k in ("n", "seed", "seconds") or k.startswith(("moe_", "dense_"))}
+                  for r in trials]
+        rows = aggregate_scan(trials)
         for r in rows:
-            parent.log_metrics({k: v for k, v in r.items() if k != "n"}, step=int(r["n"]))
+            parent.log_metrics({k: v for k, v in r.items() if k not in ("n", "seeds") and v is not None},
+                               step=int(r["n"]))
         table = scan_table(rows)
         (scan_dir / "scan.json").write_text(json.dumps({"config": str(config), "overrides": list(overrides),
-                                                        "rows": rows}, indent=2))
+                                                        "seeds": list(seeds), "rows": rows, "trials": trials},
+                                                       indent=2))
         (scan_dir / "scan.md").write_text(table + "\n")
         plot_scan(rows, scan_dir / "scan.png", title=f"{base.name}: validation metrics vs number of experts")
         for f in ("scan.md", "scan.png", "scan.json"):
             parent.log_artifact(scan_dir / f)
     log(table)
-    return {"rows": rows, "table": table}
+    return {"rows": rows, "trials": trials, "table": table}
+
+
+def aggregate_scan(trials: Sequence[dict]) -> list[dict]:
+    """One row per N: each metric's mean over the N's trials (one per seed) and, with two or more, its sample std
+    (``{key}_std``); ``seconds`` is the trials' mean wall time."""
+    rows = []
+    for n in sorted({int(t["n"]) for t in trials}):
+        group = [t for t in trials if int(t["n"]) == n]
+        row: dict = {"n": n, "seeds": [t["seed"] for t in group if "seed" in t]}
+        for key in sorted({k for t in group for k in t if k.startswith(("moe_", "dense_"))}):
+            mean, std = mean_std([t[key] for t in group if key in t])
+            row[key] = mean
+            if std is not None:
+                row[f"{key}_std"] = std
+        row["seconds"] = float(np.mean([t.get("seconds", 0.0) for t in group]))
+        rows.append(row)
+    return rows
+
+
+def _scan_cell(row: dict, key: str) -> str:
+    if key not in row:
+        return ""
+    return f"{row[key]:.2f}" + (f" ± {row[key + '_std']:.2f}" if f"{key}_std" in row else "")
 
 
 def scan_table(rows: Sequence[dict]) -> str:
@@ -220,9 +267,11 @@ def scan_table(rows: Sequence[dict]) -> str:
         " | minutes |"
     lines = [head, "|---:|" + "---:|" * (2 * len(metrics) + 1)]
     for r in rows:
-        cells = [f"{r[f'moe_{m}']:.2f}" if f"moe_{m}" in r else "" for m in metrics] + \
-                [f"{r[f'dense_{m}']:.2f}" if f"dense_{m}" in r else "" for m in metrics]
+        cells = [_scan_cell(r, f"moe_{m}") for m in metrics] + [_scan_cell(r, f"dense_{m}") for m in metrics]
         lines.append(f"| {r['n']} | " + " | ".join(cells) + f" | {r.get('seconds', 0) / 60:.1f} |")
+    seeds = sorted({s for r in rows for s in r.get("seeds", [])})
+    if len(seeds) > 1:
+        lines.append(f"\nMean ± sample std over seeds {', '.join(map(str, seeds))}; minutes: mean per trial.")
     return "\n".join(lines)
 
 
@@ -236,8 +285,10 @@ def plot_scan(rows: Sequence[dict], path: Path, title: str) -> None:
     ns = [r["n"] for r in rows]
     for i, m in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), i + 1)
-        ax.plot(ns, [r.get(f"moe_{m}", math.nan) for r in rows], marker="o", label="LM-Lexicon MoE")
-        ax.plot(ns, [r.get(f"dense_{m}", math.nan) for r in rows], linestyle="--", marker=".", label="dense")
+        for model, style in (("moe", {"marker": "o", "label": "LM-Lexicon MoE"}),
+                             ("dense", {"linestyle": "--", "marker": ".", "label": "dense"})):
+            ax.errorbar(ns, [r.get(f"{model}_{m}", math.nan) for r in rows],
+                        yerr=[r.get(f"{model}_{m}_std", 0.0) for r in rows], capsize=3, **style)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns)
         ax.set_xticklabels([str(n) for n in ns])
@@ -410,12 +461,7 @@ class _ArmRunner:
         if marker.get("config_hash") == config_hash(self.arm_config(variant, seed, run_dir)):
             return True
         self.log(f"[ablate] {run_dir.name}: its configuration changed since it ran; recomputing it")
-        if marker.get("pruned", {}).get("stages"):
-            for stage in (*WEIGHT_STAGES, "evaluate"):
-                path = run_dir / stage
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-        (run_dir / ARM_DONE).unlink()
+        forget_finished_run(run_dir, marker)
         return False
 
     def run(self, variant: Variant, seed: int, run_dir: Path, keep_stages: Sequence[str] = ()) -> None:
@@ -458,6 +504,17 @@ class _ArmRunner:
                 _write_arm_marker(default_arm, config_hash(cfg), PARTITION_VARIANTS[0].name, seed)
 
 
+def forget_finished_run(run_dir: Path, marker: dict) -> None:
+    """Remove a finished run's marker before it reruns with another configuration; if its weights were deleted, also
+    its weight-bearing stages (they cannot be reused without their weights) and its evaluation."""
+    if (marker.get("pruned") or {}).get("stages"):
+        for stage in (*WEIGHT_STAGES, "evaluate"):
+            path = run_dir / stage
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+    (run_dir / ARM_DONE).unlink()
+
+
 def config_hash(cfg) -> str:
     """Fingerprint of an arm's whole resolved configuration."""
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
@@ -473,9 +530,9 @@ def read_arm_marker(run_dir: Path) -> Optional[dict]:
         return None
 
 
-def _write_arm_marker(run_dir: Path, cfg_hash: str, variant: str, seed: int) -> None:
+def _write_arm_marker(run_dir: Path, cfg_hash: str, variant: str, seed: Optional[int], **extra) -> None:
     doc = {"complete": True, "variant": variant, "seed": seed, "config_hash": cfg_hash, "pruned": None,
-           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
     (run_dir / ARM_DONE).write_text(json.dumps(doc, indent=2))
 
 
