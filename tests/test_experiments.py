@@ -187,7 +187,7 @@ def _fake_pipeline(calls):
                  "merge/model/model.safetensors": 2000, "merge/model/router/router.safetensors": 50,
                  "merge/model/config.json": 10, "merge/_SUCCESS.json": 10,
                  "export/collapsed/domain-0/model.safetensors": 1000, "export/_SUCCESS.json": 10,
-                 "evaluate/predictions/moe.jsonl": 10, "evaluate/config.yaml": 10,
+                 "evaluate/config.yaml": 10,
                  "partition/router/router.safetensors": 50, "partition/_SUCCESS.json": 10, "data/_SUCCESS.json": 10,
                  "ray/run-1/checkpoint_000001/model.pt": 500}
         for rel, size in files.items():
@@ -197,6 +197,10 @@ def _fake_pipeline(calls):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"x" * size)
         value = 10.0 + len(calls)
+        if not (out / "evaluate").is_symlink():  # four test items: two from each source
+            (out / "evaluate" / "predictions").mkdir(parents=True, exist_ok=True)
+            (out / "evaluate" / "predictions" / "moe.jsonl").write_text("".join(
+                json.dumps({"term": f"t{i}", "source": src}) + "\n" for i, src in enumerate(["a", "b", "a", "b"])))
         (out / "evaluate" / "metrics.json").write_text(json.dumps(
             {"meta": {"split": "test"}, "results": {"moe": {"bleu_a": {"value": value}, "rouge_l": {"value": value}}}}))
     return run
@@ -324,3 +328,7 @@ def test_the_recipe_study_reuses_the_semantic_and_dense_arms_and_varies_one_choi
     assert differs("full-s1") == {("train", "trainable")} and configs["full-s1"].train.trainable == "all"
     assert configs["dense-full-s1"].partition.n_experts == 1 and configs["dense-full-s1"].train.trainable == "all"
     assert dense.partition.n_experts == 1 and dense.train.trainable == default.train.trainable
+    # per source (paper Table 2's shape): the fake per-item scores are 0, 1, 2, 3 on sources a, b, a, b
+    assert "| recipe (bleu_a) | a (2) | b (2) |" in res.table and "| dense (N=1) | 1.00 | 2.00 |" in res.table
+    by_source = json.loads((abl / "recipe.json").read_text())["by_source"]
+    assert by_source["full"]["b"]["rouge_l"] == {"mean": 2.0, "std": None} and by_source["full"]["a"]["rows"] == 2

@@ -402,6 +402,7 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
     base = load_config(config, list(overrides))
     scores: dict[str, dict[int, dict]] = {v.name: {} for v in variants}
     items: dict[str, dict[int, dict[str, np.ndarray]]] = {v.name: {} for v in variants}
+    sources: dict[str, dict[int, list[str]]] = {v.name: {} for v in variants}
     arm = _ArmRunner(base, config, overrides, out_dir, keep_weights, run_pipeline, load_config, log)
     with tracked_run(base.tracking, out_dir, f"{base.name}-ablation-{study}", tags={"kind": "ablation"}) as parent:
         parent.log_params({"study": study, "seeds": list(seeds), "variants": [v.name for v in variants]})
@@ -420,16 +421,21 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
                 results = evaluation(run_dir)["results"][model]
                 scores[v.name][seed] = {m: results[m]["value"] for m in metrics}
                 items[v.name][seed] = per_item_scores(run_dir, model, metrics)
+                sources[v.name][seed] = item_sources(run_dir, model)
                 log(f"[ablate] {study}/{v.name} seed {seed}: " + ", ".join(
                     f"{m} {scores[v.name][seed][m]:.2f}" for m in metrics) + f" ({time.perf_counter() - t0:.0f}s)")
             if study == "routing" and not keep_weights and default_arm.is_dir():
                 arm.prune(default_arm)  # every routing arm of this seed is done with the shared experts
         rows = summarize(variants, scores, items, metrics)
+        by_source = summarize_by_source(variants, items, sources, metrics)
         table = ablation_table(study, rows, metrics, list(seeds))
+        if len({src for v in by_source.values() for src in v}) > 1:
+            table += "\n\nBy source (test rows in brackets; mean ± std over seeds of the source's mean):\n\n" + \
+                "\n\n".join(source_table(study, variants, by_source, m) for m in metrics)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{study}.json").write_text(json.dumps({"study": study, "seeds": list(seeds), "rows": rows,
-                                                           "config": str(config), "overrides": list(overrides)},
-                                                          indent=2))
+                                                           "by_source": by_source, "config": str(config),
+                                                           "overrides": list(overrides)}, indent=2))
         (out_dir / f"{study}.md").write_text(table + "\n")
         plot_ablation(study, rows, metrics, out_dir / f"{study}.png")
         for f in (f"{study}.md", f"{study}.png", f"{study}.json"):
@@ -571,6 +577,46 @@ def prune_weights(run_dir: str | Path, keep_stages: Sequence[str] = ()) -> dict:
                 shutil.rmtree(ckpt)
                 checkpoints += 1
     return {"stages": stages, "files": files, "checkpoints": checkpoints, "bytes": freed}
+
+
+def item_sources(output_dir: str | Path, model: str = "moe") -> list[str]:
+    """The ``source`` of each test item, in the order of :func:`per_item_scores`."""
+    path = Path(output_dir) / "evaluate" / "predictions" / f"{model}.jsonl"
+    return [str(json.loads(line).get("source", "")) for line in path.open() if line.strip()]
+
+
+def summarize_by_source(variants: Sequence[Variant], items: dict, sources: dict, metrics: Sequence[str]) -> dict:
+    """``{variant: {source: {metric: {"mean", "std", "rows"}}}}``: per seed, the mean of the source's test items;
+    then mean ± sample std over seeds (every arm sees the same test items: ``data.seed`` is fixed)."""
+    table: dict = {}
+    for v in variants:
+        per_source: dict = {}
+        for seed, seed_items in items[v.name].items():
+            labels = np.asarray(sources[v.name][seed])
+            for src in sorted(set(labels)):
+                mask = labels == src
+                for m in metrics:
+                    per_source.setdefault(src, {}).setdefault(m, []).append(float(np.mean(seed_items[m][mask])))
+                per_source[src]["rows"] = int(mask.sum())
+        table[v.name] = {src: {m: dict(zip(("mean", "std"), mean_std(vals))) if m != "rows" else vals
+                               for m, vals in cells.items()} for src, cells in per_source.items()}
+    return table
+
+
+def source_table(study: str, variants: Sequence[Variant], by_source: dict, metric: str) -> str:
+    """Markdown: one row per arm, one column per source, ``metric`` mean ± std over seeds (paper Table 2's shape)."""
+    sources = sorted({src for v in variants for src in by_source.get(v.name, {})})
+    lines = [f"| {study} ({metric}) | " + " | ".join(
+        f"{src} ({by_source[variants[0].name].get(src, {}).get('rows', '?')})" for src in sources) + " |",
+        "|---|" + "---:|" * len(sources)]
+    for v in variants:
+        cells = []
+        for src in sources:
+            cell = by_source.get(v.name, {}).get(src, {}).get(metric)
+            cells.append("" if cell is None else f"{cell['mean']:.2f}" + (
+                f" ± {cell['std']:.2f}" if cell["std"] is not None else ""))
+        lines.append(f"| {v.label or v.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summarize(variants: Sequence[Variant], scores: dict, items: dict, metrics: Sequence[str]) -> list[dict]:
