@@ -197,6 +197,11 @@ def _fake_pipeline(calls):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"x" * size)
         value = 10.0 + len(calls)
+        if not (out / "partition").is_symlink():
+            classifier = None if cfg.partition.features == "prompt" else {"held_out_accuracy": 0.5}
+            (out / "partition" / "partition.json").write_text(json.dumps(
+                {"agreement": {"source": {"purity": len(calls) / 10}}, "separation_mean": 0.25,
+                 "classifier": classifier}))
         if not (out / "evaluate").is_symlink():  # four test items: two from each source
             (out / "evaluate" / "predictions").mkdir(parents=True, exist_ok=True)
             (out / "evaluate" / "predictions" / "moe.jsonl").write_text("".join(
@@ -293,6 +298,10 @@ def test_keep_weights_and_the_features_study_reuses_the_semantic_arm(tmp_path, f
     assert [r["variant"] for r in res.rows] == ["prompt", "definition"]
     assert res.rows[0]["bleu_a"]["mean"] == 11.0 and res.rows[1]["bleu_a"]["mean"] == 12.0
     assert len(_weights(abl / "features" / "definition-s1")) == 5
+    # the clusters: purity (the fake's is a tenth of its call number), separation, the classifier's accuracy
+    assert "| features | purity_source | router_accuracy | separation |" in res.table
+    assert "| prompt (default) | 0.100 |  | 0.250 |" in res.table
+    assert "| definition (classifier-routed) | 0.200 | 0.500 | 0.250 |" in res.table
     with pytest.raises(ValueError, match="study must be one of"):
         run_ablation("nonsense", "configs/tiny.yaml", [], [1], abl)
 

@@ -403,6 +403,7 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
     scores: dict[str, dict[int, dict]] = {v.name: {} for v in variants}
     items: dict[str, dict[int, dict[str, np.ndarray]]] = {v.name: {} for v in variants}
     sources: dict[str, dict[int, list[str]]] = {v.name: {} for v in variants}
+    clusters: dict[str, dict[int, dict]] = {v.name: {} for v in variants}
     arm = _ArmRunner(base, config, overrides, out_dir, keep_weights, run_pipeline, load_config, log)
     with tracked_run(base.tracking, out_dir, f"{base.name}-ablation-{study}", tags={"kind": "ablation"}) as parent:
         parent.log_params({"study": study, "seeds": list(seeds), "variants": [v.name for v in variants]})
@@ -422,6 +423,7 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
                 scores[v.name][seed] = {m: results[m]["value"] for m in metrics}
                 items[v.name][seed] = per_item_scores(run_dir, model, metrics)
                 sources[v.name][seed] = item_sources(run_dir, model)
+                clusters[v.name][seed] = cluster_facts(run_dir)
                 log(f"[ablate] {study}/{v.name} seed {seed}: " + ", ".join(
                     f"{m} {scores[v.name][seed][m]:.2f}" for m in metrics) + f" ({time.perf_counter() - t0:.0f}s)")
             if study == "routing" and not keep_weights and default_arm.is_dir():
@@ -432,9 +434,15 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
         if len({src for v in by_source.values() for src in v}) > 1:
             table += "\n\nBy source (test rows in brackets; mean ± std over seeds of the source's mean):\n\n" + \
                 "\n\n".join(source_table(study, variants, by_source, m) for m in metrics)
+        if study in ("partition", "features") and cluster_table(study, variants, clusters):
+            table += "\n\nThe clusters (purity: share of training rows whose domain's commonest value is theirs; " \
+                "separation: mean inter-centroid cosine distance; router_accuracy: the prompt -> domain classifier's " \
+                "held-out accuracy, where the clusters are not made of prompts):\n\n" + \
+                cluster_table(study, variants, clusters)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{study}.json").write_text(json.dumps({"study": study, "seeds": list(seeds), "rows": rows,
-                                                           "by_source": by_source, "config": str(config),
+                                                           "by_source": by_source, "clusters": clusters,
+                                                           "config": str(config),
                                                            "overrides": list(overrides)}, indent=2))
         (out_dir / f"{study}.md").write_text(table + "\n")
         plot_ablation(study, rows, metrics, out_dir / f"{study}.png")
@@ -615,6 +623,36 @@ def source_table(study: str, variants: Sequence[Variant], by_source: dict, metri
             cell = by_source.get(v.name, {}).get(src, {}).get(metric)
             cells.append("" if cell is None else f"{cell['mean']:.2f}" + (
                 f" ± {cell['std']:.2f}" if cell["std"] is not None else ""))
+        lines.append(f"| {v.label or v.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cluster_facts(output_dir: str | Path) -> dict:
+    """What an arm's partition found: purity against each row field that has one (``source``, ``genre``), the mean
+    inter-centroid distance, and the prompt -> domain classifier's held-out accuracy when one routes."""
+    path = Path(output_dir) / "partition" / "partition.json"
+    if not path.is_file():
+        return {}
+    part = json.loads(path.read_text())
+    facts = {f"purity_{field}": a["purity"] for field, a in (part.get("agreement") or {}).items()}
+    if part.get("separation_mean") is not None:
+        facts["separation"] = part["separation_mean"]
+    if part.get("classifier"):
+        facts["router_accuracy"] = part["classifier"]["held_out_accuracy"]
+    return facts
+
+
+def cluster_table(study: str, variants: Sequence[Variant], clusters: dict) -> str:
+    """Markdown: per arm, each cluster fact's mean ± std over seeds (empty where an arm has none)."""
+    keys = sorted({k for v in variants for seed_facts in clusters[v.name].values() for k in seed_facts})
+    if not keys:
+        return ""
+    lines = [f"| {study} | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for v in variants:
+        cells = []
+        for k in keys:
+            mean, std = mean_std([f[k] for f in clusters[v.name].values() if k in f])
+            cells.append("" if math.isnan(mean) else f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else ""))
         lines.append(f"| {v.label or v.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
