@@ -202,6 +202,10 @@ def _fake_pipeline(calls):
             (out / "partition" / "partition.json").write_text(json.dumps(
                 {"agreement": {"source": {"purity": len(calls) / 10}}, "separation_mean": 0.25,
                  "classifier": classifier}))
+        if cfg.train.dense_baseline and not (out / "experts").is_symlink():  # own-domain losses: 2 domains
+            (out / "experts" / "manifest.json").write_text(json.dumps({"own_domain_validation": [
+                {"domain": 0, "n_valid": 1, "expert_loss": 2.0, "dense_loss": 2.5},
+                {"domain": 1, "n_valid": 3, "expert_loss": 3.0, "dense_loss": 2.5}]}))
         if not (out / "evaluate").is_symlink():  # four test items: two from each source
             (out / "evaluate" / "predictions").mkdir(parents=True, exist_ok=True)
             (out / "evaluate" / "predictions" / "moe.jsonl").write_text("".join(
@@ -339,5 +343,9 @@ def test_the_recipe_study_reuses_the_semantic_and_dense_arms_and_varies_one_choi
     assert dense.partition.n_experts == 1 and dense.train.trainable == default.train.trainable
     # per source (paper Table 2's shape): the fake per-item scores are 0, 1, 2, 3 on sources a, b, a, b
     assert "| recipe (bleu_a) | a (2) | b (2) |" in res.table and "| dense (N=1) | 1.00 | 2.00 |" in res.table
+    # own domain: the arms that trained a dense model beside their experts (row-weighted: 0.25 x 2 + 0.75 x 3)
+    assert "| MoE without the router fine-tune | 2.750 | 2.500 | 1 of 2 |" in res.table
+    assert "| MoE, experts compute-matched (N passes over their domain) | 2.750 | 2.500 | 1 of 2 |" in res.table
+    assert "| dense (N=1) | 2.750" not in res.table
     by_source = json.loads((abl / "recipe.json").read_text())["by_source"]
     assert by_source["full"]["b"]["rouge_l"] == {"mean": 2.0, "std": None} and by_source["full"]["a"]["rows"] == 2

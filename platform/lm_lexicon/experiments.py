@@ -404,6 +404,7 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
     items: dict[str, dict[int, dict[str, np.ndarray]]] = {v.name: {} for v in variants}
     sources: dict[str, dict[int, list[str]]] = {v.name: {} for v in variants}
     clusters: dict[str, dict[int, dict]] = {v.name: {} for v in variants}
+    own: dict[str, dict[int, list[dict]]] = {v.name: {} for v in variants}
     arm = _ArmRunner(base, config, overrides, out_dir, keep_weights, run_pipeline, load_config, log)
     with tracked_run(base.tracking, out_dir, f"{base.name}-ablation-{study}", tags={"kind": "ablation"}) as parent:
         parent.log_params({"study": study, "seeds": list(seeds), "variants": [v.name for v in variants]})
@@ -424,6 +425,7 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
                 items[v.name][seed] = per_item_scores(run_dir, model, metrics)
                 sources[v.name][seed] = item_sources(run_dir, model)
                 clusters[v.name][seed] = cluster_facts(run_dir)
+                own[v.name][seed] = own_domain_rows(run_dir)
                 log(f"[ablate] {study}/{v.name} seed {seed}: " + ", ".join(
                     f"{m} {scores[v.name][seed][m]:.2f}" for m in metrics) + f" ({time.perf_counter() - t0:.0f}s)")
             if study == "routing" and not keep_weights and default_arm.is_dir():
@@ -439,9 +441,13 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
                 "separation: mean inter-centroid cosine distance; router_accuracy: the prompt -> domain classifier's " \
                 "held-out accuracy, where the clusters are not made of prompts):\n\n" + \
                 cluster_table(study, variants, clusters)
+        if own_domain_table(variants, own):
+            table += "\n\nExperts against the dense model on their own domain (validation loss per definition token):" \
+                "\n\n" + own_domain_table(variants, own)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{study}.json").write_text(json.dumps({"study": study, "seeds": list(seeds), "rows": rows,
                                                            "by_source": by_source, "clusters": clusters,
+                                                           "own_domain": own,
                                                            "config": str(config),
                                                            "overrides": list(overrides)}, indent=2))
         (out_dir / f"{study}.md").write_text(table + "\n")
@@ -655,6 +661,36 @@ def cluster_table(study: str, variants: Sequence[Variant], clusters: dict) -> st
             cells.append("" if math.isnan(mean) else f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else ""))
         lines.append(f"| {v.label or v.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def own_domain_rows(output_dir: str | Path) -> list[dict]:
+    """The experts stage's own-domain validation table of an arm that trained a dense model beside its experts:
+    ``[{"domain", "n_valid", "expert_loss", "dense_loss", ...}]`` (empty without a dense model)."""
+    path = Path(output_dir) / "experts" / "manifest.json"
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text()).get("own_domain_validation") or []
+    return [r for r in rows if "dense_loss" in r]
+
+
+def own_domain_table(variants: Sequence[Variant], own: dict) -> str:
+    """Markdown: per arm with a dense model, the experts' and the dense model's validation loss on each expert's own
+    domain (row-weighted mean over domains, then mean ± std over seeds), and how many domains the expert wins."""
+    lines = ["| arm | expert loss, own domain | dense loss, same rows | domains where the expert wins |",
+             "|---|---:|---:|---:|"]
+    for v in variants:
+        per_seed = [rows for rows in own[v.name].values() if rows]
+        if not per_seed:
+            continue
+        cells = []
+        for key in ("expert_loss", "dense_loss"):
+            mean, std = mean_std([np.average([r[key] for r in rows], weights=[r["n_valid"] for r in rows])
+                                  for rows in per_seed])
+            cells.append(f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else ""))
+        wins = sum(r["expert_loss"] < r["dense_loss"] for rows in per_seed for r in rows)
+        cells.append(f"{wins} of {sum(len(rows) for rows in per_seed)}")
+        lines.append(f"| {v.label or v.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def summarize(variants: Sequence[Variant], scores: dict, items: dict, metrics: Sequence[str]) -> list[dict]:
