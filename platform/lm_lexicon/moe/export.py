@@ -11,7 +11,7 @@ and the centroid router picks the checkpoint per prompt::
     out/domain-{i}/           config.json, model.safetensors, tokenizer files, generation_config.json
 
 Routing rule: embed the prompt with the recorded embedder, ``i = argmax_j cos(e, c_j) - b_j``
-(:meth:`lm_lexicon.routing.DomainRouter.route_prompts`), send the prompt to ``domain-{i}``. This is how serving
+(:meth:`lm_lexicon.partition.routing.DomainRouter.route_prompts`), send the prompt to ``domain-{i}``. This is how serving
 runs one deployment per domain (shared/DESIGN.md §3).
 
 **Mixtral** (:func:`export_mixtral`, Llama/Mistral families, token routing): a ``MixtralForCausalLM`` checkpoint
@@ -121,7 +121,7 @@ def export_collapsed(moe_dir: str | Path, out_dir: str | Path, *, domains: Optio
             "router_dir": "router" if has_router else None,
             "embedder": section.get("embedder"),
             "routing_rule": "domain = argmax_j cos(embed(prompt), centroid_j) - bias_j "
-                            "(lm_lexicon.routing.DomainRouter.route_prompts); load domains[domain].path",
+                            "(lm_lexicon.partition.routing.DomainRouter.route_prompts); load domains[domain].path",
             "source": str(moe_dir.resolve()), "source_routing": section.get("routing"), "seed": section.get("seed"),
             "exported_with": EXPORT_FORMAT,
         }

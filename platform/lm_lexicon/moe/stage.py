@@ -16,13 +16,13 @@ import shutil
 import time
 from pathlib import Path
 
-from lm_lexicon.stages.artifacts import StageResult, fingerprint, release_checkpoints, run_stage
+from lm_lexicon.artifacts import StageResult, fingerprint, release_checkpoints, run_stage
 from lm_lexicon.train.ray_worker import TrainJob, WorkerContext, collect_final_model, run_worker, torch_trainer
 
 
 def _rows_with_domains(partition_dir: Path, split: str):
     from lm_lexicon.data.records import records_from_parquet
-    from lm_lexicon.stages.partition import split_files
+    from lm_lexicon.partition.stage import split_files
 
     files = [f for f in split_files(partition_dir, split) if f.exists()]
     return records_from_parquet(files) if files else ([], [])

@@ -21,7 +21,7 @@ Balanced k-means, and why it is built this way
    reproduce the LP assignment with the largest possible minimum margin: the constraints
    ``b_p - b_q <= min_{i in p}(s_ip - s_iq) - margin`` are a system of difference constraints on a k-node graph,
    whose best margin is the minimum mean cycle (Karp) and whose solution is a shortest-path potential.
-4. The final labels are *defined* as the router's biased argmax on the same scores (:mod:`lm_lexicon.routing`), so
+4. The final labels are *defined* as the router's biased argmax on the same scores (:mod:`lm_lexicon.partition.routing`), so
    router == stage labels by construction; the sizes are then re-checked against the slack. The achieved margin is
    reported: it is the floating-point headroom the router has on the training rows (5.7e-7 on WordNet at k=8,
    against float64 scoring noise of ~1e-15). Exact duplicates that the LP split across a boundary cannot be split
@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lm_lexicon.routing import DomainRouter, PromptClassifier, biased_argmax, json_safe, unit_rows
+from lm_lexicon.partition.routing import DomainRouter, PromptClassifier, biased_argmax, json_safe, unit_rows
 from lm_lexicon._util import as_str_list
 
 METHODS = ("semantic", "lexical", "random", "none")
@@ -468,7 +468,7 @@ def partition(features_or_texts, method: str = "semantic", n_clusters: int = 4, 
         if texts:
             if embedder is None:
                 raise TypeError("the semantic partition clusters embeddings: pass an [n, d] array, or texts "
-                                "together with embedder= (lm_lexicon.embed.Embedder)")
+                                "together with embedder= (lm_lexicon.partition.embed.Embedder)")
             X = embedder.encode(as_str_list(features_or_texts))
         return balanced_kmeans(X, n_clusters, slack, seed, method="semantic", **kmeans_kw)
 

@@ -7,7 +7,7 @@ from the partition's router), and on request ``icl-random`` / ``icl-retrieval`` 
 training split, random or nearest by MiniLM + faiss, prompting ``icl_model``). Generation runs on Ray Data (one actor
 per model, batched, greedy).
 
-With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.best_of_n`): an outcome reward model trained on the
+With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.evaluate.best_of_n.protocol`): an outcome reward model trained on the
 ``bon_model``'s own samples (gold preferred), its held-out pairwise accuracy, ``best_of_n`` samples per test input
 reranked by it, and three more rows: ``{model}:sample`` (sample 1, the N = 1 baseline), ``{model}:bon-orm-nN`` and
 ``{model}:oracle-nN`` (an upper bound: it looks at the references).
@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
+from lm_lexicon.artifacts import StageResult, fingerprint, run_stage
 
 HEADLINE = ("bleu_a", "sacrebleu", "rouge_l", "bertscore", "meteor")
 
@@ -61,7 +61,7 @@ def _write_jsonl(rows: list[dict], path: Path) -> None:
 
 
 def _baseline_predictions(name: str, values: list[str], records, domains) -> list[dict]:
-    from lm_lexicon.generate import prediction_dict
+    from lm_lexicon.evaluate.generate import prediction_dict
 
     return [prediction_dict(r, [v], domain=d, model=name) for r, v, d in zip(records, values, domains)]
 
@@ -255,12 +255,12 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
     def build(work: Path) -> dict:
         import numpy as np
 
-        from lm_lexicon.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_chat_prompts,
+        from lm_lexicon.evaluate.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_chat_prompts,
                                           build_icl_prompts, chat_prompt)
         from lm_lexicon.data.prompts import PromptTemplates
         from lm_lexicon.data.records import read_jsonl, records_from_parquet
-        from lm_lexicon.embed import Embedder
-        from lm_lexicon.generate import GenerationSettings, generate_split
+        from lm_lexicon.partition.embed import Embedder
+        from lm_lexicon.evaluate.generate import GenerationSettings, generate_split
         from lm_lexicon.metrics import breakdown, compute_metrics
         from lm_lexicon.metrics.bleu import headword_references
         from lm_lexicon.ray_utils import init_ray
@@ -399,7 +399,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             report += render_bon_section(bon_report)
         (work / "report.md").write_text(report)
         plot_metrics(compact, work / "metrics.png")
-        from lm_lexicon.report_html import write_report_html
+        from lm_lexicon.evaluate.report_html import write_report_html
 
         write_report_html(work, report, predictions, [(work / "metrics.png", "Headline metrics by model"),
                                                       (partition_dir / "clusters.png", "The partition's domains")])
@@ -479,7 +479,7 @@ def _partition_rows(partition_dir: Path, split: str, n: Optional[int], seed: int
     every definition of its headword in the split (Protocol A's grouping)."""
     from lm_lexicon.data.records import records_from_parquet
     from lm_lexicon.metrics.bleu import headword_key, headword_references
-    from lm_lexicon.stages.partition import split_files
+    from lm_lexicon.partition.stage import split_files
 
     rows, row_domains = records_from_parquet(split_files(partition_dir, split))
     groups = headword_references(rows)
@@ -491,7 +491,7 @@ def _reward_records(partition_dir: Path, rc, seed: int):
     """The reward model's training and held-out records, each as (records, domains, references). Held out:
     ``valid_rows`` validation records. Training: ``train_rows`` records of the policy's training split, or, with
     ``train_prompts: valid``, of the other validation headwords (none shared with the held-out records)."""
-    from lm_lexicon.best_of_n import split_by_headword
+    from lm_lexicon.evaluate.best_of_n.protocol import split_by_headword
     from lm_lexicon.metrics.bleu import headword_key
 
     if rc.train_prompts == "train":
@@ -512,12 +512,12 @@ def _reward_records(partition_dir: Path, rc, seed: int):
 def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,
                reference_groups, threads: int, log, dense_path: Optional[Path] = None):
     """Reward model on the policy's own samples, then BoN on the test sample; returns (prediction rows, report)."""
-    from lm_lexicon.best_of_n import (candidate_metric_scores, language_filter_report, language_keep_mask, rerank,
+    from lm_lexicon.evaluate.best_of_n.protocol import (candidate_metric_scores, language_filter_report, language_keep_mask, rerank,
                                       sample_definitions, train_outcome_reward_model)
     from lm_lexicon.data.prompts import record_prompt
-    from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, generate_split
+    from lm_lexicon.evaluate.generate import DefinitionGenerator, GenerationSettings, generate_split
     from lm_lexicon.metrics import MetricUnavailable
-    from lm_lexicon.reward import oracle_best_of_n, plot_bon_curve
+    from lm_lexicon.evaluate.best_of_n.reward import oracle_best_of_n, plot_bon_curve
 
     ev = cfg.evaluate
     name = ev.bon_model
@@ -591,7 +591,7 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
 
 
 def render_bon_section(bon: dict) -> str:
-    from lm_lexicon.best_of_n import curve_table
+    from lm_lexicon.evaluate.best_of_n.protocol import curve_table
 
     orm = bon["reward_model"]
     return "\n".join([
@@ -611,7 +611,7 @@ def render_bon_section(bon: dict) -> str:
 
 
 def _analysis_lines(analysis: dict) -> list[str]:
-    from lm_lexicon.best_of_n import analysis_tables
+    from lm_lexicon.evaluate.best_of_n.protocol import analysis_tables
 
     if not analysis.get("metrics") and not analysis.get("pick_length"):
         return []

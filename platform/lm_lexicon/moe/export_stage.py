@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
+from lm_lexicon.artifacts import StageResult, fingerprint, run_stage
 
 
 def export_model(moe_dir: Path, out_dir: Path, routing: str, log=print, final_dir: Path | None = None) -> dict:

@@ -326,7 +326,7 @@ class DefinitionGenerator:
                              "them; pass domains=")
         if self.router.embedder is None:
             from lm_lexicon.moe.hf_registration import SECTION
-            from lm_lexicon.routing import DomainRouter
+            from lm_lexicon.partition.routing import DomainRouter
 
             router_dir = self.model_path / (self.model.config.to_dict().get(SECTION, {}).get("router_dir") or "router")
             self.router = DomainRouter.load(router_dir, load_embedder=True)
