@@ -222,7 +222,7 @@ def test_bundle(collapsed, source_gguf, tmp_path):
 
 def test_metadata_source_of_a_run(tmp_path):
     from lm_lexicon.config import load_config
-    from lm_lexicon.moe.export_stage import export_gguf_files, gguf_metadata_source
+    from lm_lexicon.moe.stage import export_gguf_files, gguf_metadata_source
 
     assert gguf_metadata_source(load_config(None, [])) == smollm2_gguf_path()  # bundled-smollm2: its own GGUF
     other = load_config(None, [f"seed_model.name={tmp_path}"])

@@ -406,7 +406,7 @@ def export_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]
 
 def _export_gguf(cfg, export_dir: Path, dtype: str, metadata: Optional[Path]) -> None:
     from lm_lexicon.seed_models import SeedUnavailable
-    from lm_lexicon.moe.export_stage import export_gguf_files
+    from lm_lexicon.moe.stage import export_gguf_files
 
     try:
         manifest = export_gguf_files(cfg, export_dir, dtype=dtype, metadata_from=metadata,

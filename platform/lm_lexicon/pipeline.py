@@ -17,7 +17,7 @@ def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, .
     from lm_lexicon.data.stage import run_data_stage
     from lm_lexicon.evaluate.stage import run_evaluate_stage
     from lm_lexicon.train.stage import run_experts_stage
-    from lm_lexicon.moe.export_stage import run_export_stage
+    from lm_lexicon.moe.stage import run_export_stage
     from lm_lexicon.moe.stage import run_merge_stage
     from lm_lexicon.partition.stage import run_partition_stage
     from lm_lexicon.tracking import tracked_run
