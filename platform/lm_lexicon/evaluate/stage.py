@@ -165,7 +165,7 @@ def compare_with_floor(results: dict, floor: str = FLOOR, n_permutations: int = 
     ``per_item``. ``{}`` when the floor was not evaluated."""
     import numpy as np
 
-    from lm_lexicon.experiments import paired_permutation_test
+    from lm_lexicon.metrics.statistics import paired_permutation_test
 
     if floor not in results:
         return {}

@@ -341,7 +341,7 @@ def bon_analysis(candidates: Sequence[Sequence[str]], references: Sequence[Seque
     {rule: {n: mean words}}, "pick_length_p_value": {n: p}}``; the oracle's picks for the lengths are Protocol A
     BLEU's (the headline oracle row). Means are on the scale of the metric's table value.
     """
-    from lm_lexicon.experiments import paired_permutation_test
+    from lm_lexicon.metrics.statistics import paired_permutation_test
     from lm_lexicon.evaluate.best_of_n.reward import _bleu_a_scores, word_count
 
     ns = sorted({int(n) for n in ns})
