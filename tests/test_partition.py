@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from lm_lexicon.partition.clustering import (LexicalFeaturizer, _max_margin_biases, _min_mean_cycle, balanced_kmeans,
-                                  partition, size_bounds)
+from lm_lexicon.partition.clustering import (_max_margin_biases, _min_mean_cycle, balanced_kmeans,
+                                             partition, size_bounds)
+from lm_lexicon.partition.lexical import LexicalFeaturizer
 from lm_lexicon.partition.routing import biased_argmax
 
 

@@ -300,7 +300,7 @@ class DomainRouter:
         tensors = load_file(str(path / ROUTER_TENSORS))
         spec = doc.get("embedder") or {}
         if embedder is None and spec.get("files") == "featurizer":
-            from lm_lexicon.partition.clustering import LexicalFeaturizer
+            from lm_lexicon.partition.lexical import LexicalFeaturizer
 
             embedder = LexicalFeaturizer.load(path)
         elif embedder is None and load_embedder and spec.get("model_id"):
