@@ -12,8 +12,8 @@ the pipeline's rules -- repetition penalty 1.05, no repeated 3-gram, at most 32 
 * HF: :class:`lm_lexicon.evaluate.generate.DefinitionGenerator` in float32 (what serving runs), batch 1 and batch 16
   (length-sorted, left-padded), torch threads = --threads;
 * llama.cpp: :class:`lm_lexicon.serving.gguf_runtime.GGUFModel`, one prompt at a time, and
-  :class:`lm_lexicon.serving.gguf_runtime.BatchDecoder`, 16 sequences per ``llama_decode`` (as llama.cpp's server batches),
-  n_threads = --threads.
+  :class:`lm_lexicon.serving.gguf_runtime.BatchDecoder`, 16 sequences per ``llama_decode`` (as llama.cpp's server
+  batches), n_threads = --threads.
 
 Timing: interleaved rounds (every variant once per round, so a busy period of the shared machine hits all alike),
 median seconds per round after a warm-up; definitions/s = prompts / median seconds. The 1-minute load average is

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lm_lexicon import __version__
 from lm_lexicon.data.prompts import parse_templates
 from lm_lexicon.serving.app_config import (PipelineLayout, ServeArgs, generation_settings, model_card, resolve_args,
-                                      resolve_token)
+                                           resolve_token)
 from lm_lexicon.serving.engines import GREEDY, metrics_settings, select_best
 from lm_lexicon.serving.exposure import check_exposure
 from lm_lexicon.serving.schemas import (ApiError, DefinitionsResponse, ErrorResponse, Limits, ScoreResponse,

@@ -138,8 +138,8 @@ def assert_same_decoding(a: ScoreTrace, b: ScoreTrace, atol: float = 1e-5, rtol:
 
 # =================================================================================================== DefinitionGenerator
 class DefinitionTraces:
-    """Records the scores of :class:`lm_lexicon.evaluate.generate.DefinitionGenerator` batches: ``run(gen.generate, ...)``
-    returns ``(output, trace)``. Rows are keyed by (prompt token ids, sampling seed or None) — see
+    """Records the scores of :class:`lm_lexicon.evaluate.generate.DefinitionGenerator` batches: ``run(gen.generate,
+    ...)`` returns ``(output, trace)``. Rows are keyed by (prompt token ids, sampling seed or None) — see
     :func:`definition_rows` — and the trace processor is appended after the generator's own."""
 
     def __init__(self, monkeypatch):

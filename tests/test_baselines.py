@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from lm_lexicon.evaluate.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_prompts, format_few_shot_prompt,
-                                  select_icl_exemplars)
+from lm_lexicon.evaluate.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_prompts,
+                                           format_few_shot_prompt, select_icl_exemplars)
 from lm_lexicon.data.prompts import record_prompt
 from lm_lexicon.data.records import Record
 

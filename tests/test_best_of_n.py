@@ -1,5 +1,5 @@
-"""Best-of-N as the evaluate stage runs it (lm_lexicon.evaluate.best_of_n.protocol): the reward model trained on (gold, sample) pairs
-beats chance on held-out records, and reranking yields the three curves that agree at N = 1."""
+"""Best-of-N as the evaluate stage runs it (lm_lexicon.evaluate.best_of_n.protocol): the reward model trained on (gold,
+sample) pairs beats chance on held-out records, and reranking yields the three curves that agree at N = 1."""
 from __future__ import annotations
 
 import random

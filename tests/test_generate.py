@@ -1,4 +1,5 @@
-"""Batch generation (lm_lexicon.evaluate.generate): left padding, seeded sampling, MoE domains, Ray Data, candidate scoring.
+"""Batch generation (lm_lexicon.evaluate.generate): left padding, seeded sampling, MoE domains, Ray Data, candidate
+scoring.
 
 Fixtures are tiny and built in tmp dirs: a random 2-layer Llama (hidden 64), a 2-layer MiniLM decoder, and an MoE
 merged from two perturbed tiny Llamas. fp32 on CPU, one torch thread.

@@ -11,9 +11,9 @@ What "the same" means here (two different computations, never compared bit for b
   keeps its KV cache in float16 by default, and sums in another order); the bf16 file within 0.5 -- ggml also
   rounds the activations to bfloat16 before each bf16 matmul (its vec-dot type), which transformers does not do:
   a real difference in arithmetic, not a bug;
-* greedy definitions, against the pipeline's own generator (:class:`lm_lexicon.evaluate.generate.DefinitionGenerator`, same
-  rules: repetition penalty 1.05 over prompt and output, no repeated 3-gram in the output): the scores of every step
-  both decoded within the bf16 tolerance, and the same pick unless transformers' top-2 margin is within twice that
+* greedy definitions, against the pipeline's own generator (:class:`lm_lexicon.evaluate.generate.DefinitionGenerator`,
+  same rules: repetition penalty 1.05 over prompt and output, no repeated 3-gram in the output): the scores of every
+  step both decoded within the bf16 tolerance, and the same pick unless transformers' top-2 margin is within twice that
   (a near tie: the two then continue from different prefixes and the comparison of that prompt stops).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""report.html (lm_lexicon.evaluate.report_html): every table of the markdown report, the plots embedded, the example rows;
-one self-contained file. The browser check of a real one is in tests/test_browser.py (slow)."""
+"""report.html (lm_lexicon.evaluate.report_html): every table of the markdown report, the plots embedded, the example
+rows; one self-contained file. The browser check of a real one is in tests/test_browser.py (slow)."""
 from __future__ import annotations
 
 import base64

@@ -1,6 +1,6 @@
-"""The reward model that starts from the policy (lm_lexicon.evaluate.best_of_n.reward.RewardModel.from_policy), on tiny Llamas: untrained
-it scores a definition by its mean token log-probability, it learns a preference, tied weights are saved once and a
-save/load round trip gives identical scores."""
+"""The reward model that starts from the policy (lm_lexicon.evaluate.best_of_n.reward.RewardModel.from_policy), on tiny
+Llamas: untrained it scores a definition by its mean token log-probability, it learns a preference, tied weights are
+saved once and a save/load round trip gives identical scores."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
-"""The reward model on the pretrained seed (lm_lexicon.evaluate.best_of_n.reward.RewardModel.from_seed), on a tiny random Llama: it reads
-the policy's own input format, learns a preference, survives save/load exactly, and old MiniLM directories still load.
+"""The reward model on the pretrained seed (lm_lexicon.evaluate.best_of_n.reward.RewardModel.from_seed), on a tiny
+random Llama: it reads the policy's own input format, learns a preference, survives save/load exactly, and old MiniLM
+directories still load.
 """
 from __future__ import annotations
 

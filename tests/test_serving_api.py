@@ -19,7 +19,7 @@ from lm_lexicon.data.prompts import record_prompt
 from lm_lexicon.data.records import Record
 from lm_lexicon.serving.client import ApiClientError, LexiconClient, define_file, read_rows
 from lm_lexicon.serving.app_config import (DeploymentOptions, PipelineLayout, ServeArgs, generation_settings,
-                                       model_card, resolve_args, resolve_token)
+                                           model_card, resolve_args, resolve_token)
 from lm_lexicon.serving.engines import FIRST_SAMPLE, REWARD_MODEL, ScorerEngine, select_best
 from lm_lexicon.serving.schemas import (ApiError, DefinitionItem, Limits, item_prompt, parse_definitions_request,
                                         parse_json_body, parse_score_request)

@@ -7,8 +7,8 @@ from the partition's router), and on request ``icl-random`` / ``icl-retrieval`` 
 training split, random or nearest by MiniLM + faiss, prompting ``icl_model``). Generation runs on Ray Data (one actor
 per model, batched, greedy).
 
-With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.evaluate.best_of_n.protocol`): an outcome reward model trained on the
-``bon_model``'s own samples (gold preferred), its held-out pairwise accuracy, ``best_of_n`` samples per test input
+With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.evaluate.best_of_n.protocol`): an outcome reward model trained on
+the ``bon_model``'s own samples (gold preferred), its held-out pairwise accuracy, ``best_of_n`` samples per test input
 reranked by it, and three more rows: ``{model}:sample`` (sample 1, the N = 1 baseline), ``{model}:bon-orm-nN`` and
 ``{model}:oracle-nN`` (an upper bound: it looks at the references).
 
@@ -256,7 +256,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         import numpy as np
 
         from lm_lexicon.evaluate.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_chat_prompts,
-                                          build_icl_prompts, chat_prompt)
+                                                   build_icl_prompts, chat_prompt)
         from lm_lexicon.data.prompts import PromptTemplates
         from lm_lexicon.data.records import read_jsonl, records_from_parquet
         from lm_lexicon.partition.embed import Embedder
@@ -512,8 +512,9 @@ def _reward_records(partition_dir: Path, rc, seed: int):
 def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,
                reference_groups, threads: int, log, dense_path: Optional[Path] = None):
     """Reward model on the policy's own samples, then BoN on the test sample; returns (prediction rows, report)."""
-    from lm_lexicon.evaluate.best_of_n.protocol import (candidate_metric_scores, language_filter_report, language_keep_mask, rerank,
-                                      sample_definitions, train_outcome_reward_model)
+    from lm_lexicon.evaluate.best_of_n.protocol import (candidate_metric_scores, language_filter_report,
+                                                        language_keep_mask, rerank, sample_definitions,
+                                                        train_outcome_reward_model)
     from lm_lexicon.data.prompts import record_prompt
     from lm_lexicon.evaluate.generate import DefinitionGenerator, GenerationSettings, generate_split
     from lm_lexicon.metrics import MetricUnavailable

