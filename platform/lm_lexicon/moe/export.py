@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 from lm_lexicon.data.prompts import PromptTemplates
 from lm_lexicon.moe.ffn_spec import LLAMA, get_spec
-from lm_lexicon.moe.hf_registration import SECTION
+from lm_lexicon.moe.hf_config import SECTION
 from lm_lexicon.moe.merge import (
                                   DEFAULT_MAX_SHARD_SIZE,
                                   PlannedTensor,

@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 from lm_lexicon.data.prompts import PromptTemplates
 from lm_lexicon.moe.ffn_spec import MOE_PREFIX, FFNSpec, has_ffn_bias, spec_for_config
-from lm_lexicon.moe.hf_registration import ARCHITECTURE, MODEL_TYPE, ROUTING_POLICIES, SECTION
+from lm_lexicon.moe.hf_config import ARCHITECTURE, MODEL_TYPE, ROUTING_POLICIES, SECTION
 from lm_lexicon._util import sha256_file, written_atomically
 
 MERGE_FORMAT = "lm_lexicon.moe.merge/1"
@@ -424,7 +424,7 @@ def _mean_of(ckpts: Sequence[SafetensorsCheckpoint], key: str) -> Callable[[], t
 
 def write_moe_config(out_dir: Path, base: dict, section: dict, dtype: Optional[torch.dtype] = None) -> None:
     """``config.json`` of the MoE, written through :class:`LexiconMoEConfig` so it is exactly what loading expects."""
-    from lm_lexicon.moe.hf_registration import config_class
+    from lm_lexicon.moe.hf_config import config_class
 
     text_config = {k: v for k, v in base.items() if k not in ("transformers_version", "_name_or_path")}
     config = config_class()(text_config=text_config, lm_lexicon_moe=section)

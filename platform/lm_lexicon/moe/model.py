@@ -56,7 +56,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from lm_lexicon.moe.ffn_spec import MOE_PREFIX, FFNSpec, get_spec, spec_for_config
-from lm_lexicon.moe.hf_registration import ROUTING_POLICIES, SECTION, config_class
+from lm_lexicon.moe.hf_config import ROUTING_POLICIES, SECTION, config_class
 
 LexiconMoEConfig = config_class()
 # the name of the KV cache in model outputs: `cache` in recent transformers, `past_key_values` before
