@@ -1,4 +1,4 @@
-"""Best-of-N as the evaluate stage runs it (lm_lexicon.evaluate.best_of_n.protocol): the reward model trained on (gold,
+"""Best-of-N as the evaluate stage runs it (lm_lexicon.evaluate.best_of_n.steps): the reward model trained on (gold,
 sample) pairs beats chance on held-out records, and reranking yields the three curves that agree at N = 1."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lm_lexicon.evaluate.best_of_n.protocol import SampledSet, curve_table, rerank, train_outcome_reward_model
+from lm_lexicon.evaluate.best_of_n.steps import SampledSet, curve_table, rerank, train_outcome_reward_model
 from lm_lexicon.config import RewardConfig
 from lm_lexicon.data.records import Record
 
@@ -131,7 +131,7 @@ def test_seed_backbone_ranks_samples_and_reports_length_control(tiny_seed):
 
 # =================================================================================================== every metric
 def test_candidate_metric_scores_are_the_evaluations_per_sentence_scores():
-    from lm_lexicon.evaluate.best_of_n.protocol import candidate_metric_scores
+    from lm_lexicon.evaluate.best_of_n.steps import candidate_metric_scores
     from lm_lexicon.metrics import sentence_bleu_a
     from lm_lexicon.metrics.text import rouge_l, sacrebleu_sentence
 
@@ -150,7 +150,7 @@ def test_candidate_metric_scores_are_the_evaluations_per_sentence_scores():
 
 
 def test_bon_analysis_matches_a_hand_computation():
-    from lm_lexicon.evaluate.best_of_n.protocol import analysis_tables, bon_analysis
+    from lm_lexicon.evaluate.best_of_n.steps import analysis_tables, bon_analysis
 
     candidates = [["a b", "a b c d", "a"], ["x y z", "x", "x y"]]
     metric = {"m": [[10.0, 30.0, 20.0], [40.0, 0.0, 50.0]]}
@@ -178,7 +178,7 @@ def test_bon_analysis_matches_a_hand_computation():
 
 
 def test_rerank_reports_every_metric_and_bleu_a_agrees_with_the_headline_curve():
-    from lm_lexicon.evaluate.best_of_n.protocol import candidate_metric_scores
+    from lm_lexicon.evaluate.best_of_n.steps import candidate_metric_scores
 
     records = _damaged_set(6, 3)
     rows = [{"term": r.term, "split": "test", "lang": "en", "references": refs}
@@ -227,7 +227,7 @@ def test_bon_section_renders_new_and_old_reports():
 
 
 def test_split_by_headword_keeps_every_headword_on_one_side():
-    from lm_lexicon.evaluate.best_of_n.protocol import split_by_headword
+    from lm_lexicon.evaluate.best_of_n.steps import split_by_headword
 
     keys = [f"w{i % 37}" for i in range(200)]  # 37 headwords, 5 or 6 senses each
     held, train = split_by_headword(keys, 60, 90, seed=3)

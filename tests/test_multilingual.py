@@ -282,7 +282,7 @@ FR_OK = "petit animal domestique qui miaule et chasse les souris"
 
 
 def test_language_keep_mask_modes():
-    from lm_lexicon.evaluate.best_of_n.protocol import language_keep_mask
+    from lm_lexicon.evaluate.best_of_n.steps import language_keep_mask
 
     cands = [[EN, ES_OK], [EN, EN], [EN, FR_OK]]
     langs = ["es", "en", "fr"]
@@ -296,7 +296,7 @@ def test_language_keep_mask_modes():
 
 
 def test_filter_scores_pick_the_best_compliant_sample_or_fall_back_for_every_n():
-    from lm_lexicon.evaluate.best_of_n.protocol import filter_scores, language_filter_report
+    from lm_lexicon.evaluate.best_of_n.steps import filter_scores, language_filter_report
     from lm_lexicon.evaluate.best_of_n.reward import best_of_n
 
     scores = [[5.0, 1.0, 3.0], [2.0, 9.0, -4.0], [0.5, 0.7, 0.1]]
@@ -313,7 +313,7 @@ def test_filter_scores_pick_the_best_compliant_sample_or_fall_back_for_every_n()
 
 
 def test_rerank_with_the_language_filter():
-    from lm_lexicon.evaluate.best_of_n.protocol import language_keep_mask, rerank
+    from lm_lexicon.evaluate.best_of_n.steps import language_keep_mask, rerank
 
     class PrefersEnglish:  # a reward model that likes the wrong language
         def score_candidates(self, prompts, candidates):

@@ -74,7 +74,7 @@ def test_policy_reward_model_learns_a_preference_and_round_trips(tied_policy_dir
 def test_policy_backbone_needs_the_dense_model():
     from pydantic import ValidationError
 
-    from lm_lexicon.evaluate.best_of_n.protocol import new_reward_model
+    from lm_lexicon.evaluate.best_of_n.steps import new_reward_model
     from lm_lexicon.config import RewardConfig
 
     with pytest.raises(ValueError, match="dense_baseline"):

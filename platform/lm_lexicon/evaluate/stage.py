@@ -7,7 +7,7 @@ from the partition's router), and on request ``icl-random`` / ``icl-retrieval`` 
 training split, random or nearest by MiniLM + faiss, prompting ``icl_model``). Generation runs on Ray Data (one actor
 per model, batched, greedy).
 
-With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.evaluate.best_of_n.protocol`): an outcome reward model trained on
+With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.evaluate.best_of_n.steps`): an outcome reward model trained on
 the ``bon_model``'s own samples (gold preferred), its held-out pairwise accuracy, ``best_of_n`` samples per test input
 reranked by it, and three more rows: ``{model}:sample`` (sample 1, the N = 1 baseline), ``{model}:bon-orm-nN`` and
 ``{model}:oracle-nN`` (an upper bound: it looks at the references).
@@ -491,7 +491,7 @@ def _reward_records(partition_dir: Path, rc, seed: int):
     """The reward model's training and held-out records, each as (records, domains, references). Held out:
     ``valid_rows`` validation records. Training: ``train_rows`` records of the policy's training split, or, with
     ``train_prompts: valid``, of the other validation headwords (none shared with the held-out records)."""
-    from lm_lexicon.evaluate.best_of_n.protocol import split_by_headword
+    from lm_lexicon.evaluate.best_of_n.steps import split_by_headword
     from lm_lexicon.metrics.bleu import headword_key
 
     if rc.train_prompts == "train":
@@ -512,9 +512,9 @@ def _reward_records(partition_dir: Path, rc, seed: int):
 def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,
                reference_groups, threads: int, log, dense_path: Optional[Path] = None):
     """Reward model on the policy's own samples, then BoN on the test sample; returns (prediction rows, report)."""
-    from lm_lexicon.evaluate.best_of_n.protocol import (candidate_metric_scores, language_filter_report,
-                                                        language_keep_mask, rerank, sample_definitions,
-                                                        train_outcome_reward_model)
+    from lm_lexicon.evaluate.best_of_n.steps import (candidate_metric_scores, language_filter_report,
+                                                     language_keep_mask, rerank, sample_definitions,
+                                                     train_outcome_reward_model)
     from lm_lexicon.data.prompts import record_prompt
     from lm_lexicon.evaluate.generate import DefinitionGenerator, GenerationSettings, generate_split
     from lm_lexicon.metrics import MetricUnavailable
@@ -592,7 +592,7 @@ def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_dom
 
 
 def render_bon_section(bon: dict) -> str:
-    from lm_lexicon.evaluate.best_of_n.protocol import curve_table
+    from lm_lexicon.evaluate.best_of_n.steps import curve_table
 
     orm = bon["reward_model"]
     return "\n".join([
@@ -612,7 +612,7 @@ def render_bon_section(bon: dict) -> str:
 
 
 def _analysis_lines(analysis: dict) -> list[str]:
-    from lm_lexicon.evaluate.best_of_n.protocol import analysis_tables
+    from lm_lexicon.evaluate.best_of_n.steps import analysis_tables
 
     if not analysis.get("metrics") and not analysis.get("pick_length"):
         return []

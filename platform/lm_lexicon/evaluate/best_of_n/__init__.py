@@ -1,2 +1,2 @@
 """Best-of-N: the outcome reward model, picks and curves (:mod:`.reward`) and the procedure the evaluate stage runs
-(:mod:`.protocol`)."""
+(:mod:`.steps`)."""
