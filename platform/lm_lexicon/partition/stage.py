@@ -122,7 +122,7 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
     """The stage body: ``fn(work_dir) -> summary`` for :func:`run_stage`."""
 
     def build(work: Path) -> dict:
-        from lm_lexicon.partition.clustering import cluster_report
+        from lm_lexicon.partition import cluster_report
         from lm_lexicon.data.corpus import read_saved_corpus
         from lm_lexicon.data.prompts import PromptTemplates, record_prompt
         from lm_lexicon.data.records import write_parquet
