@@ -331,7 +331,7 @@ def test_rerank_with_the_language_filter():
 
 
 def test_bon_report_states_the_filter():
-    from lm_lexicon.evaluate.stage import _language_filter_lines
+    from lm_lexicon.evaluate.best_of_n.report import _language_filter_lines
 
     assert _language_filter_lines({}) == []
     assert "off" in _language_filter_lines({"mode": "off", "applied": False})[0]

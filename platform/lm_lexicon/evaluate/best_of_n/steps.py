@@ -366,35 +366,3 @@ def bon_analysis(candidates: Sequence[Sequence[str]], references: Sequence[Seque
     if METHOD in by_rule:
         out["pick_length_p_value"] = {n: p_value(by_rule[METHOD][n], by_rule[BASELINE][n]) for n in ns}
     return out
-
-
-def analysis_tables(analysis: Mapping) -> str:
-    """Markdown: per metric, the curves (one row per selection rule, one column per N) and the reward model's
-    p-value against sample 1; then the mean length of the picks."""
-    lines: list[str] = []
-    for name, res in analysis.get("metrics", {}).items():
-        lines += [f"**{name}**", "", curve_table(res["curves"])]
-        if res.get("p_value"):
-            ns = sorted({int(n) for c in res["curves"].values() for n in c})
-            lines.append("| p, reward model vs sample 1 | " + " | ".join(
-                f"{res['p_value'][n]:.3g}" if n in res["p_value"] else "" for n in ns) + " |")
-        lines.append("")
-    if analysis.get("pick_length"):
-        lines += ["**Mean length of the picks** (words; the oracle picks by Protocol A BLEU)", "",
-                  curve_table(analysis["pick_length"])]
-        p = analysis.get("pick_length_p_value")
-        if p:
-            ns = sorted({int(n) for c in analysis["pick_length"].values() for n in c})
-            lines.append("| p, reward model vs sample 1 | " + " | ".join(
-                f"{p[n]:.3g}" if n in p else "" for n in ns) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def curve_table(curves: dict) -> str:
-    """Markdown: one row per selection rule, one column per N."""
-    ns = sorted({int(n) for c in curves.values() for n in c})
-    lines = ["| selection | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns)]
-    for label, c in curves.items():
-        lines.append(f"| {label} | " + " | ".join(f"{c[n]:.2f}" if n in c else "" for n in ns) + " |")
-    return "\n".join(lines)
