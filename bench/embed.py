@@ -36,8 +36,8 @@ def main() -> int:
     from lm_lexicon.config import EmbedConfig
     from lm_lexicon.data.prompts import format_prompt
     from lm_lexicon.data.wordnet import load_packaged_corpus
-    from lm_lexicon.embed import Embedder
-    from lm_lexicon.stages.partition import embed_on_ray
+    from lm_lexicon.partition.embed import Embedder
+    from lm_lexicon.partition.stage import embed_on_ray
 
     rows = load_packaged_corpus("train")[: args.rows]
     prompts = [format_prompt(r.term, r.context) for r in rows]

@@ -9,11 +9,11 @@ Needs llama-cpp-python (``pip install 'lm-lexicon[gguf-runtime]'``). The domain 
 Both sides decode the same test prompts (the tiny recipe's WordNet test split, the run's template) greedily under
 the pipeline's rules -- repetition penalty 1.05, no repeated 3-gram, at most 32 new tokens, stop at EOS:
 
-* HF: :class:`lm_lexicon.generate.DefinitionGenerator` in float32 (what serving runs), batch 1 and batch 16
+* HF: :class:`lm_lexicon.evaluate.generate.DefinitionGenerator` in float32 (what serving runs), batch 1 and batch 16
   (length-sorted, left-padded), torch threads = --threads;
-* llama.cpp: :class:`lm_lexicon.gguf_runtime.GGUFModel`, one prompt at a time, and
-  :class:`lm_lexicon.gguf_runtime.BatchDecoder`, 16 sequences per ``llama_decode`` (as llama.cpp's server batches),
-  n_threads = --threads.
+* llama.cpp: :class:`lm_lexicon.serving.gguf_runtime.GGUFModel`, one prompt at a time, and
+  :class:`lm_lexicon.serving.gguf_runtime.BatchDecoder`, 16 sequences per ``llama_decode`` (as llama.cpp's server
+  batches), n_threads = --threads.
 
 Timing: interleaved rounds (every variant once per round, so a busy period of the shared machine hits all alike),
 median seconds per round after a warm-up; definitions/s = prompts / median seconds. The 1-minute load average is
@@ -56,7 +56,7 @@ def quantize_q8(src: Path, dst: Path) -> bool:
 
 
 def hf_runner(domain_dir: Path, prompts: list[str], batch: int, threads: int):
-    from lm_lexicon.generate import DefinitionGenerator, GenerationSettings
+    from lm_lexicon.evaluate.generate import DefinitionGenerator, GenerationSettings
 
     gen = DefinitionGenerator(domain_dir, kind="dense", dtype="float32", torch_threads=threads,
                               settings=GenerationSettings(batch_size=batch, **SETTINGS))
@@ -70,7 +70,7 @@ def hf_runner(domain_dir: Path, prompts: list[str], batch: int, threads: int):
 
 
 def cpp_runner(path: Path, prompts: list[str], threads: int):
-    from lm_lexicon.gguf_runtime import GGUFModel
+    from lm_lexicon.serving.gguf_runtime import GGUFModel
 
     model = GGUFModel(path, n_threads=threads, n_ctx=512)
     encoded = [model.tokenize(p) for p in prompts]
@@ -85,7 +85,7 @@ def cpp_runner(path: Path, prompts: list[str], threads: int):
 
 
 def cpp_batch_runner(path: Path, prompts: list[str], threads: int, batch: int):
-    from lm_lexicon.gguf_runtime import BatchDecoder, GGUFModel
+    from lm_lexicon.serving.gguf_runtime import BatchDecoder, GGUFModel
 
     model = GGUFModel(path, n_threads=threads, n_ctx=512)
     decoder = BatchDecoder(model, max_batch=batch)
@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="record the results in docs/BENCHMARKS.md")
     args = ap.parse_args()
 
-    from lm_lexicon.gguf_runtime import import_llama_cpp
+    from lm_lexicon.serving.gguf_runtime import import_llama_cpp
     from lm_lexicon.moe.gguf import write_gguf
     from lm_lexicon.seed_models import smollm2_gguf_path
 

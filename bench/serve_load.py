@@ -71,8 +71,8 @@ class Offline:
     def __init__(self, output_dir: Path, items: list[dict], batch_size: int, generation: dict, threads: int):
         import torch
 
-        from lm_lexicon.generate import DefinitionGenerator, GenerationSettings
-        from lm_lexicon.serving.config import PipelineLayout
+        from lm_lexicon.evaluate.generate import DefinitionGenerator, GenerationSettings
+        from lm_lexicon.serving.app_config import PipelineLayout
         from lm_lexicon.serving.engines import RouterEngine
         from lm_lexicon.serving.schemas import DefinitionItem, item_prompt
 
@@ -171,7 +171,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from lm_lexicon.serving.config import PipelineLayout, generation_settings, resolve_args
+    from lm_lexicon.serving.app_config import PipelineLayout, generation_settings, resolve_args
     from serve_app.app import build_app
 
     output_dir = Path(args.output_dir).resolve()

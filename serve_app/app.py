@@ -5,7 +5,7 @@
     lm-lexicon serve runs/tiny                                  # the same, built from a pipeline output dir
 
 ``build_app(args)`` is the application builder (``import_path: serve_app.app:build_app``); ``args`` are
-:class:`lm_lexicon.serving.config.ServeArgs`. The deployments are thin: the work is in
+:class:`lm_lexicon.serving.app_config.ServeArgs`. The deployments are thin: the work is in
 :mod:`lm_lexicon.serving.engines`, the API models and validation in :mod:`lm_lexicon.serving.schemas`.
 
 * ``Router`` embeds prompts with the pipeline's embedder and picks the nearest (biased) centroid; prompts of
@@ -36,8 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lm_lexicon import __version__
 from lm_lexicon.data.prompts import parse_templates
-from lm_lexicon.serving.config import (PipelineLayout, ServeArgs, generation_settings, model_card, resolve_args,
-                                      resolve_token)
+from lm_lexicon.serving.app_config import (PipelineLayout, ServeArgs, generation_settings, model_card, resolve_args,
+                                           resolve_token)
 from lm_lexicon.serving.engines import GREEDY, metrics_settings, select_best
 from lm_lexicon.serving.exposure import check_exposure
 from lm_lexicon.serving.schemas import (ApiError, DefinitionsResponse, ErrorResponse, Limits, ScoreResponse,
@@ -491,7 +491,7 @@ async def _none():
 
 # =================================================================================================== builder
 def build_app(args: dict):
-    """The application from :class:`~lm_lexicon.serving.config.ServeArgs` (a dict, e.g. the YAML's ``args``)."""
+    """The application from :class:`~lm_lexicon.serving.app_config.ServeArgs` (a dict, e.g. the YAML's ``args``)."""
     sa = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(dict(args or {}))
     layout = PipelineLayout.discover(sa.output_dir, sa.experts_source, sa.router_dir, sa.reward_model_dir)
     sa = resolve_args(sa, layout.pipeline_config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from lm_lexicon.reward import PreferencePair
+from lm_lexicon.evaluate.best_of_n.reward import PreferencePair
 
 ADJ = ["small", "large", "red", "wooden", "quiet", "bright", "old", "sharp", "soft", "heavy", "cold", "round"]
 NOUN = ["animal", "tool", "building", "plant", "machine", "container", "vehicle", "garment", "instrument", "bird"]

@@ -138,12 +138,12 @@ def assert_same_decoding(a: ScoreTrace, b: ScoreTrace, atol: float = 1e-5, rtol:
 
 # =================================================================================================== DefinitionGenerator
 class DefinitionTraces:
-    """Records the scores of :class:`lm_lexicon.generate.DefinitionGenerator` batches: ``run(gen.generate, ...)``
-    returns ``(output, trace)``. Rows are keyed by (prompt token ids, sampling seed or None) — see
+    """Records the scores of :class:`lm_lexicon.evaluate.generate.DefinitionGenerator` batches: ``run(gen.generate,
+    ...)`` returns ``(output, trace)``. Rows are keyed by (prompt token ids, sampling seed or None) — see
     :func:`definition_rows` — and the trace processor is appended after the generator's own."""
 
     def __init__(self, monkeypatch):
-        import lm_lexicon.generate as generate
+        import lm_lexicon.evaluate.generate as generate
 
         build = generate._processors
         self.trace: Optional[ScoreTrace] = None
@@ -182,7 +182,7 @@ class _DefinitionRows(LogitsProcessor):
 def definition_rows(generator, prompts: Sequence[str], settings) -> list[list[tuple]]:
     """The trace row ids of each prompt's sequences under ``settings``: ``[[(prompt ids, seed)] * n]`` (greedy: one
     row, whose output the generator repeats n times)."""
-    from lm_lexicon.generate import row_seed
+    from lm_lexicon.evaluate.generate import row_seed
 
     ids = [tuple(p) for p in generator.encode_prompts(prompts, settings.max_prompt_tokens)]
     if not settings.do_sample:

@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from lm_lexicon.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_prompts, format_few_shot_prompt,
-                                  select_icl_exemplars)
+from lm_lexicon.evaluate.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_prompts,
+                                           format_few_shot_prompt, select_icl_exemplars)
 from lm_lexicon.data.prompts import record_prompt
 from lm_lexicon.data.records import Record
 
@@ -121,7 +121,7 @@ def test_retrieval_with_the_bundled_minilm():
     import torch
 
     torch.set_num_threads(1)
-    from lm_lexicon.embed import Embedder
+    from lm_lexicon.partition.embed import Embedder
 
     rb = RetrievalBaseline().fit(TRAIN, Embedder(num_threads=1))
     pred = rb.predict([Q("pastry chef", "the pastry chef baked bread and cakes"),
@@ -194,7 +194,7 @@ def chat_tokenizer():
 
 
 def test_chat_prompt_puts_exemplars_in_earlier_turns(chat_tokenizer):
-    from lm_lexicon.baselines import chat_prompt
+    from lm_lexicon.evaluate.baselines import chat_prompt
 
     query = Q("bank", "we sat on the bank")
     exemplars = [R("cat", "a small feline", "the cat slept"), R("run", "move fast")]
@@ -206,7 +206,7 @@ def test_chat_prompt_puts_exemplars_in_earlier_turns(chat_tokenizer):
 
 
 def test_icl_chat_prompts_use_the_same_exemplars_as_plain_ones(chat_tokenizer):
-    from lm_lexicon.baselines import build_icl_chat_prompts
+    from lm_lexicon.evaluate.baselines import build_icl_chat_prompts
 
     pool = [R(f"w{i}", f"definition {i}", f"context {i}") for i in range(20)]
     queries = [Q("bank", "the bank"), Q("tree", "a tall tree")]
@@ -218,7 +218,7 @@ def test_icl_chat_prompts_use_the_same_exemplars_as_plain_ones(chat_tokenizer):
 
 
 def test_chat_prompt_needs_a_chat_template():
-    from lm_lexicon.baselines import chat_prompt
+    from lm_lexicon.evaluate.baselines import chat_prompt
     from lm_lexicon.seed_models import causal_bert_tokenizer
 
     with pytest.raises(ValueError, match="no chat template"):
@@ -228,7 +228,7 @@ def test_chat_prompt_needs_a_chat_template():
 def test_seed_prompting_auto_plain_chat(tmp_path, chat_tokenizer):
     from lm_lexicon.config import EvalConfig
     from lm_lexicon.seed_models import causal_bert_tokenizer
-    from lm_lexicon.stages.evaluate import seed_chat_tokenizer
+    from lm_lexicon.evaluate.stage import seed_chat_tokenizer
 
     with_chat, without = tmp_path / "chat", tmp_path / "plain"
     chat_tokenizer.save_pretrained(str(with_chat))

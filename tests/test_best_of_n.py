@@ -1,12 +1,13 @@
-"""Best-of-N as the evaluate stage runs it (lm_lexicon.best_of_n): the reward model trained on (gold, sample) pairs
-beats chance on held-out records, and reranking yields the three curves that agree at N = 1."""
+"""Best-of-N as the evaluate stage runs it (lm_lexicon.evaluate.best_of_n): the reward model trained on (gold,
+sample) pairs beats chance on held-out records, and reranking yields the three curves that agree at N = 1."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from lm_lexicon.best_of_n import SampledSet, curve_table, rerank, train_outcome_reward_model
+from lm_lexicon.evaluate.best_of_n.report import curve_table
+from lm_lexicon.evaluate.best_of_n.steps import SampledSet, rerank, train_outcome_reward_model
 from lm_lexicon.config import RewardConfig
 from lm_lexicon.data.records import Record
 
@@ -131,7 +132,7 @@ def test_seed_backbone_ranks_samples_and_reports_length_control(tiny_seed):
 
 # =================================================================================================== every metric
 def test_candidate_metric_scores_are_the_evaluations_per_sentence_scores():
-    from lm_lexicon.best_of_n import candidate_metric_scores
+    from lm_lexicon.evaluate.best_of_n.steps import candidate_metric_scores
     from lm_lexicon.metrics import sentence_bleu_a
     from lm_lexicon.metrics.text import rouge_l, sacrebleu_sentence
 
@@ -150,7 +151,8 @@ def test_candidate_metric_scores_are_the_evaluations_per_sentence_scores():
 
 
 def test_bon_analysis_matches_a_hand_computation():
-    from lm_lexicon.best_of_n import analysis_tables, bon_analysis
+    from lm_lexicon.evaluate.best_of_n.report import analysis_tables
+    from lm_lexicon.evaluate.best_of_n.steps import bon_analysis
 
     candidates = [["a b", "a b c d", "a"], ["x y z", "x", "x y"]]
     metric = {"m": [[10.0, 30.0, 20.0], [40.0, 0.0, 50.0]]}
@@ -178,7 +180,7 @@ def test_bon_analysis_matches_a_hand_computation():
 
 
 def test_rerank_reports_every_metric_and_bleu_a_agrees_with_the_headline_curve():
-    from lm_lexicon.best_of_n import candidate_metric_scores
+    from lm_lexicon.evaluate.best_of_n.steps import candidate_metric_scores
 
     records = _damaged_set(6, 3)
     rows = [{"term": r.term, "split": "test", "lang": "en", "references": refs}
@@ -201,7 +203,7 @@ def test_rerank_reports_every_metric_and_bleu_a_agrees_with_the_headline_curve()
 
 
 def test_bon_section_renders_new_and_old_reports():
-    from lm_lexicon.stages.evaluate import render_bon_section
+    from lm_lexicon.evaluate.best_of_n.report import render_bon_section
 
     orm = {"train_pairs": 10, "train_gold_pairs": 6, "train_sample_pairs": 4, "sample_margin": 0.05,
            "train_records": 3, "valid_accuracy": 0.7, "valid_pairs": 5, "valid_records": 2,
@@ -227,7 +229,7 @@ def test_bon_section_renders_new_and_old_reports():
 
 
 def test_split_by_headword_keeps_every_headword_on_one_side():
-    from lm_lexicon.best_of_n import split_by_headword
+    from lm_lexicon.evaluate.best_of_n.steps import split_by_headword
 
     keys = [f"w{i % 37}" for i in range(200)]  # 37 headwords, 5 or 6 senses each
     held, train = split_by_headword(keys, 60, 90, seed=3)
@@ -243,17 +245,17 @@ def test_split_by_headword_keeps_every_headword_on_one_side():
 def test_reward_records_from_valid_leave_the_held_out_headwords_alone(tmp_path):
     import pandas as pd
 
-    from lm_lexicon.stages.evaluate import _reward_records
+    from lm_lexicon.evaluate.best_of_n.run import reward_records
 
     rows = [dict(Record(term=f"w{i % 30}", context=f"c{i}", definition=f"d{i}", source="toy", split="valid").to_dict(),
                  domain=i % 3) for i in range(90)]
     pd.DataFrame(rows).to_parquet(tmp_path / "valid.parquet")
     rc = RewardConfig(train_prompts="valid", valid_rows=40, train_rows=30)
-    (train, train_domains, train_refs), (held, held_domains, held_refs) = _reward_records(tmp_path, rc, seed=0)
+    (train, train_domains, train_refs), (held, held_domains, held_refs) = reward_records(tmp_path, rc, seed=0)
     assert len(held) == 40 and len(train) == 30
     assert not {r.term for r in train} & {r.term for r in held}
     assert all(d == int(r.context[1:]) % 3 for r, d in zip(train + held, train_domains + held_domains))
     assert all(sorted(refs) == sorted(f"d{j}" for j in range(90) if j % 30 == int(r.term[1:]))
                for r, refs in zip(train + held, train_refs + held_refs))  # every sense of the headword in the split
     with pytest.raises(ValueError, match="leave none for training"):
-        _reward_records(tmp_path, RewardConfig(train_prompts="valid", valid_rows=90), seed=0)
+        reward_records(tmp_path, RewardConfig(train_prompts="valid", valid_rows=90), seed=0)

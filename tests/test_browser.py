@@ -42,7 +42,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served_dir(micro_run, tmp_path_factory):
-    from lm_lexicon.reward import RewardModel
+    from lm_lexicon.evaluate.best_of_n.reward import RewardModel
 
     root = tmp_path_factory.mktemp("browser_serve") / "run"
     src = micro_run["out"]

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from lm_lexicon.cluster_report import cohesion_separation, plot_clusters, render_markdown, top_items, write_report
+from lm_lexicon.partition.cluster_report import (cohesion_separation, plot_clusters, render_markdown, top_items,
+                                                 write_report)
 
 # domain 0 around (1, 0), domain 1 around (0, 1), domain 2's centroid (0.6, 0.8) has no rows
 X = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8], [-0.6, 0.8]])

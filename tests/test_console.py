@@ -28,7 +28,7 @@ with pipeline_terminal(sys.argv[1], verbose="--verbose" in sys.argv) as term:
     warnings.warn("a deprecation somewhere")
     subprocess.run(["sh", "-c", "echo child process output; echo child err >&2"])
     term.line("[x] project line")
-    logging.getLogger("lm_lexicon.stages").warning("needs your action")
+    logging.getLogger("lm_lexicon.artifacts").warning("needs your action")
     logging.getLogger("transformers").error("a library error\\nsecond line")
     with stage("x"):
         with bar("counting", total=3, unit="things") as b:

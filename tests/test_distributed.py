@@ -74,8 +74,8 @@ def test_gpu_recipe_resources():
 
 def test_cpu_path_never_imports_deepspeed():
     import lm_lexicon.distributed  # noqa: F401
-    import lm_lexicon.stages.experts  # noqa: F401
-    import lm_lexicon.stages.merge  # noqa: F401
+    import lm_lexicon.train.stage  # noqa: F401
+    import lm_lexicon.moe.stage  # noqa: F401
     import lm_lexicon.train.loop  # noqa: F401
     import lm_lexicon.train.ray_worker  # noqa: F401
 
@@ -398,7 +398,7 @@ def test_expert_worker_uses_deepspeed_not_ddp(llama_dir, tmp_path, fake_deepspee
     import ray.train
     import ray.train.torch
 
-    from lm_lexicon.stages import experts
+    from lm_lexicon.train import stage as experts
 
     cfg = load_config(REPO / "configs/tiny.yaml", [
         f"output_dir={tmp_path}", f"seed_model.name={llama_dir}", "resources.use_gpu=true",

@@ -7,7 +7,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in these tests may download
 
-from lm_lexicon.embed import ALLOW_DOWNLOADS_ENV, Embedder, resolve_encoder  # noqa: E402
+from lm_lexicon.partition.embed import ALLOW_DOWNLOADS_ENV, Embedder, resolve_encoder  # noqa: E402
 
 SENTENCES = [
     '"She sat on the bank of the river." What is the definition of "bank"?',
@@ -86,8 +86,8 @@ def test_hub_id_is_not_downloaded(monkeypatch):
 
 
 def test_semantic_partition_and_router_end_to_end(embedder, tmp_path):
-    from lm_lexicon.partition import partition
-    from lm_lexicon.routing import DomainRouter
+    from lm_lexicon.partition.clustering import partition
+    from lm_lexicon.partition.routing import DomainRouter
 
     topics = {"finance": ["bank", "loan", "interest"], "nature": ["river", "forest", "rain"],
               "computing": ["compiler", "software", "memory"]}

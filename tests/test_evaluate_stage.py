@@ -49,7 +49,7 @@ def test_micro_pipeline_through_evaluate_and_export(tmp_path, ray_local):
     samples = [json.loads(line) for line in (ev / "predictions" / "moe-samples.jsonl").open()]
     picked = [json.loads(line) for line in (ev / "predictions" / "moe:bon-orm-n2.jsonl").open()]
     assert all(len(s["predictions"]) == 2 and p["prediction"] in s["predictions"] for s, p in zip(samples, picked))
-    from lm_lexicon.reward import RewardModel
+    from lm_lexicon.evaluate.best_of_n.reward import RewardModel
 
     reward_model = RewardModel.load(ev / "reward_model")  # on the seed (evaluate.reward.backbone=seed)
     assert reward_model.backbone == "seed" and reward_model.score(["p"], ["d"]).shape == (1,)
@@ -88,7 +88,7 @@ def test_micro_pipeline_through_evaluate_and_export(tmp_path, ray_local):
 
 
 def test_compare_with_floor_gives_paired_differences_and_p_values():
-    from lm_lexicon.stages.evaluate import compare_with_floor, render_floor_section
+    from lm_lexicon.evaluate.stage import compare_with_floor, render_floor_section
 
     floor = {"bleu_a": {"per_item": [10.0, 20.0, 30.0, 40.0]}, "length": {"per_item": [3, 3, 3, 3]}}
     better = {"bleu_a": {"per_item": [12.0, 22.0, 32.0, 42.0]}, "length": {"per_item": [7, 8, 6, 9]}}
@@ -105,7 +105,7 @@ def test_compare_with_floor_gives_paired_differences_and_p_values():
 def test_example_rows_spread_over_the_sample_with_every_models_prediction(tmp_path):
     import json
 
-    from lm_lexicon.stages.evaluate import example_rows
+    from lm_lexicon.evaluate.stage import example_rows
 
     (tmp_path / "predictions").mkdir()
     for model in ("dense", "moe"):

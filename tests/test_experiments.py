@@ -1,4 +1,4 @@
-"""Experiments over pipelines (lm_lexicon.experiments): the significance test, the ablation summary and tables, the
+"""Experiments over pipelines (lm_lexicon.experiments): the ablation summary and tables, the
 scan table and plot; the Tune scan and an ablation end to end on a micro config (slow)."""
 from __future__ import annotations
 
@@ -8,32 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lm_lexicon.experiments import (Variant, ablation_table, mean_std, paired_permutation_test, plot_ablation,
-                                    plot_scan, scan_table, summarize)
-
-
-def test_permutation_test_exact_small_sample():
-    # 4 positive differences: of the 16 sign patterns only all-plus and all-minus reach |mean| = 1 -> p = 2/16
-    assert paired_permutation_test([2, 2, 2, 2], [1, 1, 1, 1]) == pytest.approx(2 / 16)
-    assert paired_permutation_test([1, 2, 3], [1, 2, 3]) == 1.0
-    # symmetric in the arguments
-    a, b = [0.3, 0.9, 0.1, 0.5, 0.7], [0.2, 0.4, 0.3, 0.1, 0.6]
-    assert paired_permutation_test(a, b) == paired_permutation_test(b, a)
-
-
-def test_permutation_test_large_sample_detects_a_shift_and_not_noise():
-    rng = np.random.default_rng(0)
-    base = rng.normal(size=400)
-    assert paired_permutation_test(base + 0.3, base + rng.normal(scale=0.5, size=400)) < 0.01
-    noise = rng.normal(size=400)
-    assert paired_permutation_test(noise, rng.permutation(noise)) > 0.05
-    with pytest.raises(ValueError):
-        paired_permutation_test([], [])
-
-
-def test_mean_std():
-    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    assert mean_std([5.0]) == (5.0, None)
+from lm_lexicon.experiments import Variant, ablation_table, plot_ablation, plot_scan, scan_table, summarize
 
 
 def test_summary_table_and_plot(tmp_path):

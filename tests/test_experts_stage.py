@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from lm_lexicon.config import load_config
 from lm_lexicon.pipeline import run_pipeline
-from lm_lexicon.stages.experts import FAIL_ONCE_ENV, finished_jobs, max_concurrent, plan_jobs
+from lm_lexicon.train.stage import FAIL_ONCE_ENV, finished_jobs, max_concurrent, plan_jobs
 
 pytestmark = pytest.mark.ray
 
@@ -105,8 +105,8 @@ def test_ray_train_retries_a_failed_worker_from_its_checkpoint(tmp_path, tiny_se
 
 
 def test_deepspeed_json_contents_are_part_of_the_experts_fingerprint(tmp_path, monkeypatch):
-    import lm_lexicon.stages.experts as experts
-    from lm_lexicon.stages.artifacts import StageResult
+    import lm_lexicon.train.stage as experts
+    from lm_lexicon.artifacts import StageResult
 
     seen = []
     monkeypatch.setattr(experts, "run_stage", lambda name, path, fp, *a, **k: seen.append(fp))
@@ -124,8 +124,8 @@ def test_deepspeed_json_contents_are_part_of_the_experts_fingerprint(tmp_path, m
 
 @pytest.mark.parametrize("dense", [True, False])
 def test_dense_baseline_switch_reaches_the_stage(tmp_path, monkeypatch, dense):
-    import lm_lexicon.stages.experts as experts
-    from lm_lexicon.stages.artifacts import StageResult
+    import lm_lexicon.train.stage as experts
+    from lm_lexicon.artifacts import StageResult
 
     seen = {}
     monkeypatch.setattr(experts, "experts_stage_fn", lambda *a, with_dense=True, **k: seen.setdefault("dense", with_dense))

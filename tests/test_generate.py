@@ -1,4 +1,5 @@
-"""Batch generation (lm_lexicon.generate): left padding, seeded sampling, MoE domains, Ray Data, candidate scoring.
+"""Batch generation (lm_lexicon.evaluate.generate): left padding, seeded sampling, MoE domains, Ray Data, candidate
+scoring.
 
 Fixtures are tiny and built in tmp dirs: a random 2-layer Llama (hidden 64), a 2-layer MiniLM decoder, and an MoE
 merged from two perturbed tiny Llamas. fp32 on CPU, one torch thread.
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lm_lexicon.data.records import Record
-from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, detect_kind, generate_split, row_seed
+from lm_lexicon.evaluate.generate import DefinitionGenerator, GenerationSettings, detect_kind, generate_split, row_seed
 from lm_lexicon.seed_models import build_minilm_decoder, causal_bert_tokenizer, tiny_llama
 from lm_lexicon.train import encode_example, record_prompt
 from score_trace import (assert_equal_where_decisive, assert_same_decoding, assert_same_definitions,
@@ -143,7 +144,7 @@ def test_repetition_penalty_is_applied(llama):
 
 
 def test_repetition_penalty_ignores_left_padding():
-    from lm_lexicon.generate import _processors
+    from lm_lexicon.evaluate.generate import _processors
 
     pad = 0
     procs = _processors(GenerationSettings(repetition_penalty=2.0), pad_lengths=[2, 0], row_seeds=None)
@@ -155,7 +156,7 @@ def test_repetition_penalty_ignores_left_padding():
 
 
 def test_no_repeat_ngram_bans_only_repeats_of_generated_ngrams():
-    from lm_lexicon.generate import _processors
+    from lm_lexicon.evaluate.generate import _processors
 
     procs = _processors(GenerationSettings(repetition_penalty=1.0, no_repeat_ngram_size=2), pad_lengths=[0, 0],
                         row_seeds=None, prompt_width=2)
@@ -182,7 +183,7 @@ def test_no_repeat_ngram_size_in_generation(llama):
 
 
 def test_gumbel_max_samples_follow_the_warped_distribution():
-    from lm_lexicon.generate import _processors
+    from lm_lexicon.evaluate.generate import _processors
 
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]])
     n = 4000

@@ -25,7 +25,7 @@ from lm_lexicon.moe.gguf import (RAW_CHAT_TEMPLATE, GGUFExportError, check_llama
                                  read_gguf_tensors, rope_rows_from_gguf, rope_rows_to_gguf, write_gguf)
 from lm_lexicon.moe.gguf_bundle import GGUF_MANIFEST, export_gguf, load_manifest
 from lm_lexicon.moe.merge import SafetensorsCheckpoint, merge_experts, read_config
-from lm_lexicon.routing import DomainRouter
+from lm_lexicon.partition.routing import DomainRouter
 from lm_lexicon.seed_models import causal_bert_tokenizer, smollm2_gguf_path, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -222,7 +222,7 @@ def test_bundle(collapsed, source_gguf, tmp_path):
 
 def test_metadata_source_of_a_run(tmp_path):
     from lm_lexicon.config import load_config
-    from lm_lexicon.stages.export import export_gguf_files, gguf_metadata_source
+    from lm_lexicon.moe.stage import export_gguf_files, gguf_metadata_source
 
     assert gguf_metadata_source(load_config(None, [])) == smollm2_gguf_path()  # bundled-smollm2: its own GGUF
     other = load_config(None, [f"seed_model.name={tmp_path}"])
@@ -240,7 +240,7 @@ def test_decoding_rules_match_transformers():
     pipeline's greedy decoding), applied to numpy logits."""
     from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-    from lm_lexicon.gguf_runtime import banned_by_ngrams, penalise_repeats
+    from lm_lexicon.serving.gguf_runtime import banned_by_ngrams, penalise_repeats
 
     rng = np.random.default_rng(0)
     prompt, generated = [5, 9, 9, 3], [7, 8, 5, 7, 8, 2, 7, 8]

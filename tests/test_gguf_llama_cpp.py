@@ -11,9 +11,9 @@ What "the same" means here (two different computations, never compared bit for b
   keeps its KV cache in float16 by default, and sums in another order); the bf16 file within 0.5 -- ggml also
   rounds the activations to bfloat16 before each bf16 matmul (its vec-dot type), which transformers does not do:
   a real difference in arithmetic, not a bug;
-* greedy definitions, against the pipeline's own generator (:class:`lm_lexicon.generate.DefinitionGenerator`, same
-  rules: repetition penalty 1.05 over prompt and output, no repeated 3-gram in the output): the scores of every step
-  both decoded within the bf16 tolerance, and the same pick unless transformers' top-2 margin is within twice that
+* greedy definitions, against the pipeline's own generator (:class:`lm_lexicon.evaluate.generate.DefinitionGenerator`,
+  same rules: repetition penalty 1.05 over prompt and output, no repeated 3-gram in the output): the scores of every
+  step both decoded within the bf16 tolerance, and the same pick unless transformers' top-2 margin is within twice that
   (a near tie: the two then continue from different prefixes and the comparison of that prompt stops).
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def hf(checkpoint):
 
 
 def test_tokenizer_matches(llama_cpp, gguf_files, hf):
-    from lm_lexicon.gguf_runtime import GGUFModel
+    from lm_lexicon.serving.gguf_runtime import GGUFModel
 
     _, tokenizer = hf
     model = GGUFModel(gguf_files["bf16"], n_threads=2)
@@ -106,7 +106,7 @@ def test_tokenizer_matches(llama_cpp, gguf_files, hf):
 
 @pytest.mark.parametrize("dtype,tolerance", [("f32", F32_TOLERANCE), ("bf16", BF16_TOLERANCE)])
 def test_prompt_logits_match(llama_cpp, gguf_files, hf, dtype, tolerance):
-    from lm_lexicon.gguf_runtime import GGUFModel
+    from lm_lexicon.serving.gguf_runtime import GGUFModel
 
     model, tokenizer = hf
     cpp = GGUFModel(gguf_files[dtype], n_threads=2)
@@ -127,8 +127,8 @@ def test_greedy_definitions_match_the_pipeline(llama_cpp, gguf_files, checkpoint
     both decoded, the scores agree within ``BF16_TOLERANCE``; a different pick is only allowed where transformers'
     top-2 margin is within twice that (a near tie), and ends that prompt's comparison. Outputs that never parted
     are the same text."""
-    from lm_lexicon.generate import DefinitionGenerator, GenerationSettings
-    from lm_lexicon.gguf_runtime import GGUFModel
+    from lm_lexicon.evaluate.generate import DefinitionGenerator, GenerationSettings
+    from lm_lexicon.serving.gguf_runtime import GGUFModel
 
     settings = GenerationSettings(do_sample=False, max_new_tokens=MAX_NEW, batch_size=1, **RULES)
     generator = DefinitionGenerator(checkpoint, kind="dense", dtype="float32", settings=settings)

@@ -95,7 +95,7 @@ def test_ishiwatari_recipe_reads_a_benchmark_directory(bench, tmp_path):
 def test_every_job_trains_at_once_one_node_each_on_the_cluster_gpu_worker_types(name, node_type, cluster):
     """The 4 experts and the dense baseline at once (the stage's own concurrency rule), each on exactly one 8-GPU
     node, so an expert's ZeRO-3 group stays on NVLink."""
-    from lm_lexicon.stages.experts import max_concurrent, plan_jobs
+    from lm_lexicon.train.stage import max_concurrent, plan_jobs
 
     cfg = load_config(_path(name))
     node = cluster_node_types(cluster)[node_type]
@@ -109,7 +109,7 @@ def test_every_job_trains_at_once_one_node_each_on_the_cluster_gpu_worker_types(
 
 @pytest.mark.parametrize("name", GPU_RECIPES)
 def test_workers_receive_the_resolved_deepspeed_config(name, tmp_path, monkeypatch):
-    from lm_lexicon.stages.experts import worker_loop_config
+    from lm_lexicon.train.stage import worker_loop_config
 
     monkeypatch.chdir(REPO)
     cfg = load_config(_path(name))

@@ -405,7 +405,7 @@ def test_bertscore_encoder_from_a_local_directory_is_stated(tmp_path, one_torch_
     local copy of bert-base-multilingual-cased): the settings name the model and the path used."""
     from pathlib import Path
 
-    from lm_lexicon.embed import resolve_encoder
+    from lm_lexicon.partition.embed import resolve_encoder
 
     local = tmp_path / "encoder"
     local.symlink_to(resolve_encoder("bundled-minilm"), target_is_directory=True)

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 from lm_lexicon.moe import export_collapsed, export_mixtral, load
 from lm_lexicon.moe.merge import ExpertMismatchError, merge_experts
-from lm_lexicon.routing import DomainRouter
+from lm_lexicon.partition.routing import DomainRouter
 from lm_lexicon.seed_models import build_minilm_decoder, causal_bert_tokenizer, tiny_llama
 from score_trace import ScoreTrace, assert_same_decoding
 

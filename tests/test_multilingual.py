@@ -90,7 +90,7 @@ def test_recipe_field_is_validated():
 
 def test_the_templates_argument_reaches_every_prompt_builder():
     from lm_lexicon import train
-    from lm_lexicon.baselines import format_few_shot_prompt
+    from lm_lexicon.evaluate.baselines import format_few_shot_prompt
 
     cfg = config_from_dict({"data": {"prompt_templates": {"es": "Define la palabra '{term}'."}}})
     templates = PromptTemplates.from_config(cfg)
@@ -136,7 +136,7 @@ def test_templates_are_saved_with_a_model_and_loaded_from_it(tmp_path):
 
 
 def test_generation_builds_prompts_with_the_templates_saved_with_the_model(tmp_path, monkeypatch):
-    from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, generate_split
+    from lm_lexicon.evaluate.generate import DefinitionGenerator, GenerationSettings, generate_split
     from lm_lexicon.seed_models import tiny_llama
 
     model = tiny_llama(tmp_path / "model")
@@ -228,7 +228,7 @@ def test_multilingual_directory_layout_and_errors(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 def test_compliance_is_added_for_non_english_rows_or_when_configured():
-    from lm_lexicon.stages.evaluate import bertscore_note, evaluation_metrics
+    from lm_lexicon.evaluate.stage import bertscore_note, evaluation_metrics
 
     en = [Record("dog", "", "d", "t")]
     mixed = en + [Record("perro", "", "d", "t", lang="es")]
@@ -249,7 +249,7 @@ def test_compliance_is_added_for_non_english_rows_or_when_configured():
 
 def test_language_section_of_the_report():
     from lm_lexicon.metrics import breakdown, compute_metrics
-    from lm_lexicon.stages.evaluate import _strip, compliance_summary, render_report
+    from lm_lexicon.evaluate.stage import _strip, compliance_summary, render_report
 
     preds = [{"term": "perro", "prediction": "animal doméstico de la familia de los cánidos que ladra",
               "references": ["mamífero doméstico"], "lang": "es", "split": "test", "domain": 0, "source": "s"},
@@ -282,7 +282,7 @@ FR_OK = "petit animal domestique qui miaule et chasse les souris"
 
 
 def test_language_keep_mask_modes():
-    from lm_lexicon.best_of_n import language_keep_mask
+    from lm_lexicon.evaluate.best_of_n.steps import language_keep_mask
 
     cands = [[EN, ES_OK], [EN, EN], [EN, FR_OK]]
     langs = ["es", "en", "fr"]
@@ -296,8 +296,8 @@ def test_language_keep_mask_modes():
 
 
 def test_filter_scores_pick_the_best_compliant_sample_or_fall_back_for_every_n():
-    from lm_lexicon.best_of_n import filter_scores, language_filter_report
-    from lm_lexicon.reward import best_of_n
+    from lm_lexicon.evaluate.best_of_n.steps import filter_scores, language_filter_report
+    from lm_lexicon.evaluate.best_of_n.reward import best_of_n
 
     scores = [[5.0, 1.0, 3.0], [2.0, 9.0, -4.0], [0.5, 0.7, 0.1]]
     keep = [[False, True, True], [False, False, False], [True, True, True]]
@@ -313,7 +313,7 @@ def test_filter_scores_pick_the_best_compliant_sample_or_fall_back_for_every_n()
 
 
 def test_rerank_with_the_language_filter():
-    from lm_lexicon.best_of_n import language_keep_mask, rerank
+    from lm_lexicon.evaluate.best_of_n.steps import language_keep_mask, rerank
 
     class PrefersEnglish:  # a reward model that likes the wrong language
         def score_candidates(self, prompts, candidates):
@@ -331,7 +331,7 @@ def test_rerank_with_the_language_filter():
 
 
 def test_bon_report_states_the_filter():
-    from lm_lexicon.stages.evaluate import _language_filter_lines
+    from lm_lexicon.evaluate.best_of_n.report import _language_filter_lines
 
     assert _language_filter_lines({}) == []
     assert "off" in _language_filter_lines({"mode": "off", "applied": False})[0]

@@ -160,7 +160,7 @@ def _experts_cfg(out: Path, seed: Path, storage: Path):
 
 
 def _run_experts(cluster: SimulatedCluster, work: Path, seed: Path, tag: str, kill_after_checkpoints: bool) -> dict:
-    from lm_lexicon.stages.experts import run_jobs
+    from lm_lexicon.train.stage import run_jobs
 
     jobs = [{"name": "expert_0", "domain": 0}, {"name": "expert_1", "domain": 1}]
     out = work / tag
@@ -224,7 +224,7 @@ def scenario_serve(work: Path, pipeline_dir: Path) -> dict:
 
     sys.path.insert(0, str(REPO))
     from lm_lexicon.data.prompts import record_prompt
-    from lm_lexicon.routing import DomainRouter
+    from lm_lexicon.partition.routing import DomainRouter
     from serve_app.app import build_app
 
     cluster = SimulatedCluster(2, worker_resources={"serve_node": 1})
@@ -457,7 +457,7 @@ def scenario_autoscale(work: Path) -> dict:
         cfg = _experts_cfg(work / "run", seed, work / "shared-storage")
         stage = work / "run" / "experts"
         stage.mkdir(parents=True)
-        from lm_lexicon.stages.experts import run_jobs
+        from lm_lexicon.train.stage import run_jobs
 
         started = timeline.now()
         run_jobs(cfg, jobs, work / "partition", stage, "auto", log=lambda m: None)

@@ -62,7 +62,7 @@ def test_each_rank_gets_a_disjoint_equal_shard_in_every_epoch():
 
 def test_worker_resources_are_validated_and_reach_the_trainers_scaling_config(tmp_path):
     from lm_lexicon.config import ConfigError
-    from lm_lexicon.stages.experts import _trainer_for, max_concurrent
+    from lm_lexicon.train.stage import _trainer_for, max_concurrent
 
     cfg = load_config("configs/tiny.yaml", ["resources.worker_resources={expert_node: 1}",
                                             "resources.workers_per_expert=2", "resources.cpus_per_worker=0.5"])
@@ -98,7 +98,7 @@ def _partition_dir(root: Path) -> Path:
 
 def _train(tmp_path: Path, seed: Path, partition_dir: Path, workers: int, batch: int) -> dict:
     """expert_0 through the experts stage's Tune + TorchTrainer path; its metrics.json and final weights."""
-    from lm_lexicon.stages.experts import run_jobs
+    from lm_lexicon.train.stage import run_jobs
 
     out = tmp_path / f"w{workers}b{batch}"
     cfg = load_config("configs/tiny.yaml", [

@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from lm_lexicon.partition import (LexicalFeaturizer, _max_margin_biases, _min_mean_cycle, balanced_kmeans,
-                                  partition, size_bounds)
-from lm_lexicon.routing import biased_argmax
+from lm_lexicon.partition.clustering import (_max_margin_biases, _min_mean_cycle, balanced_kmeans,
+                                             partition, size_bounds)
+from lm_lexicon.partition.lexical import LexicalFeaturizer
+from lm_lexicon.partition.routing import biased_argmax
 
 
 def skewed_blobs(n=1500, d=32, seed=0):
@@ -181,7 +182,7 @@ def two_views(n, seed=0, d=16):
 
 
 def test_definition_clusters_are_routed_by_a_prompt_classifier_with_held_out_accuracy():
-    from lm_lexicon.partition import classifier_router, label_agreement
+    from lm_lexicon.partition.clustering import classifier_router, label_agreement
 
     group, P, D = two_views(600)
     vgroup, vP, vD = two_views(150, seed=1)
@@ -206,7 +207,7 @@ def test_definition_clusters_are_routed_by_a_prompt_classifier_with_held_out_acc
 
 
 def test_classifier_on_unlearnable_labels_is_near_chance():
-    from lm_lexicon.partition import classifier_router
+    from lm_lexicon.partition.clustering import classifier_router
 
     rng = np.random.default_rng(0)
     P = rng.normal(size=(900, 16)).astype(np.float32)
@@ -216,7 +217,7 @@ def test_classifier_on_unlearnable_labels_is_near_chance():
 
 
 def test_combined_views_cosine_is_the_mean_of_the_two_cosines():
-    from lm_lexicon.partition import combine_views
+    from lm_lexicon.partition.clustering import combine_views
 
     rng = np.random.default_rng(0)
     P, D = rng.normal(size=(5, 8)), rng.normal(size=(5, 4))
@@ -235,7 +236,7 @@ def test_combined_views_cosine_is_the_mean_of_the_two_cosines():
 def test_purity_and_nmi_on_a_hand_made_labelling():
     from math import log
 
-    from lm_lexicon.partition import label_agreement
+    from lm_lexicon.partition.clustering import label_agreement
 
     # domain 0: a a b; domain 1: b b b -> purity (2 + 3) / 6; the commonest category (b, 4 of 6) is the floor
     a = label_agreement([0, 0, 0, 1, 1, 1], ["a", "a", "b", "b", "b", "b"])
@@ -259,8 +260,8 @@ def test_purity_and_nmi_on_a_hand_made_labelling():
 
 
 def test_the_stage_clusters_the_vectors_its_features_name():
-    from lm_lexicon.partition import combine_views
-    from lm_lexicon.stages.partition import _cluster_features
+    from lm_lexicon.partition.clustering import combine_views
+    from lm_lexicon.partition.stage import _cluster_features
 
     rng = np.random.default_rng(0)
     P, D = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=(4, 6)).astype(np.float32)

@@ -50,8 +50,8 @@ def test_stage_writes_domains_router_manifest_and_report(stage):
 def test_router_helper_reproduces_stage_labels_from_raw_prompts(stage):
     """Ray Data embeddings and an in-process Embedder agree: routing a prompt again gives the stage's domain."""
     from lm_lexicon.data.prompts import format_prompt
-    from lm_lexicon.embed import Embedder
-    from lm_lexicon.routing import DomainRouter
+    from lm_lexicon.partition.embed import Embedder
+    from lm_lexicon.partition.routing import DomainRouter
 
     _, res, _ = stage
     d = res["partition"].path
@@ -100,9 +100,9 @@ def test_stage_reports_purity_against_source_and_genre(stage):
 @pytest.mark.parametrize("features", ["definition", pytest.param("prompt+definition", marks=pytest.mark.slow)])
 def test_definition_features_cluster_definitions_and_route_prompts_by_a_classifier(tmp_path, ray_local, features):
     from lm_lexicon.data.prompts import format_prompt
-    from lm_lexicon.embed import Embedder
-    from lm_lexicon.partition import combine_views, label_agreement
-    from lm_lexicon.routing import DomainRouter
+    from lm_lexicon.partition.embed import Embedder
+    from lm_lexicon.partition.clustering import combine_views, label_agreement
+    from lm_lexicon.partition.routing import DomainRouter
 
     cfg = _cfg(tmp_path, f"partition.features={features}", "data.max_valid_rows=40")
     logs = []

@@ -41,7 +41,7 @@ import pytest
 
 from lm_lexicon.config import load_config
 from lm_lexicon.pipeline import STAGES, run_pipeline
-from lm_lexicon.stages.artifacts import MARKER
+from lm_lexicon.artifacts import MARKER
 from micro_pipeline import micro_overrides, private_ray_env
 from process_helpers import kill_and_wait, process_tree, processes_naming
 

@@ -1,12 +1,12 @@
-"""report.html (lm_lexicon.report_html): every table of the markdown report, the plots embedded, the example rows;
-one self-contained file. The browser check of a real one is in tests/test_browser.py (slow)."""
+"""report.html (lm_lexicon.evaluate.report_html): every table of the markdown report, the plots embedded, the example
+rows; one self-contained file. The browser check of a real one is in tests/test_browser.py (slow)."""
 from __future__ import annotations
 
 import base64
 from html.parser import HTMLParser
 from pathlib import Path
 
-from lm_lexicon.report_html import markdown_to_html, render_report_html, write_report_html
+from lm_lexicon.evaluate.report_html import markdown_to_html, render_report_html, write_report_html
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 REPORT = """# Evaluation: demo on test (2 rows, seed 0)

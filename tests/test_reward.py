@@ -1,4 +1,5 @@
-"""Best-of-N (lm_lexicon.reward): preference pairs, the pairwise-loss reward model, selection, the BoN curve.
+"""Best-of-N (lm_lexicon.evaluate.best_of_n.reward): preference pairs, the pairwise-loss reward model, selection, the
+BoN curve.
 
 The reward model runs on the bundled MiniLM cut to 2 layers, on a separable toy set: gold definitions follow one
 pattern ("a <adj> <noun> <relation> <object>"), negatives are the same words shuffled.
@@ -13,9 +14,10 @@ import pytest
 
 from lm_lexicon.data.records import Record
 from lm_lexicon.metrics import sentence_bleu_a
-from lm_lexicon.reward import (PreferencePair, RewardModel, best_of_n, bon_curve, build_preference_pairs,
-                               balance_lengths, build_ranked_sample_pairs, length_matched, oracle_best_of_n,
-                               pairwise_accuracy, plot_bon_curve, shorter_wins_accuracy, word_count)
+from lm_lexicon.evaluate.best_of_n.reward import (PreferencePair, RewardModel, best_of_n, bon_curve,
+                                                  build_preference_pairs, balance_lengths, build_ranked_sample_pairs,
+                                                  length_matched, oracle_best_of_n, pairwise_accuracy, plot_bon_curve,
+                                                  shorter_wins_accuracy, word_count)
 from lm_lexicon.train import record_prompt
 
 ADJ = ["small", "large", "red", "wooden", "quiet", "bright", "old", "sharp", "soft", "heavy", "cold", "round"]

@@ -1,6 +1,6 @@
-"""The reward model that starts from the policy (lm_lexicon.reward.RewardModel.from_policy), on tiny Llamas: untrained
-it scores a definition by its mean token log-probability, it learns a preference, tied weights are saved once and a
-save/load round trip gives identical scores."""
+"""The reward model that starts from the policy (lm_lexicon.evaluate.best_of_n.reward.RewardModel.from_policy), on tiny
+Llamas: untrained it scores a definition by its mean token log-probability, it learns a preference, tied weights are
+saved once and a save/load round trip gives identical scores."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from reward_pairs import fluent_vs_shuffled_pairs as _pairs
 
-from lm_lexicon.reward import RewardModel, pairwise_accuracy
+from lm_lexicon.evaluate.best_of_n.reward import RewardModel, pairwise_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,7 +36,7 @@ def tied_policy_dir(policy_dir, tmp_path_factory):
 
 
 def test_untrained_score_is_beta_times_the_mean_token_log_probability(policy_dir):
-    from lm_lexicon.generate import DefinitionGenerator
+    from lm_lexicon.evaluate.generate import DefinitionGenerator
     from lm_lexicon.train import encode_example
 
     model = RewardModel.from_policy(policy_dir, max_length=64, beta=2.0)
@@ -74,7 +74,7 @@ def test_policy_reward_model_learns_a_preference_and_round_trips(tied_policy_dir
 def test_policy_backbone_needs_the_dense_model():
     from pydantic import ValidationError
 
-    from lm_lexicon.best_of_n import new_reward_model
+    from lm_lexicon.evaluate.best_of_n.steps import new_reward_model
     from lm_lexicon.config import RewardConfig
 
     with pytest.raises(ValueError, match="dense_baseline"):

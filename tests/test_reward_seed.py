@@ -1,5 +1,6 @@
-"""The reward model on the pretrained seed (lm_lexicon.reward.RewardModel.from_seed), on a tiny random Llama: it reads
-the policy's own input format, learns a preference, survives save/load exactly, and old MiniLM directories still load.
+"""The reward model on the pretrained seed (lm_lexicon.evaluate.best_of_n.reward.RewardModel.from_seed), on a tiny
+random Llama: it reads the policy's own input format, learns a preference, survives save/load exactly, and old MiniLM
+directories still load.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from reward_pairs import fluent_vs_shuffled_pairs as _pairs
 
-from lm_lexicon.reward import RewardModel, pairwise_accuracy
+from lm_lexicon.evaluate.best_of_n.reward import RewardModel, pairwise_accuracy
 from lm_lexicon.train import encode_example
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

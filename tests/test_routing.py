@@ -7,8 +7,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lm_lexicon.partition import partition  # noqa: E402
-from lm_lexicon.routing import DomainRouter, unit_rows  # noqa: E402
+from lm_lexicon.partition.clustering import partition  # noqa: E402
+from lm_lexicon.partition.routing import DomainRouter, unit_rows  # noqa: E402
 
 
 class HashEmbedder:
@@ -99,7 +99,7 @@ def test_router_errors():
 
 
 def test_classifier_router_roundtrips_exactly_and_routes_prompts(tmp_path):
-    from lm_lexicon.routing import PromptClassifier
+    from lm_lexicon.partition.routing import PromptClassifier
 
     rng = np.random.default_rng(0)
     emb = HashEmbedder()
@@ -124,7 +124,7 @@ def test_classifier_router_roundtrips_exactly_and_routes_prompts(tmp_path):
 
 
 def test_classifier_router_rejects_inconsistent_parts(tmp_path):
-    from lm_lexicon.routing import PromptClassifier
+    from lm_lexicon.partition.routing import PromptClassifier
 
     clf = PromptClassifier(np.zeros((3, 4)), np.zeros(3))
     with pytest.raises(ValueError, match="no centroid biases"):

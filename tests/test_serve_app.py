@@ -75,10 +75,10 @@ def pipeline_dir(tmp_path_factory, perturb_weights):
     import torch
 
     from lm_lexicon.data.prompts import parse_templates
-    from lm_lexicon.embed import Embedder
+    from lm_lexicon.partition.embed import Embedder
     from lm_lexicon.moe import export_collapsed, merge_experts
-    from lm_lexicon.partition import partition
-    from lm_lexicon.reward import RewardModel
+    from lm_lexicon.partition.clustering import partition
+    from lm_lexicon.evaluate.best_of_n.reward import RewardModel
     from lm_lexicon.seed_models import causal_bert_tokenizer, tiny_llama
 
     threads = torch.get_num_threads()
@@ -140,7 +140,7 @@ def server(ray_local, pipeline_dir):
 
 @pytest.fixture(scope="module")
 def offline_router(pipeline_dir):
-    from lm_lexicon.routing import DomainRouter
+    from lm_lexicon.partition.routing import DomainRouter
 
     return DomainRouter.load(pipeline_dir / "export" / "collapsed" / "router", load_embedder=True)
 
@@ -190,7 +190,7 @@ def test_routing_matches_the_offline_router(server, offline_router, pipeline_dir
 def _offline(pipeline_dir: Path, definition_traces, domain: int, prompts: list[str], n: int = 1, seed: int = 0):
     """What the served expert of ``domain`` generates for ``prompts``, computed here, with the scores it picked each
     token from: ``(outputs, trace, trace rows)`` (tests/score_trace.py)."""
-    from lm_lexicon.generate import DefinitionGenerator, GenerationSettings
+    from lm_lexicon.evaluate.generate import DefinitionGenerator, GenerationSettings
     from score_trace import definition_rows
 
     settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
@@ -225,7 +225,7 @@ def test_the_expert_receives_the_prompt_of_the_recipes_custom_templates(server, 
     ingress renders them, and the expert generates from that prompt -- its served definition is its offline greedy
     output for the custom prompt, on prompts where the default prompt would have given another definition."""
     from lm_lexicon.data.prompts import parse_templates
-    from lm_lexicon.generate import DefinitionGenerator, GenerationSettings
+    from lm_lexicon.evaluate.generate import DefinitionGenerator, GenerationSettings
     from score_trace import DECISIVE_MARGIN
 
     assert server.get("/v1/model").json()["prompt_templates"] == parse_templates(TEMPLATES).to_config()
@@ -257,7 +257,7 @@ def test_the_expert_receives_the_prompt_of_the_recipes_custom_templates(server, 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_best_of_n_with_the_reward_model(server, pipeline_dir, definition_traces):
-    from lm_lexicon.reward import RewardModel
+    from lm_lexicon.evaluate.best_of_n.reward import RewardModel
     from score_trace import assert_equal_where_decisive
 
     items = [{"term": "tree", "context": "an old oak tree"}, {"term": "loan"}]
@@ -289,7 +289,7 @@ def test_best_of_n_with_the_reward_model(server, pipeline_dir, definition_traces
 
 
 def test_score_endpoint(server, pipeline_dir):
-    from lm_lexicon.reward import RewardModel
+    from lm_lexicon.evaluate.best_of_n.reward import RewardModel
 
     r = server.post("/v1/score", json={"items": [
         {"term": "bank", "context": "the bank of the river", "definition": "sloping land beside water",

@@ -18,8 +18,8 @@ import yaml
 from lm_lexicon.data.prompts import record_prompt
 from lm_lexicon.data.records import Record
 from lm_lexicon.serving.client import ApiClientError, LexiconClient, define_file, read_rows
-from lm_lexicon.serving.config import (DeploymentOptions, PipelineLayout, ServeArgs, generation_settings,
-                                       model_card, resolve_args, resolve_token)
+from lm_lexicon.serving.app_config import (DeploymentOptions, PipelineLayout, ServeArgs, generation_settings,
+                                           model_card, resolve_args, resolve_token)
 from lm_lexicon.serving.engines import FIRST_SAMPLE, REWARD_MODEL, ScorerEngine, select_best
 from lm_lexicon.serving.schemas import (ApiError, DefinitionItem, Limits, item_prompt, parse_definitions_request,
                                         parse_json_body, parse_score_request)
@@ -237,7 +237,7 @@ def test_layout_checks_router_against_experts_and_finds_reward_model_and_metrics
     with pytest.raises(ValueError, match="3 domains but there are 2 experts"):
         PipelineLayout.discover(root)
     root = _fake_pipeline(tmp_path / "q")
-    _write_json(root / "evaluate/reward_model/reward_config.json", {"format": "lm_lexicon.reward/1"})
+    _write_json(root / "evaluate/reward_model/reward_config.json", {"format": "lm_lexicon.evaluate.best_of_n.reward/1"})
     _write_json(root / "evaluate/metrics.json", {"meta": {"split": "test"},
                                                  "results": {"moe": {"bleu_a": {"value": 21.5}}}})
     (root / "evaluate/config.yaml").write_text(yaml.safe_dump({"name": "tiny", "serve": {"limits": {"max_items": 9}}}))
@@ -261,7 +261,7 @@ def test_layout_serves_the_templates_saved_with_the_experts(tmp_path):
     root = _fake_pipeline(tmp_path / "p")
     for d in ("export/collapsed/domain-0", "export/collapsed/domain-1", "export/collapsed/router"):
         custom.save(root / d)
-    _write_json(root / "evaluate/reward_model/reward_config.json", {"format": "lm_lexicon.reward/1"})
+    _write_json(root / "evaluate/reward_model/reward_config.json", {"format": "lm_lexicon.evaluate.best_of_n.reward/1"})
     custom.save(root / "evaluate/reward_model")
     layout = PipelineLayout.discover(root)
     assert layout.prompt_templates == custom and layout.reward_model_dir is not None
@@ -326,7 +326,7 @@ def test_scorer_without_reward_model_reports_null_with_a_reason(tmp_path):
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_scorer_serves_a_reward_model_on_the_seed(tmp_path):
-    from lm_lexicon.reward import RewardModel
+    from lm_lexicon.evaluate.best_of_n.reward import RewardModel
     from lm_lexicon.seed_models import tiny_llama
 
     saved = RewardModel.from_seed(str(tiny_llama(tmp_path / "seed")), max_length=32, seed=3).save(tmp_path / "rm")

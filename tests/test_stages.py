@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lm_lexicon.config import load_config
-from lm_lexicon.stages.artifacts import MARKER, fingerprint, run_stage, stage_done
+from lm_lexicon.artifacts import MARKER, fingerprint, run_stage, stage_done
 
 
 def test_a_finished_stage_is_reused_and_a_changed_config_recomputes(tmp_path):
@@ -50,7 +50,7 @@ def test_a_crashed_stage_leaves_nothing_that_looks_finished(tmp_path):
 
 def test_prune_checkpoints_drops_checkpoint_dirs_of_the_stage_runs_only(tmp_path):
     from lm_lexicon.config import load_config
-    from lm_lexicon.stages.artifacts import StageResult, prune_checkpoints, release_checkpoints
+    from lm_lexicon.artifacts import StageResult, prune_checkpoints, release_checkpoints
 
     def tree():
         for run in ("tiny-expert_0-abcd1234", "tiny-moe-finetune-abcd1234", "tiny-expert_0-ffff0000", "other-x-abcd1234"):

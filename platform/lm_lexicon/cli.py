@@ -280,7 +280,7 @@ def print_summary(cfg, results: dict, out: Console) -> None:
     """The evaluation's headline table and example lines (or the data statistics when the run stopped before
     evaluate)."""
     if "evaluate" in results:
-        from lm_lexicon.stages.evaluate import example_rows
+        from lm_lexicon.evaluate.stage import example_rows
 
         ev = results["evaluate"]
         headline = ev.summary["headline"]
@@ -406,7 +406,7 @@ def export_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]
 
 def _export_gguf(cfg, export_dir: Path, dtype: str, metadata: Optional[Path]) -> None:
     from lm_lexicon.seed_models import SeedUnavailable
-    from lm_lexicon.stages.export import export_gguf_files
+    from lm_lexicon.moe.stage import export_gguf_files
 
     try:
         manifest = export_gguf_files(cfg, export_dir, dtype=dtype, metadata_from=metadata,
@@ -650,7 +650,7 @@ def _define_client(backend: str, url: str, token: Optional[str], export_dir: Opt
         fail("--backend gguf needs --export-dir (the GGUF bundle: <output_dir>/export/gguf)")
     if n != 1 or scores:
         fail("--backend gguf decodes greedily and has no reward model: --n must be 1, no --scores")
-    from lm_lexicon.gguf_runtime import GGUFDefiner, GGUFRuntimeUnavailable, LocalClient
+    from lm_lexicon.serving.gguf_runtime import GGUFDefiner, GGUFRuntimeUnavailable, LocalClient
 
     try:
         definer = GGUFDefiner(export_dir, n_threads=threads)

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
-from lm_lexicon.serving.config import ServeOptions
+from lm_lexicon.serving.app_config import ServeOptions
 
 LANGS = ("en", "es", "fr", "pt", "de")
 
@@ -447,7 +447,7 @@ class PipelineConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeOptions = Field(default_factory=ServeOptions,
-                                description="How `lm-lexicon serve` serves the run (lm_lexicon.serving.config."
+                                description="How `lm-lexicon serve` serves the run (lm_lexicon.serving.app_config."
                                             "ServeOptions: limits, batching and scaling per deployment, auth env "
                                             "var, ...); the Serve app's args override it field by field.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -14,12 +14,12 @@ STAGES = ("data", "partition", "experts", "merge", "evaluate", "export")
 
 def run_pipeline(cfg, stages: tuple[str, ...] | None = None, force: tuple[str, ...] = (), log=print) -> dict:
     """Run the requested stages in order (default: all implemented ones) and return their results by name."""
-    from lm_lexicon.stages.data import run_data_stage
-    from lm_lexicon.stages.evaluate import run_evaluate_stage
-    from lm_lexicon.stages.experts import run_experts_stage
-    from lm_lexicon.stages.export import run_export_stage
-    from lm_lexicon.stages.merge import run_merge_stage
-    from lm_lexicon.stages.partition import run_partition_stage
+    from lm_lexicon.data.stage import run_data_stage
+    from lm_lexicon.evaluate.stage import run_evaluate_stage
+    from lm_lexicon.train.stage import run_experts_stage
+    from lm_lexicon.moe.stage import run_export_stage
+    from lm_lexicon.moe.stage import run_merge_stage
+    from lm_lexicon.partition.stage import run_partition_stage
     from lm_lexicon.tracking import tracked_run
 
     wanted = stages or STAGES

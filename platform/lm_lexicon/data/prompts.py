@@ -31,8 +31,8 @@ template (the default one unless given). A ``term_only`` template may not contai
 Which templates a model uses travels with the model: every model directory the pipeline writes (expert and dense
 checkpoints, the merged and fine-tuned MoE, the collapsed and Mixtral exports, the GGUF bundle, the reward model, the
 partition's router) holds ``prompt_templates.json`` (:meth:`PromptTemplates.save`), and whatever loads a model --
-the MoE fine-tune, generation (:class:`lm_lexicon.generate.DefinitionGenerator`), evaluation, serving -- reads them
-from there (:meth:`PromptTemplates.load`). A directory without the file (an external checkpoint, a run from
+the MoE fine-tune, generation (:class:`lm_lexicon.evaluate.generate.DefinitionGenerator`), evaluation, serving -- reads
+them from there (:meth:`PromptTemplates.load`). A directory without the file (an external checkpoint, a run from
 before the file existed) uses the defaults. A stage that starts from something without templates (the seed model,
 the raw data) takes them from the recipe (:meth:`PromptTemplates.from_config`). Prompt builders take the templates as
 an argument; there is no process-wide state.

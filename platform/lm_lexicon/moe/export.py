@@ -11,8 +11,8 @@ and the centroid router picks the checkpoint per prompt::
     out/domain-{i}/           config.json, model.safetensors, tokenizer files, generation_config.json
 
 Routing rule: embed the prompt with the recorded embedder, ``i = argmax_j cos(e, c_j) - b_j``
-(:meth:`lm_lexicon.routing.DomainRouter.route_prompts`), send the prompt to ``domain-{i}``. This is how serving
-runs one deployment per domain (shared/DESIGN.md §3).
+(:meth:`lm_lexicon.partition.routing.DomainRouter.route_prompts`), send the prompt to ``domain-{i}``. This is how
+serving runs one deployment per domain (shared/DESIGN.md §3).
 
 **Mixtral** (:func:`export_mixtral`, Llama/Mistral families, token routing): a ``MixtralForCausalLM`` checkpoint
 in the hub layout of Mixtral-8x7B (``block_sparse_moe.gate``, ``block_sparse_moe.experts.{i}.w1/w2/w3``), which
@@ -30,15 +30,15 @@ from typing import Optional, Sequence
 
 from lm_lexicon.data.prompts import PromptTemplates
 from lm_lexicon.moe.ffn_spec import LLAMA, get_spec
-from lm_lexicon.moe.hf_registration import SECTION
+from lm_lexicon.moe.hf_config import SECTION
 from lm_lexicon.moe.merge import (
-    DEFAULT_MAX_SHARD_SIZE,
-    PlannedTensor,
-    SafetensorsCheckpoint,
-    atomic_directory,
-    copy_tokenizer_files,
-    write_sharded,
-)
+                                  DEFAULT_MAX_SHARD_SIZE,
+                                  PlannedTensor,
+                                  SafetensorsCheckpoint,
+                                  atomic_directory,
+                                  copy_tokenizer_files,
+                                  write_sharded,
+                                  )
 
 COLLAPSED_FORMAT = "lm-lexicon-collapsed"
 COLLAPSED_MANIFEST = "collapsed.json"
@@ -121,7 +121,7 @@ def export_collapsed(moe_dir: str | Path, out_dir: str | Path, *, domains: Optio
             "router_dir": "router" if has_router else None,
             "embedder": section.get("embedder"),
             "routing_rule": "domain = argmax_j cos(embed(prompt), centroid_j) - bias_j "
-                            "(lm_lexicon.routing.DomainRouter.route_prompts); load domains[domain].path",
+                            "(lm_lexicon.partition.routing.DomainRouter.route_prompts); load domains[domain].path",
             "source": str(moe_dir.resolve()), "source_routing": section.get("routing"), "seed": section.get("seed"),
             "exported_with": EXPORT_FORMAT,
         }

@@ -5,13 +5,13 @@
                                  "generation": {...}, "stop": ["<|im_end|>"], ...}
     out/domain-{i}.gguf         llama.cpp / llama-cpp-python / Ollama model (:func:`lm_lexicon.moe.gguf.write_gguf`)
     out/domain-{i}.Modelfile    ``ollama create lexicon-domain-{i} -f domain-{i}.Modelfile``
-    out/router/                 centroids + embedder spec (:class:`lm_lexicon.routing.DomainRouter`)
+    out/router/                 centroids + embedder spec (:class:`lm_lexicon.partition.routing.DomainRouter`)
     out/prompt_templates.json   the experts' prompt templates (:class:`lm_lexicon.data.prompts.PromptTemplates`)
     out/README.md               how to pick a domain and run it
 
 The prompt is the experts' template (the run's ``data.prompt_templates`` overrides included), sent raw: no chat
 wrapper, no BOS unless the tokenizer adds one, generation stops at the tokenizer's EOS. ``lm-lexicon define --backend
-gguf`` does the routing and the prompt (:mod:`lm_lexicon.gguf_runtime`).
+gguf`` does the routing and the prompt (:mod:`lm_lexicon.serving.gguf_runtime`).
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def export_gguf(collapsed_dir: str | Path, out_dir: str | Path, *, metadata_sour
             "domains": entries, "router_dir": "router" if (tmp / "router").is_dir() else None,
             "embedder": collapsed.get("embedder"),
             "routing_rule": "domain = argmax_j cos(embed(prompt), centroid_j) - bias_j (router/; "
-                            "lm_lexicon.routing.DomainRouter.route_prompts); run domains[domain].file",
+                            "lm_lexicon.partition.routing.DomainRouter.route_prompts); run domains[domain].file",
             "prompt": prompt_section(templates), "stop": [eos],
             "add_bos": _adds_bos(collapsed_dir / collapsed["domains"][0]["path"]),
             "generation": generation, "metadata_source": Path(metadata_source).name,

@@ -25,8 +25,8 @@ mismatch raises :class:`ExpertMismatchError` naming the expert and the first dif
 Output directory: ``config.json`` (``model_type: lm_lexicon_moe``, base config under ``text_config``, the
 ``lm_lexicon_moe`` section: experts, policy, top_k, ffn spec, router dir, centroids file, embedder, seed),
 ``model.safetensors`` (or shards + ``model.safetensors.index.json``), tokenizer files and ``generation_config.json``
-of expert 0, and ``router/`` (:meth:`lm_lexicon.routing.DomainRouter.save`). It is written to a temporary sibling
-and renamed into place, so a crash never leaves a directory that looks complete.
+of expert 0, and ``router/`` (:meth:`lm_lexicon.partition.routing.DomainRouter.save`). It is written to a temporary
+sibling and renamed into place, so a crash never leaves a directory that looks complete.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 from lm_lexicon.data.prompts import PromptTemplates
 from lm_lexicon.moe.ffn_spec import MOE_PREFIX, FFNSpec, has_ffn_bias, spec_for_config
-from lm_lexicon.moe.hf_registration import ARCHITECTURE, MODEL_TYPE, ROUTING_POLICIES, SECTION
+from lm_lexicon.moe.hf_config import ARCHITECTURE, MODEL_TYPE, ROUTING_POLICIES, SECTION
 from lm_lexicon._util import sha256_file, written_atomically
 
 MERGE_FORMAT = "lm_lexicon.moe.merge/1"
@@ -249,7 +249,7 @@ def validate_experts(dirs: Sequence[Path], configs: Sequence[dict], ckpts: Seque
 def _load_router(router: Any):
     if router is None:
         return None
-    from lm_lexicon.routing import DomainRouter
+    from lm_lexicon.partition.routing import DomainRouter
 
     if isinstance(router, DomainRouter):
         return router
@@ -291,7 +291,7 @@ def merge_experts(expert_dirs: Sequence[str | Path], out_dir: str | Path, *, rou
 
     ``routing``/``top_k``/``gate_init``/``aux_loss_coef`` are the fields of
     :class:`lm_lexicon.config.MergeConfig` (``merge_experts(dirs, out, **cfg.merge.model_dump(), router=...)``).
-    ``router``: the :class:`~lm_lexicon.routing.DomainRouter` of the partition (or its directory); saved under
+    ``router``: the :class:`~lm_lexicon.partition.routing.DomainRouter` of the partition (or its directory); saved under
     ``router/`` and used for centroid gate init. It must have one centroid per expert. ``provenance``: extra
     JSON-able facts recorded in the config section (e.g. the partition's run id). The experts' prompt templates
     (``prompt_templates.json``) must agree; the MoE and its router get them.
@@ -424,7 +424,7 @@ def _mean_of(ckpts: Sequence[SafetensorsCheckpoint], key: str) -> Callable[[], t
 
 def write_moe_config(out_dir: Path, base: dict, section: dict, dtype: Optional[torch.dtype] = None) -> None:
     """``config.json`` of the MoE, written through :class:`LexiconMoEConfig` so it is exactly what loading expects."""
-    from lm_lexicon.moe.hf_registration import config_class
+    from lm_lexicon.moe.hf_config import config_class
 
     text_config = {k: v for k, v in base.items() if k not in ("transformers_version", "_name_or_path")}
     config = config_class()(text_config=text_config, lm_lexicon_moe=section)

@@ -13,7 +13,7 @@ policy             G                                                     cost pe
 =================  ====================================================  =============================================
 ``domain``         one-hot of the sequence's domain label, given from    one FFN (exactly the dense model's cost)
                    outside: the nearest centroid of the prompt embedding
-                   (:class:`lm_lexicon.routing.DomainRouter`)
+                   (:class:`lm_lexicon.partition.routing.DomainRouter`)
 ``token``          softmax over the top-k of ``W^l x`` (k=2), per token  k FFNs; + load-balancing auxiliary loss
 ``soft-sequence``  softmax of ``W^l x`` averaged over the sequence       N FFNs (a dense mixture)
 ``hard-sequence``  one-hot argmax of ``W^l x`` averaged over the sequence  one FFN
@@ -56,7 +56,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from lm_lexicon.moe.ffn_spec import MOE_PREFIX, FFNSpec, get_spec, spec_for_config
-from lm_lexicon.moe.hf_registration import ROUTING_POLICIES, SECTION, config_class
+from lm_lexicon.moe.hf_config import ROUTING_POLICIES, SECTION, config_class
 
 LexiconMoEConfig = config_class()
 # the name of the KV cache in model outputs: `cache` in recent transformers, `past_key_values` before
@@ -533,7 +533,7 @@ class LoadedMoE(NamedTuple):
 
     model: LexiconMoEForCausalLM
     tokenizer: Any
-    router: Any  # lm_lexicon.routing.DomainRouter or None
+    router: Any  # lm_lexicon.partition.routing.DomainRouter or None
 
     def domain_labels(self, prompts: Sequence[str]) -> torch.Tensor:
         """Domain of each prompt by the nearest centroid (the router needs its embedder: ``load(load_embedder=True)``)."""
@@ -587,7 +587,7 @@ def load(path: str | Path, *, dtype: str = "float32", device: str | torch.device
     router = None
     router_dir = path / (raw[SECTION].get("router_dir") or "router")
     if load_router and (router_dir / "router.json").is_file():
-        from lm_lexicon.routing import DomainRouter
+        from lm_lexicon.partition.routing import DomainRouter
 
         router = DomainRouter.load(router_dir, embedder=embedder, load_embedder=load_embedder)
         if router.n_clusters != model.config.n_experts:

@@ -1,12 +1,12 @@
 """The work each Serve deployment does, as plain classes (no Ray): testable in process, wrapped thinly by
 ``serve_app/app.py``.
 
-* :class:`RouterEngine` -- prompts -> domain ids with the pipeline's :class:`lm_lexicon.routing.DomainRouter`
+* :class:`RouterEngine` -- prompts -> domain ids with the pipeline's :class:`lm_lexicon.partition.routing.DomainRouter`
   (its embedder loaded from the recorded spec: the same embedder, centroids and biases as offline);
-* :class:`ExpertEngine` -- one domain's checkpoint in a :class:`lm_lexicon.generate.DefinitionGenerator`;
+* :class:`ExpertEngine` -- one domain's checkpoint in a :class:`lm_lexicon.evaluate.generate.DefinitionGenerator`;
   generates for a batch of requests that may differ in ``n`` (greedy for n = 1, seeded sampling for n > 1);
-* :class:`ScorerEngine` -- the reward model (:class:`lm_lexicon.reward.RewardModel`, optional: without it scores
-  are None with a reason) and reference-based metrics (:func:`lm_lexicon.metrics.compute_metrics`).
+* :class:`ScorerEngine` -- the reward model (:class:`lm_lexicon.evaluate.best_of_n.reward.RewardModel`, optional:
+  without it scores are None with a reason) and reference-based metrics (:func:`lm_lexicon.metrics.compute_metrics`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _set_threads(torch_threads: Optional[int]) -> None:
 # =================================================================================================== router
 class RouterEngine:
     def __init__(self, router_dir: str | Path, torch_threads: Optional[int] = None):
-        from lm_lexicon.routing import DomainRouter
+        from lm_lexicon.partition.routing import DomainRouter
 
         _set_threads(torch_threads)
         self.router = DomainRouter.load(router_dir, load_embedder=True)
@@ -58,7 +58,7 @@ class ExpertEngine:
     def __init__(self, domain: int, model_path: str | Path, kind: str = "dense", pinned: bool = False,
                  settings: Optional[dict] = None, *, device: str = "cpu", dtype: str = "float32",
                  torch_threads: Optional[int] = None):
-        from lm_lexicon.generate import DefinitionGenerator, GenerationSettings
+        from lm_lexicon.evaluate.generate import DefinitionGenerator, GenerationSettings
 
         self.domain = int(domain)
         self.pinned = bool(pinned)
@@ -114,7 +114,7 @@ class ScorerEngine:
         self.path = str(reward_model_dir) if reward_model_dir else None
         if reward_model_dir is not None:
             try:
-                from lm_lexicon.reward import RewardModel
+                from lm_lexicon.evaluate.best_of_n.reward import RewardModel
 
                 self.model = RewardModel.load(reward_model_dir, device=device)
                 self.reason = None
@@ -178,11 +178,11 @@ def _finite(v) -> Optional[float]:
 
 
 def select_best(candidates: Sequence[Sequence[str]], scores: Optional[Sequence[Sequence[float]]]) -> tuple[list[str], str]:
-    """Best-of-n: the reward model's argmax (first on ties, :func:`lm_lexicon.reward.best_of_n`), or the first
-    sample when there are no scores. Returns ``(picked, selection)``."""
+    """Best-of-n: the reward model's argmax (first on ties, :func:`lm_lexicon.evaluate.best_of_n.reward.best_of_n`), or
+    the first sample when there are no scores. Returns ``(picked, selection)``."""
     if scores is None:
         return [cs[0] if len(cs) else "" for cs in candidates], FIRST_SAMPLE
-    from lm_lexicon.reward import best_of_n
+    from lm_lexicon.evaluate.best_of_n.reward import best_of_n
 
     return best_of_n([list(cs) for cs in candidates], [list(s) for s in scores]), REWARD_MODEL
 

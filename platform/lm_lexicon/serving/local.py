@@ -28,7 +28,7 @@ def repo_root() -> Optional[Path]:
 
 def local_args(output_dir: str | Path, overrides: Optional[dict] = None, *, local_resources: bool = True) -> dict:
     """ServeArgs for a local run: ``output_dir``, zero CPU reservations (``local_resources``), then ``overrides``."""
-    from lm_lexicon.serving.config import deep_merge
+    from lm_lexicon.serving.app_config import deep_merge
 
     args: dict = {"output_dir": str(Path(output_dir).resolve())}
     if local_resources:
@@ -96,7 +96,7 @@ def serve_local(output_dir: str | Path, *, host: str = "127.0.0.1", port: int = 
 def _check_exposure(host: str, args: dict) -> Optional[str]:
     """:func:`~lm_lexicon.serving.exposure.check_exposure` with the token the ingress will read (this machine's
     environment, the args or the pipeline config's ``serve.auth_token_env``)."""
-    from lm_lexicon.serving.config import read_pipeline_config, resolve_args, resolve_token
+    from lm_lexicon.serving.app_config import read_pipeline_config, resolve_args, resolve_token
     from lm_lexicon.serving.exposure import check_exposure
 
     sa = resolve_args(args, read_pipeline_config(Path(args["output_dir"]))[0])

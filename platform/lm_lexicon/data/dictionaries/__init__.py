@@ -22,7 +22,7 @@ from typing import Callable, Optional
 from lm_lexicon.data.dictd import DEFAULT_DICTD_DIR, dictionary_files, read_articles
 from lm_lexicon.data.dictionaries import devil, foldoc, gcide, jargon
 from lm_lexicon.data.dictionaries.text import Entry, TermMatcher, finish_definition, lowercase_initials, pick_context
-from lm_lexicon.data.records import LoadReport, Record
+from lm_lexicon.data.records import LoadReport, Record, split_argument
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,10 @@ def load_dictd(dictionary: str, dictd_dir: str | Path | None = None, source: Opt
     ``{dictionary}:{index line}:{sense}``. ``split`` is given to every row (default train); the data stage
     instead assigns leak-free splits across sources (:mod:`lm_lexicon.data.mix`).
     """
-    from lm_lexicon.data.loaders import _split_argument  # loaders imports this module
-
     info = DICTIONARIES.get(dictionary)
     if info is None:
         raise ValueError(f"unknown dictionary {dictionary!r}; expected one of {sorted(DICTIONARIES)}")
-    split_name = _split_argument(split)
+    split_name = split_argument(split)
     index, data = dictionary_files(dictd_dir or DEFAULT_DICTD_DIR, dictionary, info.package)
     report = LoadReport(source=f"dictd:{dictionary}")
     records: list[Record] = []

@@ -3,22 +3,22 @@
 1. **Preference data from the policy itself**: sample ``reward.samples`` definitions for ``reward.train_rows``
    training records with the model being evaluated (T 0.6 / top-k 50 / top-p 0.9 / rep. penalty 1.05), score each
    sample's log-probability under that same model, keep the ``reward.top_k`` most likely as negatives and pair each
-   with the gold definition (:func:`lm_lexicon.reward.build_preference_pairs`). The same on ``reward.valid_rows``
-   held-out validation records gives the pairs the reward model is judged on (pairwise accuracy; chance = 0.5).
-   With ``reward.sample_pairs``, (better, worse) pairs of samples ranked by BLEU against the headword's references
-   too; ties and near-ties (gap < ``reward.sample_margin``) are dropped and counted. ``reward.gold_pairs: false``
-   trains on those ranked pairs alone: on wordnet-small the gold definition is the longer one in 59 % of the gold
-   pairs while the better sample is the shorter one in 67 % of the ranked pairs, so the gold pairs pull the other way.
-   ``reward.train_prompts: valid`` draws the training records from the validation split instead, from headwords
+   with the gold definition (:func:`lm_lexicon.evaluate.best_of_n.reward.build_preference_pairs`). The same on
+   ``reward.valid_rows`` held-out validation records gives the pairs the reward model is judged on (pairwise accuracy;
+   chance = 0.5). With ``reward.sample_pairs``, (better, worse) pairs of samples ranked by BLEU against the headword's
+   references too; ties and near-ties (gap < ``reward.sample_margin``) are dropped and counted. ``reward.gold_pairs:
+   false`` trains on those ranked pairs alone: on wordnet-small the gold definition is the longer one in 59 % of the
+   gold pairs while the better sample is the shorter one in 67 % of the ranked pairs, so the gold pairs pull the other
+   way. ``reward.train_prompts: valid`` draws the training records from the validation split instead, from headwords
    that are not held out (:func:`split_by_headword`): on its own training records the policy writes near-copies of
    the gold, which is not what it writes for an unseen test prompt.
-2. **Outcome reward model**: :class:`lm_lexicon.reward.RewardModel` (``reward.backbone``: the MiniLM encoder, the
-   pretrained seed LM, or the pipeline's dense model scoring by its own mean token log-probability plus a head)
-   trained with ``-log sigma(r(x,y_w) - r(x,y_l))``. Held-out sample-vs-sample accuracy is
+2. **Outcome reward model**: :class:`lm_lexicon.evaluate.best_of_n.reward.RewardModel` (``reward.backbone``: the MiniLM
+   encoder, the pretrained seed LM, or the pipeline's dense model scoring by its own mean token log-probability plus a
+   head) trained with ``-log sigma(r(x,y_w) - r(x,y_l))``. Held-out sample-vs-sample accuracy is
    reported overall and within length-matched pairs (definitions within ``reward.length_match_gap`` words), next to
    the "prefer the shorter" rule's accuracy on the same pairs: what length alone would score. ``reward.length_balance``
    trains on a subset where the preferred definition is as often the shorter as the longer one
-   (:func:`lm_lexicon.reward.balance_lengths`), so length alone earns nothing in training.
+   (:func:`lm_lexicon.evaluate.best_of_n.reward.balance_lengths`), so length alone earns nothing in training.
 3. **Reranking**: ``best_of_n`` samples per test input; the reward model picks one. The BoN curve (mean Protocol A
    BLEU of the pick among the first N samples) is drawn for the reward model, for no selection (sample 1: the N = 1
    baseline) and for the oracle (the sample closest to the references: an UPPER BOUND, labelled as such); the same
@@ -55,7 +55,7 @@ def sample_definitions(generator, records: Sequence, domains: Optional[Sequence[
                        with_logprobs: bool = True,
                        references: Optional[Sequence[Sequence[str]]] = None) -> SampledSet:
     """Draw ``settings.num_return_sequences`` samples per record in process (``generator``: a loaded
-    :class:`lm_lexicon.generate.DefinitionGenerator`), and their log-probabilities when asked. ``references``
+    :class:`lm_lexicon.evaluate.generate.DefinitionGenerator`), and their log-probabilities when asked. ``references``
     (per record) are carried along for the ranked sample pairs. Prompts use the generator's (its model's) templates,
     which the set carries for the reward model's pairs."""
     records = list(records)
@@ -100,7 +100,7 @@ def new_reward_model(reward_cfg, seed_model: Optional[str] = None, seed: int = 0
                      attn_implementation: Optional[str] = None, policy_model: Optional[str] = None):
     """A fresh reward model of the configured backbone: the encoder, ``seed_model`` (the pipeline's seed) or
     ``policy_model`` (a directory: the pipeline's dense model)."""
-    from lm_lexicon.reward import RewardModel
+    from lm_lexicon.evaluate.best_of_n.reward import RewardModel
 
     if reward_cfg.backbone == "policy":
         if not policy_model:
@@ -128,8 +128,9 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
     sample, overall and within length-matched pairs. ``seed_model``: the backbone when ``reward_cfg.backbone`` is
     ``"seed"``; ``policy_model``: the model directory it starts from when it is ``"policy"``.
     """
-    from lm_lexicon.reward import (balance_lengths, build_preference_pairs, build_ranked_sample_pairs,
-                                   length_matched, pairwise_accuracy, shorter_wins_accuracy)
+    from lm_lexicon.evaluate.best_of_n.reward import (balance_lengths, build_preference_pairs,
+                                                      build_ranked_sample_pairs, length_matched, pairwise_accuracy,
+                                                      shorter_wins_accuracy)
 
     def pairs_of(sampled: SampledSet):
         gold = build_preference_pairs(sampled.records, sampled.samples, sampled.logprobs, top_k=reward_cfg.top_k,
@@ -260,7 +261,7 @@ def rerank(model, prompts: Sequence[str], candidates: Sequence[Sequence[str]], r
     ``metric_scores`` (from :func:`candidate_metric_scores`): the same curves on those metrics, with p-values and
     the picks' lengths (:func:`bon_analysis`, under ``"analysis"``; the lengths are there without it too).
     """
-    from lm_lexicon.reward import best_of_n, bon_curve
+    from lm_lexicon.evaluate.best_of_n.reward import best_of_n, bon_curve
 
     raw = model.score_candidates(list(prompts), [list(c) for c in candidates])
     scores = raw if keep is None else filter_scores(raw, keep)
@@ -341,8 +342,8 @@ def bon_analysis(candidates: Sequence[Sequence[str]], references: Sequence[Seque
     {rule: {n: mean words}}, "pick_length_p_value": {n: p}}``; the oracle's picks for the lengths are Protocol A
     BLEU's (the headline oracle row). Means are on the scale of the metric's table value.
     """
-    from lm_lexicon.experiments import paired_permutation_test
-    from lm_lexicon.reward import _bleu_a_scores, word_count
+    from lm_lexicon.metrics.statistics import paired_permutation_test
+    from lm_lexicon.evaluate.best_of_n.reward import _bleu_a_scores, word_count
 
     ns = sorted({int(n) for n in ns})
 
@@ -365,35 +366,3 @@ def bon_analysis(candidates: Sequence[Sequence[str]], references: Sequence[Seque
     if METHOD in by_rule:
         out["pick_length_p_value"] = {n: p_value(by_rule[METHOD][n], by_rule[BASELINE][n]) for n in ns}
     return out
-
-
-def analysis_tables(analysis: Mapping) -> str:
-    """Markdown: per metric, the curves (one row per selection rule, one column per N) and the reward model's
-    p-value against sample 1; then the mean length of the picks."""
-    lines: list[str] = []
-    for name, res in analysis.get("metrics", {}).items():
-        lines += [f"**{name}**", "", curve_table(res["curves"])]
-        if res.get("p_value"):
-            ns = sorted({int(n) for c in res["curves"].values() for n in c})
-            lines.append("| p, reward model vs sample 1 | " + " | ".join(
-                f"{res['p_value'][n]:.3g}" if n in res["p_value"] else "" for n in ns) + " |")
-        lines.append("")
-    if analysis.get("pick_length"):
-        lines += ["**Mean length of the picks** (words; the oracle picks by Protocol A BLEU)", "",
-                  curve_table(analysis["pick_length"])]
-        p = analysis.get("pick_length_p_value")
-        if p:
-            ns = sorted({int(n) for c in analysis["pick_length"].values() for n in c})
-            lines.append("| p, reward model vs sample 1 | " + " | ".join(
-                f"{p[n]:.3g}" if n in p else "" for n in ns) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def curve_table(curves: dict) -> str:
-    """Markdown: one row per selection rule, one column per N."""
-    ns = sorted({int(n) for c in curves.values() for n in c})
-    lines = ["| selection | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns)]
-    for label, c in curves.items():
-        lines.append(f"| {label} | " + " | ".join(f"{c[n]:.2f}" if n in c else "" for n in ns) + " |")
-    return "\n".join(lines)

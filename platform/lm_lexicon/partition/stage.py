@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
+from lm_lexicon.artifacts import StageResult, fingerprint, run_stage
 
 
 class RayEmbedder:
-    """The :class:`~lm_lexicon.embed.Embedder` as a Ray Data actor, with the torch thread count set per actor.
+    """The :class:`~lm_lexicon.partition.embed.Embedder` as a Ray Data actor, with the torch thread count set per actor.
 
     Ray sets ``OMP_NUM_THREADS`` to the actor's CPU reservation; an actor that reserves one CPU of two on a laptop
     still wants both cores for the matrix multiplies while Ray Data's reads are idle.
@@ -39,7 +39,7 @@ class RayEmbedder:
     def __init__(self, torch_threads: int | None = None, **embedder_kwargs):
         import torch
 
-        from lm_lexicon.embed import Embedder
+        from lm_lexicon.partition.embed import Embedder
 
 
         if torch_threads:
@@ -122,11 +122,11 @@ def partition_stage_fn(cfg, data_dir: Path, log=print):
     """The stage body: ``fn(work_dir) -> summary`` for :func:`run_stage`."""
 
     def build(work: Path) -> dict:
-        from lm_lexicon import cluster_report
+        from lm_lexicon.partition import cluster_report
         from lm_lexicon.data.corpus import read_saved_corpus
         from lm_lexicon.data.prompts import PromptTemplates, record_prompt
         from lm_lexicon.data.records import write_parquet
-        from lm_lexicon.partition import label_agreement, partition
+        from lm_lexicon.partition.clustering import label_agreement, partition
         from lm_lexicon.ray_utils import init_ray, quiet_ray_data
 
         splits = read_saved_corpus(data_dir)
@@ -249,7 +249,7 @@ FEATURE_NAMES = {"prompt": "prompt embeddings", "definition": "definition embedd
 
 def _classifier_router(pc, result, embedded: dict, log):
     """The prompt -> domain classifier router of clusters made of definitions, and its accuracy report."""
-    from lm_lexicon.partition import classifier_router
+    from lm_lexicon.partition.clustering import classifier_router
 
     valid_gold = None
     if ("definition", "valid") in embedded:  # the clustering's own rule on the validation definitions
@@ -267,7 +267,7 @@ def _classifier_router(pc, result, embedded: dict, log):
 
 def _cluster_features(features: str, embedded: dict, split: str) -> np.ndarray:
     """The vectors the clusters are made of, for ``split``'s rows."""
-    from lm_lexicon.partition import combine_views
+    from lm_lexicon.partition.clustering import combine_views
 
     if features == "prompt":
         return embedded[("prompt", split)]
@@ -305,7 +305,7 @@ def cluster_report_centroids(X: np.ndarray, labels: np.ndarray, k: int) -> np.nd
 
 
 def _json_safe(o):
-    from lm_lexicon.routing import json_safe
+    from lm_lexicon.partition.routing import json_safe
 
     return json_safe(o)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
+from lm_lexicon.artifacts import StageResult, fingerprint, run_stage
 
 
 def run_data_stage(cfg, force: bool = False, log=print) -> StageResult:

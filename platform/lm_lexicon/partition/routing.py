@@ -144,7 +144,7 @@ class DomainRouter:
 
     ``centroids``: ``[k, d]`` (normalised here); ``biases``: ``[k]`` or None (plain nearest centroid);
     ``embedder``: anything with ``encode(list[str]) -> [n, d]`` unit vectors and a ``model_id`` (an
-    :class:`lm_lexicon.embed.Embedder`, or the lexical partition's featurizer); ``classifier``: a
+    :class:`lm_lexicon.partition.embed.Embedder`, or the lexical partition's featurizer); ``classifier``: a
     :class:`PromptClassifier` that scores instead of the centroids (then ``biases`` must be None).
     """
 
@@ -300,11 +300,11 @@ class DomainRouter:
         tensors = load_file(str(path / ROUTER_TENSORS))
         spec = doc.get("embedder") or {}
         if embedder is None and spec.get("files") == "featurizer":
-            from lm_lexicon.partition import LexicalFeaturizer
+            from lm_lexicon.partition.lexical import LexicalFeaturizer
 
             embedder = LexicalFeaturizer.load(path)
         elif embedder is None and load_embedder and spec.get("model_id"):
-            from lm_lexicon.embed import Embedder
+            from lm_lexicon.partition.embed import Embedder
 
             kw = {k: spec[k] for k in ("pooling", "max_length") if k in spec}
             embedder = Embedder(spec["model_id"], **kw)

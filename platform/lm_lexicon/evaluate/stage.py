@@ -7,8 +7,8 @@ from the partition's router), and on request ``icl-random`` / ``icl-retrieval`` 
 training split, random or nearest by MiniLM + faiss, prompting ``icl_model``). Generation runs on Ray Data (one actor
 per model, batched, greedy).
 
-With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.best_of_n`): an outcome reward model trained on the
-``bon_model``'s own samples (gold preferred), its held-out pairwise accuracy, ``best_of_n`` samples per test input
+With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.evaluate.best_of_n`): an outcome reward model trained on
+the ``bon_model``'s own samples (gold preferred), its held-out pairwise accuracy, ``best_of_n`` samples per test input
 reranked by it, and three more rows: ``{model}:sample`` (sample 1, the N = 1 baseline), ``{model}:bon-orm-nN`` and
 ``{model}:oracle-nN`` (an upper bound: it looks at the references).
 
@@ -36,32 +36,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from pathlib import Path
-from typing import Optional
 
-from lm_lexicon.stages.artifacts import StageResult, fingerprint, run_stage
+from lm_lexicon.artifacts import StageResult, fingerprint, run_stage
+from lm_lexicon.evaluate.rows import sample_rows, write_rows
 
 HEADLINE = ("bleu_a", "sacrebleu", "rouge_l", "bertscore", "meteor")
 
 
-def _sample(records: list, domains: list[int], n: int | None, seed: int):
-    if n is None or n >= len(records):
-        return records, domains
-    idx = sorted(random.Random(seed).sample(range(len(records)), n))
-    return [records[i] for i in idx], [domains[i] for i in idx]
-
-
-def _write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-
-
 def _baseline_predictions(name: str, values: list[str], records, domains) -> list[dict]:
-    from lm_lexicon.generate import prediction_dict
+    from lm_lexicon.evaluate.generate import prediction_dict
 
     return [prediction_dict(r, [v], domain=d, model=name) for r, v, d in zip(records, values, domains)]
 
@@ -165,7 +150,7 @@ def compare_with_floor(results: dict, floor: str = FLOOR, n_permutations: int = 
     ``per_item``. ``{}`` when the floor was not evaluated."""
     import numpy as np
 
-    from lm_lexicon.experiments import paired_permutation_test
+    from lm_lexicon.metrics.statistics import paired_permutation_test
 
     if floor not in results:
         return {}
@@ -255,12 +240,12 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
     def build(work: Path) -> dict:
         import numpy as np
 
-        from lm_lexicon.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_chat_prompts,
-                                          build_icl_prompts, chat_prompt)
+        from lm_lexicon.evaluate.baselines import (ConstantBaseline, RetrievalBaseline, build_icl_chat_prompts,
+                                                   build_icl_prompts, chat_prompt)
         from lm_lexicon.data.prompts import PromptTemplates
         from lm_lexicon.data.records import read_jsonl, records_from_parquet
-        from lm_lexicon.embed import Embedder
-        from lm_lexicon.generate import GenerationSettings, generate_split
+        from lm_lexicon.partition.embed import Embedder
+        from lm_lexicon.evaluate.generate import GenerationSettings, generate_split
         from lm_lexicon.metrics import breakdown, compute_metrics
         from lm_lexicon.metrics.bleu import headword_references
         from lm_lexicon.ray_utils import init_ray
@@ -270,7 +255,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         ev = cfg.evaluate
         split = ev.split
         all_rows, all_domains = records_from_parquet([partition_dir / f"{split}.parquet"])
-        records, domains = _sample(all_rows, all_domains, ev.max_rows, cfg.data.seed)
+        records, domains = sample_rows(all_rows, all_domains, ev.max_rows, cfg.data.seed)
         if not records:
             raise ValueError(f"the {split} split is empty: nothing to evaluate")
         # Protocol A: references are all definitions of the headword in the whole split, not only the sample
@@ -343,9 +328,12 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             if ev.bon_model not in paths:
                 raise ValueError(f"evaluate.best_of_n={ev.best_of_n} reranks the {ev.bon_model} model, which this "
                                  "run does not have")
-            bon_rows, bon_report = _best_of_n(cfg, work, partition_dir, paths[ev.bon_model],
-                                              domains if ev.bon_model == "moe" else None, records, domains,
-                                              reference_groups, threads, log, dense_path=paths.get("dense"))
+            from lm_lexicon.evaluate.best_of_n.run import run_best_of_n
+
+            bon_rows, bon_report = run_best_of_n(cfg, work, partition_dir, paths[ev.bon_model],
+                                                 domains if ev.bon_model == "moe" else None, records, domains,
+                                                 reference_groups, evaluation_metrics(ev, records), threads, log,
+                                                 dense_path=paths.get("dense"))
             predictions.update(bon_rows)
         generate_s = time.perf_counter() - t0
 
@@ -361,7 +349,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             progress.update(note=name)
             results[name] = compute_metrics(preds, metric_names, ev, reference_groups=reference_groups)
             _annotate_compliance(preds, results[name].get("language_compliance"))
-            _write_jsonl(preds, work / "predictions" / f"{name}.jsonl")
+            write_rows(preds, work / "predictions" / f"{name}.jsonl")
             by_domain[name] = breakdown(preds, ["bleu_a", "rouge_l"], ev, by="domain", results=results[name],
                                         reference_groups=reference_groups)
             if len({p.get("source") for p in preds}) > 1:
@@ -396,10 +384,12 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         report = render_report(compact, _strip(by_domain), _strip(by_source), meta, _strip(by_language), compliance,
                                vs_floor=floor)
         if bon_report:
+            from lm_lexicon.evaluate.best_of_n.report import render_bon_section
+
             report += render_bon_section(bon_report)
         (work / "report.md").write_text(report)
         plot_metrics(compact, work / "metrics.png")
-        from lm_lexicon.report_html import write_report_html
+        from lm_lexicon.evaluate.report_html import write_report_html
 
         write_report_html(work, report, predictions, [(work / "metrics.png", "Headline metrics by model"),
                                                       (partition_dir / "clusters.png", "The partition's domains")])
@@ -472,207 +462,6 @@ def _max_positions(model_path: Path) -> int:
     config = json.loads((Path(model_path) / "config.json").read_text())
     text = config.get("text_config") or config
     return int(text.get("max_position_embeddings") or config.get("max_position_embeddings") or 2048)
-
-
-def _partition_rows(partition_dir: Path, split: str, n: Optional[int], seed: int):
-    """A seeded sample of ``n`` rows of a split: (records, domains, references), the references of a record being
-    every definition of its headword in the split (Protocol A's grouping)."""
-    from lm_lexicon.data.records import records_from_parquet
-    from lm_lexicon.metrics.bleu import headword_key, headword_references
-    from lm_lexicon.stages.partition import split_files
-
-    rows, row_domains = records_from_parquet(split_files(partition_dir, split))
-    groups = headword_references(rows)
-    records, domains = _sample(rows, row_domains, n, seed)
-    return records, domains, [groups[headword_key(vars(r))] for r in records]
-
-
-def _reward_records(partition_dir: Path, rc, seed: int):
-    """The reward model's training and held-out records, each as (records, domains, references). Held out:
-    ``valid_rows`` validation records. Training: ``train_rows`` records of the policy's training split, or, with
-    ``train_prompts: valid``, of the other validation headwords (none shared with the held-out records)."""
-    from lm_lexicon.best_of_n import split_by_headword
-    from lm_lexicon.metrics.bleu import headword_key
-
-    if rc.train_prompts == "train":
-        return (_partition_rows(partition_dir, "train", rc.train_rows, seed),
-                _partition_rows(partition_dir, "valid", rc.valid_rows, seed))
-    records, domains, refs = _partition_rows(partition_dir, "valid", None, seed)
-    held, train = split_by_headword([headword_key(vars(r)) for r in records], rc.valid_rows, rc.train_rows, seed)
-    if not train:
-        raise ValueError(f"reward.train_prompts=valid: the validation split's {len(records)} records leave none for "
-                         f"training after reward.valid_rows={rc.valid_rows} held out")
-
-    def pick(idx):
-        return [records[i] for i in idx], [domains[i] for i in idx], [refs[i] for i in idx]
-
-    return pick(train), pick(held)
-
-
-def _best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,
-               reference_groups, threads: int, log, dense_path: Optional[Path] = None):
-    """Reward model on the policy's own samples, then BoN on the test sample; returns (prediction rows, report)."""
-    from lm_lexicon.best_of_n import (candidate_metric_scores, language_filter_report, language_keep_mask, rerank,
-                                      sample_definitions, train_outcome_reward_model)
-    from lm_lexicon.data.prompts import record_prompt
-    from lm_lexicon.generate import DefinitionGenerator, GenerationSettings, generate_split
-    from lm_lexicon.metrics import MetricUnavailable
-    from lm_lexicon.reward import oracle_best_of_n, plot_bon_curve
-
-    ev = cfg.evaluate
-    name = ev.bon_model
-    is_moe = model_domains is not None
-    rc = ev.reward
-    t0 = time.perf_counter()
-    sampling = GenerationSettings.from_eval_config(ev, sample=True, seed=cfg.data.seed)
-    generator = DefinitionGenerator(model_path, torch_threads=threads, settings=sampling, model_name=name)
-    templates = generator.templates  # the policy's; the reward model learns (and is served) on its prompts
-    orm_sampling = sampling.replace(num_return_sequences=rc.samples)
-    (train_rows, train_domains, train_refs), (valid_rows, valid_domains, valid_refs) = _reward_records(
-        partition_dir, rc, cfg.data.seed)
-    log(f"[evaluate] reward model data: {rc.samples} samples from {name} for {len(train_rows)} "
-        f"{rc.train_prompts} and {len(valid_rows)} held-out valid records")
-    train_set = sample_definitions(generator, train_rows, train_domains if is_moe else None, orm_sampling,
-                                   references=train_refs)
-    valid_set = sample_definitions(generator, valid_rows, valid_domains if is_moe else None, orm_sampling,
-                                   references=valid_refs)
-    del generator
-    attention = None if cfg.seed_model.attn_implementation == "auto" else cfg.seed_model.attn_implementation
-    reward_model, orm_report = train_outcome_reward_model(train_set, valid_set, rc, seed=cfg.data.seed, log=log,
-                                                          seed_model=cfg.seed_model.name,
-                                                          attn_implementation=attention, policy_model=dense_path)
-    reward_model.save(work / "reward_model")
-    templates.save(work / "reward_model")
-
-    t = time.perf_counter()
-    sampled = generate_split(records, model_path, sampling, domains=model_domains, use_ray=True, num_actors=1,
-                             torch_threads=threads, cpus_per_actor=1.0, model_name=f"{name}:samples")
-    log(f"[evaluate] {ev.best_of_n} samples per input from {name} in {time.perf_counter() - t:.1f}s")
-    candidates = [p["predictions"] for p in sampled]
-    references = [list(reference_groups.get((r.split, r.term)) or [r.definition]) for r in records]
-    langs = [r.lang or "en" for r in records]
-    language_filter = {"mode": ev.bon_language_filter, "applied": False}
-    try:
-        keep = language_keep_mask(candidates, langs, ev.bon_language_filter)
-    except MetricUnavailable as e:  # no language identifier: rerank unfiltered, and say so
-        keep, language_filter["skipped_reason"] = None, str(e)
-        log(f"[evaluate] BoN language filter skipped: {e}")
-    t = time.perf_counter()
-    metric_scores, metrics_skipped = candidate_metric_scores(sampled, candidates, evaluation_metrics(ev, records), ev,
-                                                             reference_groups)
-    log(f"[evaluate] BoN: {sum(map(len, candidates))} samples scored on {', '.join(metric_scores) or 'no metric'} in "
-        f"{time.perf_counter() - t:.1f}s" + (f" (skipped: {metrics_skipped})" if metrics_skipped else ""))
-    result = rerank(reward_model, [record_prompt(r, templates) for r in records], candidates, references, ev.bon_ns,
-                    keep=keep, metric_scores=metric_scores)
-    n = result["n"]
-    if keep is not None:
-        language_filter = {**language_filter_report(keep, langs, n, ev.bon_language_filter), "applied": True}
-        log(f"[evaluate] BoN language filter ({ev.bon_language_filter}): {language_filter['filtered']} inputs "
-            f"filtered, {language_filter['fallback']} with no sample in their language (fallback: all {n})")
-    oracle = oracle_best_of_n(candidates, references)
-    rows = {}
-    for label, picks in ((f"{name}:sample", [c[0] for c in candidates]), (f"{name}:bon-orm-n{n}", result["picks"]),
-                         (f"{name}:oracle-n{n}", oracle)):
-        rows[label] = [dict(p, prediction=pick, predictions=[pick], model=label, domain=d)
-                       for p, pick, d in zip(sampled, picks, domains)]
-    curves = {label: {int(k): v for k, v in c.items()} for label, c in result["curves"].items()}
-    plot_bon_curve(curves, work / "bon.png", title=f"Best-of-N: {name} on {ev.split} ({len(records)} rows)")
-    report = {"model": name, "n": n, "ns": sorted(curves["reward model"]), "curves": curves,
-              "reward_model": orm_report, "seconds": round(time.perf_counter() - t0, 1),
-              "sampling": sampling.to_dict(), "language_filter": language_filter,
-              "analysis": {**result["analysis"], "skipped_metrics": metrics_skipped}}
-    (work / "bon.json").write_text(json.dumps(report, indent=2))
-    _write_jsonl(sampled, work / "predictions" / f"{name}-samples.jsonl")
-    log(f"[evaluate] BoN Protocol A BLEU at N={n}: reward model {curves['reward model'][n]:.2f}, sample 1 "
-        f"{curves['no selection (sample 1)'][n]:.2f}, oracle (upper bound) {curves['oracle (upper bound)'][n]:.2f}; "
-        f"mean words of the picks: reward model {result['analysis']['pick_length']['reward model'][n]:.2f}, sample 1 "
-        f"{result['analysis']['pick_length']['no selection (sample 1)'][n]:.2f}")
-    return rows, report
-
-
-def render_bon_section(bon: dict) -> str:
-    from lm_lexicon.best_of_n import curve_table
-
-    orm = bon["reward_model"]
-    return "\n".join([
-        "", f"## Best-of-N ({bon['model']})", "",
-        f"Outcome reward model{' `' + orm['model'] + '`' if orm.get('model') else ''} "
-        f"(`{bon['sampling']['num_return_sequences']}` samples per input, T "
-        f"{bon['sampling']['temperature']}, top-k {bon['sampling']['top_k']}, top-p {bon['sampling']['top_p']}): "
-        f"trained on {orm.get('train_gold_pairs', orm['train_pairs'])} (gold, sample) pairs"
-        f"{_ranked_pairs_note(orm)} from {orm['train_records']} training records{_balance_note(orm)}; "
-        f"held-out pairwise accuracy gold vs sample **{orm['valid_accuracy']:.3f}** on {orm['valid_pairs']} pairs "
-        f"from {orm['valid_records']} validation records (untrained head: {orm['valid_accuracy_untrained']:.3f}; "
-        f"chance: 0.5){_ranked_accuracy_note(orm)}.", "",
-        *_language_filter_lines(bon.get("language_filter") or {}),
-        "Mean Protocol A BLEU of the selected sample among the first N (oracle = an upper bound that reads the "
-        "references, not a method):", "", curve_table(bon["curves"]), "", "![BoN curve](bon.png)", "",
-        *_analysis_lines(bon.get("analysis") or {})])
-
-
-def _analysis_lines(analysis: dict) -> list[str]:
-    from lm_lexicon.best_of_n import analysis_tables
-
-    if not analysis.get("metrics") and not analysis.get("pick_length"):
-        return []
-    skipped = analysis.get("skipped_metrics") or {}
-    return ["### Best-of-N on every metric", "",
-            "Mean score of the pick among the first N on each evaluated metric with a per-sentence form, computed as "
-            "in the table above (the oracle picks by that metric: an upper bound); under each, the paired "
-            "permutation p-value of the reward model's picks against sample 1 (same inputs).", "",
-            analysis_tables(analysis),
-            *([f"Not drawn: {', '.join(f'{m} ({why})' for m, why in skipped.items())}.", ""] if skipped else [])]
-
-
-def _ranked_pairs_note(orm: dict) -> str:
-    if not orm.get("train_sample_pairs"):
-        return ""
-    stats = orm.get("train_sample_pair_stats") or {}
-    dropped = (f"; of their {stats['sample_pairs']} pairs of distinct samples, {stats['ties']} ties and "
-               f"{stats['near_ties']} near-ties were dropped" if stats.get("sample_pairs") else "")
-    return (f" and {orm['train_sample_pairs']} (better, worse) pairs of samples ranked by Protocol A BLEU (gap >= "
-            f"{100 * orm['sample_margin']:.0f} points{dropped})")
-
-
-def _balance_note(orm: dict) -> str:
-    if not orm.get("length_balance"):
-        return ""
-    return (f" ({orm['train_pairs_dropped_length_balance']} dropped so that the preferred definition is as often the "
-            f"shorter as the longer one: {orm['train_pairs']} trained on)")
-
-
-def _ranked_accuracy_note(orm: dict) -> str:
-    if not orm.get("valid_sample_pairs"):
-        return ""
-    note = (f"; sample vs sample **{orm['valid_accuracy_samples']:.3f}** on {orm['valid_sample_pairs']} held-out "
-            f"pairs (untrained head: {orm['valid_accuracy_samples_untrained']:.3f})")
-    if "valid_accuracy_length_matched" in orm:  # reports written before the length control have no such keys
-        shorter = orm.get("valid_accuracy_samples_shorter_wins")
-        note += (f", within length-matched pairs (at most {orm['length_match_gap']} words apart) "
-                 f"**{orm['valid_accuracy_length_matched']:.3f}** on {orm['valid_length_matched_pairs']} (untrained "
-                 f"head: {orm['valid_accuracy_length_matched_untrained']:.3f})"
-                 + (f"; the rule \"prefer the shorter\" scores {shorter:.3f} on all of them" if shorter is not None
-                    else ""))
-    return note
-
-
-def _language_filter_lines(lf: dict) -> list[str]:
-    if not lf.get("applied"):
-        mode = lf.get("mode", "off")
-        if not lf:
-            return []
-        if lf.get("skipped_reason"):
-            return [f"Language filter ({mode}): skipped ({lf['skipped_reason']}); the reward model picked among all "
-                    "samples.", ""]
-        return [f"Language filter: {mode} (no input it applies to)." if mode != "off" else "Language filter: off.",
-                ""]
-    share = lf.get("compliant_sample_share")
-    per = "; ".join(f"{lang}: {r['fallback']} of {r['filtered']}" for lang, r in lf["by_language"].items()
-                    if r["filtered"])
-    return [f"Language filter ({lf['mode']}): among each input's {lf['n']} samples the reward model picks among "
-            f"those in the input's language; **{lf['fallback']} of {lf['filtered']}** filtered inputs had none "
-            f"(fallback: all {lf['n']} samples) ({per}). Compliant samples: "
-            + (f"{share:.2f}" if share is not None else "-") + " of all. The oracle is not filtered.", ""]
 
 
 def _strip(table: dict) -> dict:

@@ -11,8 +11,8 @@
   ``merge/model/router``, itself the partition's router), so served routing IS the offline routing;
 * prompt templates: the ``prompt_templates.json`` saved with the experts (and the router); every prompt the app
   routes, generates from and scores is built with them, so a recipe's custom templates are served as trained;
-* reward model: ``evaluate/reward_model/`` (:meth:`lm_lexicon.reward.RewardModel.save` format) when present (and
-  trained on the experts' templates);
+* reward model: ``evaluate/reward_model/`` (:meth:`lm_lexicon.evaluate.best_of_n.reward.RewardModel.save` format) when
+  present (and trained on the experts' templates);
 * metrics: ``evaluate/metrics.json``; defaults: the pipeline's resolved ``config.yaml`` (its ``serve`` section gives
   the limits and batching, its ``evaluate`` section the decoding settings, so served greedy output equals the
   evaluation's).
@@ -236,14 +236,14 @@ def deep_merge(base: dict, extra: dict) -> dict:
 def _generation_fields() -> set[str]:
     import dataclasses
 
-    from lm_lexicon.generate import GenerationSettings
+    from lm_lexicon.evaluate.generate import GenerationSettings
 
     return {f.name for f in dataclasses.fields(GenerationSettings)}
 
 
 def generation_settings(args: ServeArgs) -> dict:
     """The experts' default GenerationSettings (greedy); one generation pass holds at least a full serve batch."""
-    from lm_lexicon.generate import GenerationSettings
+    from lm_lexicon.evaluate.generate import GenerationSettings
 
     settings = GenerationSettings.from_any({k: v for k, v in args.generation.items()})
     if settings.do_sample or settings.num_return_sequences != 1:
@@ -450,7 +450,8 @@ def model_card(layout: PipelineLayout, args: ServeArgs, generation: dict) -> dic
             "router_dir": str(layout.router_dir), "method": router_doc.get("method"),
             "n_domains": router_doc.get("n_clusters"), "biased": router_doc.get("biased"),
             "embedder": router_doc.get("embedder"), **meta,
-            "rule": "domain = argmax_j cos(embed(prompt), centroid_j) - bias_j (lm_lexicon.routing.DomainRouter); "
+            "rule": "domain = argmax_j cos(embed(prompt), centroid_j) - bias_j "
+                    "(lm_lexicon.partition.routing.DomainRouter); "
                     "prompt = lm_lexicon.data.prompts.format_prompt(term, context, lang, templates=prompt_templates)",
         },
         "prompt_templates": _templates_of(layout).to_config(),

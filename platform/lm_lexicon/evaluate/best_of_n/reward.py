@@ -5,7 +5,7 @@
 
 * ``"encoder"`` (the cheap one): the attention-masked mean over the pair ``[CLS] prompt [SEP] definition [SEP]`` (the
   tokenizer's own pair encoding). The encoder defaults to the bundled all-MiniLM-L6-v2 (resolved like
-  :class:`lm_lexicon.embed.Embedder`: offline, hub ids from the local cache only unless
+  :class:`lm_lexicon.partition.embed.Embedder`: offline, hub ids from the local cache only unless
   ``LM_LEXICON_ALLOW_DOWNLOADS=1``). Directories saved before the key existed are this kind.
 * ``"seed"``: the pretrained seed causal LM's backbone (:meth:`RewardModel.from_seed`) reading exactly what the policy
   was trained on (:func:`lm_lexicon.train.encode_example`: ``[BOS] prompt, a space, the definition, EOS``), pooled at
@@ -23,12 +23,12 @@ Training minimises the pairwise (Bradley-Terry) loss
 with ``y_w`` the gold definition and ``y_l`` a definition the model sampled for the same prompt.
 
 **Preference data** (:func:`build_preference_pairs`), paper-style: for every training record, sample N
-definitions (:class:`lm_lexicon.generate.DefinitionGenerator`, T 0.6 / top-k 50 / top-p 0.9 / rep. penalty 1.05),
-keep the ``top_k = 8`` most likely by the generator's own sequence log-probability
-(:meth:`~lm_lexicon.generate.DefinitionGenerator.sequence_logprobs`) — the hardest negatives, the ones the policy
-would actually produce — and pair each with the gold definition. A candidate equal to the gold definition (compared
-lower-cased, periods stripped, whitespace collapsed) is not a negative and is skipped, as are empty and duplicate
-candidates. ``ratio`` optionally subsamples negatives per gold (default: all kept ones, i.e. 1 : top_k).
+definitions (:class:`lm_lexicon.evaluate.generate.DefinitionGenerator`, T 0.6 / top-k 50 / top-p 0.9 / rep. penalty
+1.05), keep the ``top_k = 8`` most likely by the generator's own sequence log-probability
+(:meth:`~lm_lexicon.evaluate.generate.DefinitionGenerator.sequence_logprobs`) — the hardest negatives, the ones the
+policy would actually produce — and pair each with the gold definition. A candidate equal to the gold definition
+(compared lower-cased, periods stripped, whitespace collapsed) is not a negative and is skipped, as are empty and
+duplicate candidates. ``ratio`` optionally subsamples negatives per gold (default: all kept ones, i.e. 1 : top_k).
 
 **Selection.** :func:`best_of_n` takes the argmax of the reward scores; :func:`oracle_best_of_n` the candidate with
 the best sentence BLEU (Protocol A) against the references — an UPPER BOUND that looks at the answer, never a
@@ -55,7 +55,7 @@ from lm_lexicon._util import as_str_list
 
 log = logging.getLogger(__name__)
 
-REWARD_FORMAT = "lm_lexicon.reward/1"
+REWARD_FORMAT = "lm_lexicon.evaluate.best_of_n.reward/1"
 CONFIG_FILE = "reward_config.json"
 WEIGHTS_FILE = "model.safetensors"
 ENCODER_DIR = "encoder"
@@ -371,7 +371,7 @@ class RewardModel:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        from lm_lexicon.embed import ALLOW_DOWNLOADS_ENV, downloads_allowed, resolve_encoder
+        from lm_lexicon.partition.embed import ALLOW_DOWNLOADS_ENV, downloads_allowed, resolve_encoder
 
         _, RewardNet, _ = _torch_modules()
         if max_length < 4:

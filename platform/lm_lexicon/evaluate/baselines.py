@@ -131,9 +131,9 @@ class RetrievalBaseline:
     """Copy the definition of the training record whose prompt is nearest (cosine) to the query prompt.
 
     ``fit(train_records, embedder)``: embeds every training prompt (:func:`~lm_lexicon.data.prompts.record_prompt`)
-    with ``embedder.encode`` (an :class:`lm_lexicon.embed.Embedder`; ``embeddings=`` skips that with precomputed
-    ``[n, d]`` vectors) and builds a faiss ``IndexFlatIP`` over the unit vectors: exact search, inner product =
-    cosine. ``templates``: the prompt templates of the embedded prompts (None: the defaults).
+    with ``embedder.encode`` (an :class:`lm_lexicon.partition.embed.Embedder`; ``embeddings=`` skips that with
+    precomputed ``[n, d]`` vectors) and builds a faiss ``IndexFlatIP`` over the unit vectors: exact search, inner
+    product = cosine. ``templates``: the prompt templates of the embedded prompts (None: the defaults).
     """
 
     name = "retrieval"

@@ -33,7 +33,7 @@ from pathlib import Path
 import ray.tune
 
 from lm_lexicon.distributed import deepspeed_enabled, resolve_deepspeed_config
-from lm_lexicon.stages.artifacts import StageResult, fingerprint, release_checkpoints, run_stage
+from lm_lexicon.artifacts import StageResult, fingerprint, release_checkpoints, run_stage
 from lm_lexicon.train.ray_worker import FINAL_MARKER  # noqa: F401  (the final model's marker, named from here too)
 from lm_lexicon.train.ray_worker import (FAIL_ONCE_ENV, TrainJob, WorkerContext, collect_final_model, run_worker,
                                          torch_trainer)
@@ -44,7 +44,7 @@ TRIAL_CPUS = 0.01  # what a job's Tune trial (which only waits on its TorchTrain
 def _job_records(partition_dir: Path, job: dict, split: str):
     """Training rows of a job (its domain, or every domain for the dense model) and its validation rows."""
     from lm_lexicon.data.records import records_from_parquet
-    from lm_lexicon.stages.partition import split_files
+    from lm_lexicon.partition.stage import split_files
 
     if split == "train":
         files = (split_files(partition_dir, split) if job["domain"] is None

@@ -2,11 +2,11 @@
 
 :class:`GGUFDefiner` builds each item's prompt with the run's template, routes it with the bundled router (its
 embedder, centroids and biases: the same domain the server would pick), and decodes greedily with the chosen domain's
-GGUF file through llama-cpp-python -- the same decoding as the pipeline's greedy path (:mod:`lm_lexicon.generate`):
-argmax after the repetition penalty over prompt and output (``score / p`` if positive else ``score * p``) and the
-no-repeat-n-gram rule on the output, stopping at EOS or after ``max_new_tokens``. The token loop runs here, on the
-logits llama.cpp returns, so the rules are exactly the pipeline's rather than llama.cpp's own samplers (whose
-repeat penalty looks at a window of the last 64 tokens by default).
+GGUF file through llama-cpp-python -- the same decoding as the pipeline's greedy path
+(:mod:`lm_lexicon.evaluate.generate`): argmax after the repetition penalty over prompt and output (``score / p`` if
+positive else ``score * p``) and the no-repeat-n-gram rule on the output, stopping at EOS or after ``max_new_tokens``.
+The token loop runs here, on the logits llama.cpp returns, so the rules are exactly the pipeline's rather than
+llama.cpp's own samplers (whose repeat penalty looks at a window of the last 64 tokens by default).
 
 llama-cpp-python is optional (``pip install 'lm-lexicon[gguf-runtime]'``); it is imported only here, and its
 absence is a :class:`GGUFRuntimeUnavailable` that says how to install it.
@@ -54,7 +54,7 @@ def penalise_repeats(logits: np.ndarray, seen: Sequence[int], penalty: float) ->
 
 def banned_by_ngrams(generated: Sequence[int], n: int) -> list[int]:
     """Tokens that would complete an n-gram already present in ``generated`` (Hugging Face's no_repeat_ngram_size,
-    counted on the output only, as :mod:`lm_lexicon.generate` does)."""
+    counted on the output only, as :mod:`lm_lexicon.evaluate.generate` does)."""
     if n <= 0 or len(generated) < n:
         return []
     prefix = tuple(generated[len(generated) - n + 1:]) if n > 1 else ()
@@ -222,7 +222,7 @@ class GGUFDefiner:
     @property
     def router(self):
         if self._router is None:
-            from lm_lexicon.routing import DomainRouter
+            from lm_lexicon.partition.routing import DomainRouter
 
             if not self.manifest.get("router_dir"):
                 raise ValueError(f"{self.bundle_dir}: the bundle has no router; give the domain explicitly")

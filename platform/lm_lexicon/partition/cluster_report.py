@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lm_lexicon.routing import json_safe, unit_rows
+from lm_lexicon.partition.routing import json_safe, unit_rows
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Merge stage (paper §3.2-3.3): experts -> one sparse MoE, then a light router + expert fine-tune on Ray Train.
+"""The MoE's two stages.
+
+**Merge** (paper §3.2-3.3): experts -> one sparse MoE, then a light router + expert fine-tune on Ray Train.
 
 Writes::
 
@@ -8,6 +10,14 @@ Writes::
       merge.json  policy, experts, trainable parameters, fine-tune metrics, config
 
 With ``finetune.enabled: false``, ``model/`` is the merged MoE as is.
+
+**Export**: what the ecosystem loads without this project's code.
+
+* ``collapsed/`` (domain routing): one plain dense checkpoint per domain (shared weights + that domain's expert FFN)
+  plus ``router/`` and ``collapsed.json`` — the serving layout (one deployment per domain), loadable by transformers
+  or vLLM as is.
+* ``mixtral/`` (token routing, Llama/Mistral family): a ``MixtralForCausalLM`` checkpoint.
+* ``gguf/`` on request (``lm-lexicon export --format gguf``): :func:`export_gguf_files`.
 """
 from __future__ import annotations
 
@@ -16,13 +26,13 @@ import shutil
 import time
 from pathlib import Path
 
-from lm_lexicon.stages.artifacts import StageResult, fingerprint, release_checkpoints, run_stage
+from lm_lexicon.artifacts import StageResult, fingerprint, release_checkpoints, run_stage
 from lm_lexicon.train.ray_worker import TrainJob, WorkerContext, collect_final_model, run_worker, torch_trainer
 
 
 def _rows_with_domains(partition_dir: Path, split: str):
     from lm_lexicon.data.records import records_from_parquet
-    from lm_lexicon.stages.partition import split_files
+    from lm_lexicon.partition.stage import split_files
 
     files = [f for f in split_files(partition_dir, split) if f.exists()]
     return records_from_parquet(files) if files else ([], [])
@@ -125,3 +135,68 @@ def run_merge_stage(cfg, partition_result: StageResult, experts_result: StageRes
                        merge_stage_fn(cfg, partition_result.path, experts_result.path, fp[:8], log), cfg, force, log)
     release_checkpoints(cfg, result, fp[:8], log)
     return result
+
+
+# =================================================================================================== export
+def export_model(moe_dir: Path, out_dir: Path, routing: str, log=print, final_dir: Path | None = None) -> dict:
+    from lm_lexicon.moe import export_collapsed, export_mixtral
+
+    written = {}
+    if routing == "domain":
+        export_collapsed(moe_dir, out_dir / "collapsed")
+        written["collapsed"] = str(out_dir / "collapsed")
+    elif routing == "token":
+        try:
+            export_mixtral(moe_dir, out_dir / "mixtral")
+            written["mixtral"] = str(out_dir / "mixtral")
+        except ValueError as e:  # e.g. a BERT-family seed: no Mixtral equivalent
+            written["mixtral_skipped"] = str(e)
+    else:
+        written["skipped"] = f"no standard export for {routing!r} routing; load the MoE with lm_lexicon.moe.load"
+    final = str(final_dir or out_dir)  # record and log where it will be once the stage is finished, not the work dir
+    written = {k: v.replace(str(out_dir), final) if k in ("collapsed", "mixtral") else v for k, v in written.items()}
+    for kind, path in written.items():
+        log(f"[export] {kind}: {path}")
+    (out_dir / "export.json").write_text(json.dumps({"routing": routing, **written}, indent=2))
+    return written
+
+
+def run_export_stage(cfg, merge_result: StageResult, force: bool = False, log=print) -> StageResult:
+    fp = fingerprint(cfg, (), (merge_result.fingerprint,))
+    return run_stage("export", Path(cfg.output_dir) / "export", fp,
+                     lambda work: export_model(merge_result.path / "model", work, cfg.merge.routing, log,
+                                               final_dir=Path(cfg.output_dir) / "export"),
+                     cfg, force, log)
+
+
+def gguf_metadata_source(cfg, metadata_from: Path | None = None) -> Path:
+    """The GGUF whose tokenizer the run's GGUF files reuse: ``metadata_from`` if given, else the seed's own GGUF
+    (``bundled-smollm2``); a seed that did not come from a GGUF needs ``metadata_from``."""
+    from lm_lexicon.seed_models import SEED_SMOLLM2, smollm2_gguf_path
+
+    if metadata_from is not None:
+        if not Path(metadata_from).is_file():
+            raise FileNotFoundError(f"--gguf-metadata {metadata_from}: no such file")
+        return Path(metadata_from)
+    if cfg.seed_model.name == SEED_SMOLLM2:
+        return smollm2_gguf_path()
+    raise ValueError(f"the seed {cfg.seed_model.name!r} did not come from a GGUF file, so there is no tokenizer "
+                     "metadata to reuse: pass --gguf-metadata FILE.gguf (any GGUF of the same base model, any "
+                     "quantisation; its vocabulary is checked against the experts' tokenizer)")
+
+
+def export_gguf_files(cfg, export_dir: Path, *, dtype: str = "bf16", metadata_from: Path | None = None,
+                      overwrite: bool = True, log=print) -> dict:
+    """Write ``<export_dir>/gguf`` from the finished export stage's ``collapsed/`` (domain routing only), with the
+    experts' prompt templates (saved with them) and greedy decoding settings (the evaluate section's, as served)."""
+    from lm_lexicon.moe.gguf_bundle import export_gguf
+
+    if cfg.merge.routing != "domain":
+        raise ValueError(f"GGUF files are made per domain, from the collapsed export of a domain-routed run; this run "
+                         f"routes by {cfg.merge.routing!r}")
+    ev = cfg.evaluate
+    generation = {"max_new_tokens": ev.max_new_tokens, "repetition_penalty": ev.repetition_penalty,
+                  "no_repeat_ngram_size": ev.no_repeat_ngram_size}
+    return export_gguf(Path(export_dir) / "collapsed", Path(export_dir) / "gguf",
+                       metadata_source=gguf_metadata_source(cfg, metadata_from), dtype=dtype,
+                       generation=generation, overwrite=overwrite, log=log)
