@@ -373,11 +373,7 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
     variants = list(variants or STUDIES[study])
     out_dir = Path(out_dir).resolve()
     base = load_config(config, list(overrides))
-    scores: dict[str, dict[int, dict]] = {v.name: {} for v in variants}
-    items: dict[str, dict[int, dict[str, np.ndarray]]] = {v.name: {} for v in variants}
-    sources: dict[str, dict[int, list[str]]] = {v.name: {} for v in variants}
-    clusters: dict[str, dict[int, dict]] = {v.name: {} for v in variants}
-    own: dict[str, dict[int, list[dict]]] = {v.name: {} for v in variants}
+    found = StudyResults(study, variants, list(metrics), model)
     arm = _ArmRunner(base, config, overrides, out_dir, keep_weights, run_pipeline, load_config, log)
     with tracked_run(base.tracking, out_dir, f"{base.name}-ablation-{study}", tags={"kind": "ablation"}) as parent:
         parent.log_params({"study": study, "seeds": list(seeds), "variants": [v.name for v in variants]})
@@ -393,42 +389,67 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
                 keep = WEIGHT_STAGES[:1] if (study == "partition" and v is variants[0] and keep_shared_upstream) \
                     else ()
                 arm.run(v, seed, run_dir, keep_stages=keep)
-                results = evaluation(run_dir)["results"][model]
-                scores[v.name][seed] = {m: results[m]["value"] for m in metrics}
-                items[v.name][seed] = per_item_scores(run_dir, model, metrics)
-                sources[v.name][seed] = item_sources(run_dir, model)
-                clusters[v.name][seed] = cluster_facts(run_dir)
-                own[v.name][seed] = own_domain_rows(run_dir)
-                log(f"[ablate] {study}/{v.name} seed {seed}: " + ", ".join(
-                    f"{m} {scores[v.name][seed][m]:.2f}" for m in metrics) + f" ({time.perf_counter() - t0:.0f}s)")
+                scores = found.read_arm(v, seed, run_dir)
+                log(f"[ablate] {study}/{v.name} seed {seed}: " + ", ".join(f"{m} {scores[m]:.2f}" for m in metrics)
+                    + f" ({time.perf_counter() - t0:.0f}s)")
             if study == "routing" and not keep_weights and default_arm.is_dir():
                 arm.prune(default_arm)  # every routing arm of this seed is done with the shared experts
-        rows = summarize(variants, scores, items, metrics)
-        by_source = summarize_by_source(variants, items, sources, metrics)
-        table = ablation_table(study, rows, metrics, list(seeds))
-        if len({src for v in by_source.values() for src in v}) > 1:
-            table += "\n\nBy source (test rows in brackets; mean ± std over seeds of the source's mean):\n\n" + \
-                "\n\n".join(source_table(study, variants, by_source, m) for m in metrics)
-        if study in ("partition", "features") and cluster_table(study, variants, clusters):
-            table += "\n\nThe clusters (purity: share of training rows whose domain's commonest value is theirs; " \
-                "separation: mean inter-centroid cosine distance; router_accuracy: the prompt -> domain classifier's " \
-                "held-out accuracy, where the clusters are not made of prompts):\n\n" + \
-                cluster_table(study, variants, clusters)
-        if own_domain_table(variants, own):
-            table += "\n\nExperts against the dense model on their own domain (validation loss per definition token):" \
-                "\n\n" + own_domain_table(variants, own)
+        rows, table = found.summary(list(seeds))
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{study}.json").write_text(json.dumps({"study": study, "seeds": list(seeds), "rows": rows,
-                                                           "by_source": by_source, "clusters": clusters,
-                                                           "own_domain": own,
-                                                           "config": str(config),
-                                                           "overrides": list(overrides)}, indent=2))
+        (out_dir / f"{study}.json").write_text(json.dumps(
+            {"study": study, "seeds": list(seeds), "rows": rows, **found.details(), "config": str(config),
+             "overrides": list(overrides)}, indent=2))
         (out_dir / f"{study}.md").write_text(table + "\n")
         plot_ablation(study, rows, metrics, out_dir / f"{study}.png")
         for f in (f"{study}.md", f"{study}.png", f"{study}.json"):
             parent.log_artifact(out_dir / f)
     log(table)
     return AblationResult(study, rows, table)
+
+
+class StudyResults:
+    """What each arm x seed of a study found: test scores and per-item scores, each item's source, the clusters'
+    facts and the own-domain losses; :meth:`summary` turns them into the study's rows and markdown."""
+
+    def __init__(self, study: str, variants: Sequence[Variant], metrics: Sequence[str], model: str = "moe"):
+        self.study, self.variants, self.metrics, self.model = study, list(variants), list(metrics), model
+        names = [v.name for v in self.variants]
+        self.scores: dict[str, dict[int, dict]] = {n: {} for n in names}
+        self.items: dict[str, dict[int, dict[str, np.ndarray]]] = {n: {} for n in names}
+        self.sources: dict[str, dict[int, list[str]]] = {n: {} for n in names}
+        self.clusters: dict[str, dict[int, dict]] = {n: {} for n in names}
+        self.own: dict[str, dict[int, list[dict]]] = {n: {} for n in names}
+
+    def read_arm(self, variant: Variant, seed: int, run_dir: Path) -> dict:
+        results = evaluation(run_dir)["results"][self.model]
+        self.scores[variant.name][seed] = {m: results[m]["value"] for m in self.metrics}
+        self.items[variant.name][seed] = per_item_scores(run_dir, self.model, self.metrics)
+        self.sources[variant.name][seed] = item_sources(run_dir, self.model)
+        self.clusters[variant.name][seed] = cluster_facts(run_dir)
+        self.own[variant.name][seed] = own_domain_rows(run_dir)
+        return self.scores[variant.name][seed]
+
+    def details(self) -> dict:
+        return {"by_source": summarize_by_source(self.variants, self.items, self.sources, self.metrics),
+                "clusters": self.clusters, "own_domain": self.own}
+
+    def summary(self, seeds: Sequence[int]) -> tuple[list[dict], str]:
+        rows = summarize(self.variants, self.scores, self.items, self.metrics)
+        parts = [ablation_table(self.study, rows, self.metrics, list(seeds))]
+        by_source = summarize_by_source(self.variants, self.items, self.sources, self.metrics)
+        if len({src for v in by_source.values() for src in v}) > 1:
+            parts.append("By source (test rows in brackets; mean ± std over seeds of the source's mean):\n\n" +
+                         "\n\n".join(source_table(self.study, self.variants, by_source, m) for m in self.metrics))
+        clusters = cluster_table(self.study, self.variants, self.clusters)
+        if self.study in ("partition", "features") and clusters:
+            parts.append("The clusters (purity: share of training rows whose domain's commonest value is theirs; "
+                         "separation: mean inter-centroid cosine distance; router_accuracy: the prompt -> domain "
+                         "classifier's held-out accuracy, where the clusters are not made of prompts):\n\n" + clusters)
+        own = own_domain_table(self.variants, self.own)
+        if own:
+            parts.append("Experts against the dense model on their own domain (validation loss per definition "
+                         "token):\n\n" + own)
+        return rows, "\n\n".join(parts)
 
 
 class _ArmRunner:
