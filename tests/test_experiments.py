@@ -322,5 +322,6 @@ def test_the_recipe_study_reuses_the_semantic_and_dense_arms_and_varies_one_choi
     assert "| MoE without the router fine-tune | 2.750 | 2.500 | 1 of 2 |" in res.table
     assert "| MoE, experts compute-matched (N passes over their domain) | 2.750 | 2.500 | 1 of 2 |" in res.table
     assert "| dense (N=1) | 2.750" not in res.table
+    assert (abl / "recipe-by-source.png").stat().st_size > 1000
     by_source = json.loads((abl / "recipe.json").read_text())["by_source"]
     assert by_source["full"]["b"]["rouge_l"] == {"mean": 2.0, "std": None} and by_source["full"]["a"]["rows"] == 2

@@ -401,7 +401,11 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
              "overrides": list(overrides)}, indent=2))
         (out_dir / f"{study}.md").write_text(table + "\n")
         plot_ablation(study, rows, metrics, out_dir / f"{study}.png")
-        for f in (f"{study}.md", f"{study}.png", f"{study}.json"):
+        written = [f"{study}.md", f"{study}.png", f"{study}.json"]
+        if found.has_sources():
+            plot_by_source(study, variants, found.details()["by_source"], metrics, out_dir / f"{study}-by-source.png")
+            written.append(f"{study}-by-source.png")
+        for f in written:
             parent.log_artifact(out_dir / f)
     log(table)
     return AblationResult(study, rows, table)
@@ -429,6 +433,10 @@ class StudyResults:
         self.own[variant.name][seed] = own_domain_rows(run_dir)
         return self.scores[variant.name][seed]
 
+    def has_sources(self) -> bool:
+        """Whether the test items come from more than one source (a multi-source recipe)."""
+        return len({src for per_seed in self.sources.values() for srcs in per_seed.values() for src in srcs}) > 1
+
     def details(self) -> dict:
         return {"by_source": summarize_by_source(self.variants, self.items, self.sources, self.metrics),
                 "clusters": self.clusters, "own_domain": self.own}
@@ -436,8 +444,8 @@ class StudyResults:
     def summary(self, seeds: Sequence[int]) -> tuple[list[dict], str]:
         rows = summarize(self.variants, self.scores, self.items, self.metrics)
         parts = [ablation_table(self.study, rows, self.metrics, list(seeds))]
-        by_source = summarize_by_source(self.variants, self.items, self.sources, self.metrics)
-        if len({src for v in by_source.values() for src in v}) > 1:
+        if self.has_sources():
+            by_source = summarize_by_source(self.variants, self.items, self.sources, self.metrics)
             parts.append("By source (test rows in brackets; mean ± std over seeds of the source's mean):\n\n" +
                          "\n\n".join(source_table(self.study, self.variants, by_source, m) for m in self.metrics))
         clusters = cluster_table(self.study, self.variants, self.clusters)
@@ -726,6 +734,35 @@ def ablation_table(study: str, rows: Sequence[dict], metrics: Sequence[str], see
 
 def _metric_value(r: dict, m: str) -> tuple[float, float]:
     return r[m]["mean"], (r[m]["std"] or 0.0)
+
+
+def plot_by_source(study: str, variants: Sequence[Variant], by_source: dict, metrics: Sequence[str],
+                   path: Path) -> None:
+    """Grouped bars: per source, one bar per arm (mean ± std over seeds), one panel per metric."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sources = sorted({src for v in variants for src in by_source.get(v.name, {})})
+    fig = Figure(figsize=(max(5.0, 1.3 * len(sources) + 1.5), 3.2 * len(metrics) + 0.3 * len(variants)))
+    FigureCanvasAgg(fig)
+    width = 0.8 / len(variants)
+    for i, m in enumerate(metrics):
+        ax = fig.add_subplot(len(metrics), 1, i + 1)
+        for j, v in enumerate(variants):
+            cells = [by_source.get(v.name, {}).get(src, {}).get(m) or {"mean": math.nan, "std": None}
+                     for src in sources]
+            ax.bar([k + (j - (len(variants) - 1) / 2) * width for k in range(len(sources))],
+                   [c["mean"] for c in cells], width, yerr=[c["std"] or 0.0 for c in cells], capsize=2,
+                   label=v.label or v.name)
+        ax.set_xticks(range(len(sources)))
+        ax.set_xticklabels(sources)
+        ax.set_ylabel(f"{m} (×100)")
+        ax.grid(True, axis="y", alpha=0.3)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.suptitle(f"Ablation: {study}, by source (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07 * math.ceil(len(variants) / 2) / len(metrics), 1, 1))
+    fig.savefig(path, dpi=110)
 
 
 def plot_ablation(study: str, rows: Sequence[dict], metrics: Sequence[str], path: Path) -> None:
