@@ -394,16 +394,17 @@ def run_ablation(study: str, config: str | Path, overrides: Sequence[str], seeds
                     + f" ({time.perf_counter() - t0:.0f}s)")
             if study == "routing" and not keep_weights and default_arm.is_dir():
                 arm.prune(default_arm)  # every routing arm of this seed is done with the shared experts
-        rows, table = found.summary(list(seeds))
+        details = found.details()
+        rows, table = found.summary(list(seeds), details["by_source"])
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{study}.json").write_text(json.dumps(
-            {"study": study, "seeds": list(seeds), "rows": rows, **found.details(), "config": str(config),
+            {"study": study, "seeds": list(seeds), "rows": rows, **details, "config": str(config),
              "overrides": list(overrides)}, indent=2))
         (out_dir / f"{study}.md").write_text(table + "\n")
         plot_ablation(study, rows, metrics, out_dir / f"{study}.png")
         written = [f"{study}.md", f"{study}.png", f"{study}.json"]
         if found.has_sources():
-            plot_by_source(study, variants, found.details()["by_source"], metrics, out_dir / f"{study}-by-source.png")
+            plot_by_source(study, variants, details["by_source"], metrics, out_dir / f"{study}-by-source.png")
             written.append(f"{study}-by-source.png")
         for f in written:
             parent.log_artifact(out_dir / f)
@@ -441,11 +442,11 @@ class StudyResults:
         return {"by_source": summarize_by_source(self.variants, self.items, self.sources, self.metrics),
                 "clusters": self.clusters, "own_domain": self.own}
 
-    def summary(self, seeds: Sequence[int]) -> tuple[list[dict], str]:
+    def summary(self, seeds: Sequence[int], by_source: dict) -> tuple[list[dict], str]:
+        """The study's rows and markdown; ``by_source`` is :meth:`details`' per-source summary."""
         rows = summarize(self.variants, self.scores, self.items, self.metrics)
         parts = [ablation_table(self.study, rows, self.metrics, list(seeds))]
         if self.has_sources():
-            by_source = summarize_by_source(self.variants, self.items, self.sources, self.metrics)
             parts.append("By source (test rows in brackets; mean ± std over seeds of the source's mean):\n\n" +
                          "\n\n".join(source_table(self.study, self.variants, by_source, m) for m in self.metrics))
         clusters = cluster_table(self.study, self.variants, self.clusters)
