@@ -28,8 +28,24 @@ class ConfigError(ValueError):
     """A recipe or override that cannot be turned into a valid config; the message says which field and why."""
 
 
+#: ``json_schema_extra`` of a field added after recipes had been run with its section: while it holds its default it
+#: is left out of dumps, and so of fingerprints (PipelineConfig.stage_hash, experiments.config_hash), exactly as before
+#: it existed, so those runs' stages and arms stay reusable.
+ADDED_LATER = {"omit_at_default": True}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @model_serializer(mode="wrap")
+    def _omit_later_fields_at_default(self, handler):
+        out = handler(self)
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra
+            if (isinstance(extra, dict) and extra.get("omit_at_default") and name in out
+                    and getattr(self, name) == field.get_default(call_default_factory=True)):
+                del out[name]
+        return out
 
 
 DICTD_DICTIONARIES = ("gcide", "foldoc", "jargon", "devil")
@@ -51,14 +67,18 @@ class SourceSpec(_Strict):
         None, description="Force every row of this source into one split (for files without a split column). "
                           "For 'dictd' sources, None means a split that is leak-free across all sources.")
     dictionary: Optional[Literal["gcide", "foldoc", "jargon", "devil"]] = Field(
-        None, description="For 'dictd': which dictionary (Debian package dict-<name>).")
+        None, description="For 'dictd': which dictionary (Debian package dict-<name>).",
+        json_schema_extra=ADDED_LATER)
     dictd_dir: Optional[str] = Field(None, description="For 'dictd': directory of NAME.index + NAME.dict.dz "
-                                                       "(None: /usr/share/dictd).")
+                                                       "(None: /usr/share/dictd).",
+        json_schema_extra=ADDED_LATER)
     genre: Optional[str] = Field(None, description="Genre recorded on every row (general, technical, slang, satire, "
-                                                   "...); 'dictd' sources default to their dictionary's.")
+                                                   "...); 'dictd' sources default to their dictionary's.",
+        json_schema_extra=ADDED_LATER)
     max_rows: Optional[int] = Field(None, ge=1, description="Seeded sample of at most this many rows of this source, "
                                                             "before the split (None: all), so that no source dominates "
-                                                            "a mix.")
+                                                            "a mix.",
+        json_schema_extra=ADDED_LATER)
 
     @field_validator("lang")
     @classmethod
@@ -82,18 +102,6 @@ class SourceSpec(_Strict):
             raise ValueError(f"source format {self.format!r} needs columns for at least 'term' and 'definition'")
         return self
 
-    @model_serializer(mode="wrap")
-    def _omit_unset_mix_fields(self, handler):
-        # Fields added for multi-source mixes are left out while unset, so a recipe that does not use them dumps
-        # (and fingerprints: PipelineConfig.stage_hash) exactly as before they existed: its stages stay reusable.
-        out = handler(self)
-        for name in _MIX_FIELDS:
-            if out.get(name) is None:
-                out.pop(name, None)
-        return out
-
-
-_MIX_FIELDS = ("dictionary", "dictd_dir", "genre", "max_rows")
 
 
 class DataConfig(_Strict):
@@ -151,10 +159,12 @@ class PartitionConfig(_Strict):
         "prompt", description="What the semantic clusters are made of: the prompt embeddings (routed by nearest "
                               "centroid), the gold definitions' embeddings, or both (the concatenation of the two "
                               "unit embeddings: its cosine is the mean of the two cosines). The last two are routed "
-                              "at test time, when there is no definition, by a prompt -> domain classifier.")
+                              "at test time, when there is no definition, by a prompt -> domain classifier.",
+        json_schema_extra=ADDED_LATER)
     classifier_c: float = Field(0.3, gt=0, description="Inverse L2 strength of that classifier (multinomial "
                                                        "logistic regression on unit prompt embeddings); 0.3 was best "
-                                                       "by 5-fold accuracy on lexicon-mix-small (docs/PARTITION.md).")
+                                                       "by 5-fold accuracy on lexicon-mix-small (docs/PARTITION.md).",
+        json_schema_extra=ADDED_LATER)
 
     @model_validator(mode="after")
     def _none_means_one(self) -> "PartitionConfig":
@@ -165,16 +175,6 @@ class PartitionConfig(_Strict):
             raise ValueError(f"partition.features={self.features!r} clusters embeddings: it needs "
                              f"partition.method='semantic', not {self.method!r}")
         return self
-
-    @model_serializer(mode="wrap")
-    def _omit_default_features(self, handler):
-        # Left out at their defaults so a recipe that does not use them dumps (and fingerprints:
-        # PipelineConfig.stage_hash) exactly as before they existed: its partition stays reusable.
-        out = handler(self)
-        for name, default in (("features", "prompt"), ("classifier_c", 0.3)):
-            if out.get(name) == default:
-                out.pop(name, None)
-        return out
 
 
 class SeedModelConfig(_Strict):
@@ -311,12 +311,17 @@ class FinetuneConfig(_Strict):
 class RewardConfig(_Strict):
     """Outcome reward model for Best-of-N (paper §3.4): gold definitions preferred over the model's own samples."""
 
-    backbone: Literal["encoder", "seed", "policy"] = Field(
+    backbone: Literal["encoder", "seed", "policy", "retrieval"] = Field(
         "encoder", description="What reads (prompt, definition) under the scalar head: 'encoder' (the cheap one: "
                                "`encoder`, mean-pooled), 'seed' (the pipeline's pretrained seed_model, reading the "
                                "policy's own input format, pooled at its last token) or 'policy' (the pipeline's "
                                "dense model: beta x its mean log-probability of the definition and EOS, plus a "
-                               "last-token head starting at zero; needs train.dense_baseline).")
+                               "last-token head starting at zero; needs train.dense_baseline). 'retrieval': no "
+                               "network, three weights fitted on the pairs over the candidate's agreement with the "
+                               "definitions of the nearest training prompts (embed.model), with the other samples, "
+                               "and its length (lm_lexicon.evaluate.best_of_n.retrieval).")
+    neighbours: int = Field(32, ge=1, description="Backbone 'retrieval': nearest training prompts whose definitions "
+                                                  "a candidate is compared with.", json_schema_extra=ADDED_LATER)
     beta: float = Field(1.0, gt=0, description="Backbone 'policy': the weight of the mean token log-probability.")
     encoder: str = Field("bundled-minilm", description="Encoder under the scalar head (backbone 'encoder').")
     train_rows: int = Field(512, ge=1, description="Records whose samples the reward model trains on.")
