@@ -218,15 +218,22 @@ class Scorer:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _reward_batch(self, pairs: list[tuple]) -> list[Optional[float]]:
-        scores = await asyncio.to_thread(self.engine.reward, [p for p, _ in pairs], [d for _, d in pairs])
+        scores = await asyncio.to_thread(self.engine.reward, [p for p, _, _ in pairs], [d for _, d, _ in pairs],
+                                         [pool for _, _, pool in pairs])
         return [None] * len(pairs) if scores is None else scores
 
     async def reward(self, prompts: list[str], definitions: list[str]) -> dict:
-        """``{"scores": [float] | None, "reason": str | None, "ms": float}``."""
+        """``{"scores": [float] | None, "reason": str | None, "ms": float}``. Definitions of one call that share a
+        prompt are candidates of one another (a best-of-n request's samples; /v1/score items of one term and
+        context): each pair carries them into the batch, for a reward model that compares candidates."""
+        from lm_lexicon.evaluate.best_of_n.retrieval import pools_by_prompt
+
         t0 = time.perf_counter()
         if not self.engine.available:
             return {"scores": None, "reason": self.engine.reason, "ms": 0.0}
-        scores = await asyncio.gather(*(self._reward_batch((p, d)) for p, d in zip(prompts, definitions)))
+        pools = [tuple(definitions[j] for j in group) for group in pools_by_prompt(prompts)]
+        scores = await asyncio.gather(*(self._reward_batch((p, d, pool))
+                                        for p, d, pool in zip(prompts, definitions, pools)))
         return {"scores": list(scores), "reason": None, "ms": (time.perf_counter() - t0) * 1000.0}
 
     async def reference_metrics(self, items: list[dict]) -> list[dict]:

@@ -114,9 +114,9 @@ class ScorerEngine:
         self.path = str(reward_model_dir) if reward_model_dir else None
         if reward_model_dir is not None:
             try:
-                from lm_lexicon.evaluate.best_of_n.reward import RewardModel
+                from lm_lexicon.evaluate.best_of_n.io import load_reward_model
 
-                self.model = RewardModel.load(reward_model_dir, device=device)
+                self.model = load_reward_model(reward_model_dir, device=device)
                 self.reason = None
             except Exception as e:  # a broken reward model must not take the scorer (and /v1/score) down
                 log.exception("cannot load the reward model from %s", reward_model_dir)
@@ -129,13 +129,17 @@ class ScorerEngine:
     def info(self) -> dict:
         return {"available": self.available, "path": self.path, "reason": self.reason}
 
-    def reward(self, prompts: Sequence[str], definitions: Sequence[str]) -> Optional[list[float]]:
-        """``r(prompt, definition)`` per pair, or None when no reward model is loaded (see :attr:`reason`)."""
+    def reward(self, prompts: Sequence[str], definitions: Sequence[str],
+               pools: Optional[Sequence[Sequence[str]]] = None) -> Optional[list[float]]:
+        """``r(prompt, definition)`` per pair, or None when no reward model is loaded (see :attr:`reason`).
+        ``pools[i]``: the candidates pair i came with (its request's definitions for the same prompt), which the
+        retrieval reward model compares it with; a network ignores them."""
         if self.model is None:
             return None
         if not len(prompts):
             return []
-        return [float(x) for x in self.model.score(list(prompts), list(definitions))]
+        pools = None if pools is None else [list(p) for p in pools]
+        return [float(x) for x in self.model.score(list(prompts), list(definitions), pools=pools)]
 
     def reference_metrics(self, items: Sequence[dict]) -> list[dict]:
         """Per-item metric values for ``items`` (``{term, lang, prediction, references}``), each scored against its

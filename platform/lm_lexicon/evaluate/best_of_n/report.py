@@ -16,7 +16,7 @@ def render_bon_section(bon: dict) -> str:
         f"{_ranked_pairs_note(orm)} from {orm['train_records']} training records{_balance_note(orm)}; "
         f"held-out pairwise accuracy gold vs sample **{orm['valid_accuracy']:.3f}** on {orm['valid_pairs']} pairs "
         f"from {orm['valid_records']} validation records (untrained head: {orm['valid_accuracy_untrained']:.3f}; "
-        f"chance: 0.5){_ranked_accuracy_note(orm)}.", "",
+        f"chance: 0.5){_ranked_accuracy_note(orm)}.{_weights_note(orm)}", "",
         *_language_filter_lines(bon.get("language_filter") or {}),
         "Mean Protocol A BLEU of the selected sample among the first N (oracle = an upper bound that reads the "
         "references, not a method):", "", curve_table(bon["curves"]), "", "![BoN curve](bon.png)", "",
@@ -33,6 +33,15 @@ def _analysis_lines(analysis: dict) -> list[str]:
             "permutation p-value of the reward model's picks against sample 1 (same inputs).", "",
             analysis_tables(analysis),
             *([f"Not drawn: {', '.join(f'{m} ({why})' for m, why in skipped.items())}.", ""] if skipped else [])]
+
+
+def _weights_note(orm: dict) -> str:
+    """The retrieval reward model's fitted weights (its "untrained head" is the neighbour agreement alone)."""
+    weights = orm.get("weights")
+    if not weights:
+        return ""
+    terms = " + ".join(f"{w:.3g} x {name}" for name, w in weights.items())
+    return f" Score = {terms} (before the fit: neighbour_agreement alone)."
 
 
 def _ranked_pairs_note(orm: dict) -> str:

@@ -15,6 +15,9 @@
   input, scoring ``beta`` x its mean log-probability of the definition's tokens and EOS plus a last-token head that
   starts at zero: untrained, it ranks a policy's samples by how confident the policy's sibling is in them, per token
   (so length alone neither helps nor hurts); training moves both parts. Its LM head stays, tied weights saved once.
+* ``"retrieval"``: no network (:mod:`lm_lexicon.evaluate.best_of_n.retrieval`): a candidate's agreement with the
+  definitions of the nearest training prompts and with the other samples, and its length, weighted by a pairwise
+  logistic fit. :func:`lm_lexicon.evaluate.best_of_n.io.load_reward_model` reads a directory of any kind.
 
 Training minimises the pairwise (Bradley-Terry) loss
 
@@ -501,6 +504,9 @@ class RewardModel:
         if cfg.get("format") != REWARD_FORMAT:
             raise ValueError(f"{cfg_path}: format {cfg.get('format')!r}, expected {REWARD_FORMAT!r}")
         backbone = cfg.get("backbone", "encoder")
+        if backbone == "retrieval":
+            raise ValueError(f"{cfg_path}: a retrieval reward model (no network): read it with "
+                             f"lm_lexicon.evaluate.best_of_n.io.load_reward_model")
         if backbone not in BACKBONES:
             raise ValueError(f"{cfg_path}: backbone {backbone!r}, expected one of {BACKBONES}")
         enc_config = AutoConfig.from_pretrained(str(directory / ENCODER_DIR), local_files_only=True)
@@ -578,9 +584,14 @@ class RewardModel:
             batch["labels"] = label_ids.to(self.device)
         return batch
 
-    def score(self, prompts: Sequence[str], definitions: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """``r(prompt_i, definition_i)`` for each pair: float32 ``[n]``, in input order (eval mode, no dropout)."""
+    def score(self, prompts: Sequence[str], definitions: Sequence[str], batch_size: int = 64,
+              pools: Optional[Sequence[Sequence[str]]] = None) -> np.ndarray:
+        """``r(prompt_i, definition_i)`` for each pair: float32 ``[n]``, in input order (eval mode, no dropout).
+        ``pools`` (the other candidates of each pair's prompt) is for the retrieval model: a network scores each pair
+        on its own."""
         import torch
+
+        del pools
 
         prompts, definitions = as_str_list(prompts, "prompt"), as_str_list(definitions, "definition")
         if len(prompts) != len(definitions):
@@ -704,13 +715,17 @@ class RewardModel:
         return metrics
 
 
-def pairwise_accuracy(model: RewardModel, pairs: Sequence[PreferencePair], batch_size: int = 64) -> float:
-    """Fraction of pairs with ``r(x, y_w) > r(x, y_l)`` (strictly; a tie counts as wrong)."""
+def pairwise_accuracy(model: RewardModel, pairs: Sequence[PreferencePair], batch_size: int = 64,
+                      pools: Optional[Mapping[str, Sequence[str]]] = None) -> float:
+    """Fraction of pairs with ``r(x, y_w) > r(x, y_l)`` (strictly; a tie counts as wrong). ``pools``: prompt -> its
+    samples, the candidates a definition is compared with (the retrieval model's ``sample_agreement``)."""
     pairs = list(pairs)
     if not pairs:
         return float("nan")
-    chosen = model.score([p.prompt for p in pairs], [p.chosen for p in pairs], batch_size)
-    rejected = model.score([p.prompt for p in pairs], [p.rejected for p in pairs], batch_size)
+    prompts = [p.prompt for p in pairs]
+    extra = {} if pools is None else {"pools": [list(pools.get(p, ())) for p in prompts]}
+    chosen = model.score(prompts, [p.chosen for p in pairs], batch_size, **extra)
+    rejected = model.score(prompts, [p.rejected for p in pairs], batch_size, **extra)
     return float(np.mean(chosen > rejected))
 
 

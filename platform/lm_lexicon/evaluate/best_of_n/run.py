@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 from lm_lexicon.evaluate.best_of_n.reward import oracle_best_of_n, plot_bon_curve
-from lm_lexicon.evaluate.best_of_n.steps import (candidate_metric_scores, language_filter_report, language_keep_mask,
-                                                 rerank, sample_definitions, split_by_headword,
+from lm_lexicon.evaluate.best_of_n.steps import (RetrievalIndex, candidate_metric_scores, language_filter_report,
+                                                 language_keep_mask, rerank, sample_definitions, split_by_headword,
                                                  train_outcome_reward_model)
 from lm_lexicon.evaluate.rows import partition_rows, write_rows
 
@@ -35,6 +35,15 @@ def reward_records(partition_dir: Path, rc, seed: int):
         return [records[i] for i in idx], [domains[i] for i in idx], [refs[i] for i in idx]
 
     return pick(train), pick(held)
+
+
+def retrieval_index(partition_dir: Path, cfg, templates, reward_rows) -> RetrievalIndex:
+    """The training split without the headwords of the reward model's own records (none, when they come from the
+    validation split, whose terms the split keeps apart): no record is scored against its own definitions."""
+    taken = {r.term for r in reward_rows}
+    records, _, _ = partition_rows(partition_dir, "train", None, cfg.data.seed)
+    return RetrievalIndex([r for r in records if r.term not in taken], templates, cfg.embed.model,
+                          cfg.embed.max_length)
 
 
 def run_best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,
@@ -64,9 +73,12 @@ def run_best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_
                                    references=valid_refs)
     del generator
     attention = None if cfg.seed_model.attn_implementation == "auto" else cfg.seed_model.attn_implementation
+    index = retrieval_index(partition_dir, cfg, templates, train_rows + valid_rows) if rc.backbone == "retrieval" \
+        else None
     reward_model, orm_report = train_outcome_reward_model(train_set, valid_set, rc, seed=cfg.data.seed, log=log,
                                                           seed_model=cfg.seed_model.name,
-                                                          attn_implementation=attention, policy_model=dense_path)
+                                                          attn_implementation=attention, policy_model=dense_path,
+                                                          index=index)
     reward_model.save(work / "reward_model")
     templates.save(work / "reward_model")
 

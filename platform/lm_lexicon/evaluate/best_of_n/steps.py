@@ -14,7 +14,9 @@
    the gold, which is not what it writes for an unseen test prompt.
 2. **Outcome reward model**: :class:`lm_lexicon.evaluate.best_of_n.reward.RewardModel` (``reward.backbone``: the MiniLM
    encoder, the pretrained seed LM, or the pipeline's dense model scoring by its own mean token log-probability plus a
-   head) trained with ``-log sigma(r(x,y_w) - r(x,y_l))``. Held-out sample-vs-sample accuracy is
+   head) trained with ``-log sigma(r(x,y_w) - r(x,y_l))``; or the retrieval model
+   (:mod:`lm_lexicon.evaluate.best_of_n.retrieval`), the same loss fitted over three features, indexing the training
+   split without the reward model's records' headwords (:class:`RetrievalIndex`). Held-out sample-vs-sample accuracy is
    reported overall and within length-matched pairs (definitions within ``reward.length_match_gap`` words), next to
    the "prefer the shorter" rule's accuracy on the same pairs: what length alone would score. ``reward.length_balance``
    trains on a subset where the preferred definition is as often the shorter as the longer one
@@ -97,11 +99,19 @@ def split_by_headword(keys: Sequence[Any], n_held: int, n_train: int, seed: int 
 
 
 def new_reward_model(reward_cfg, seed_model: Optional[str] = None, seed: int = 0,
-                     attn_implementation: Optional[str] = None, policy_model: Optional[str] = None):
-    """A fresh reward model of the configured backbone: the encoder, ``seed_model`` (the pipeline's seed) or
-    ``policy_model`` (a directory: the pipeline's dense model)."""
+                     attn_implementation: Optional[str] = None, policy_model: Optional[str] = None,
+                     index: Optional["RetrievalIndex"] = None):
+    """A fresh reward model of the configured backbone: the encoder, ``seed_model`` (the pipeline's seed),
+    ``policy_model`` (a directory: the pipeline's dense model) or the retrieval model over ``index``."""
     from lm_lexicon.evaluate.best_of_n.reward import RewardModel
 
+    if reward_cfg.backbone == "retrieval":
+        from lm_lexicon.evaluate.best_of_n.retrieval import RetrievalReward
+
+        if index is None or not index.records:
+            raise ValueError("reward.backbone='retrieval' needs training records to index")
+        return RetrievalReward.from_records(index.records, templates=index.templates, embedder=index.embedder,
+                                            neighbours=reward_cfg.neighbours, max_length=index.max_length)
     if reward_cfg.backbone == "policy":
         if not policy_model:
             raise ValueError("reward.backbone='policy' starts from the pipeline's dense model: this run has none "
@@ -117,9 +127,21 @@ def new_reward_model(reward_cfg, seed_model: Optional[str] = None, seed: int = 0
                                     num_hidden_layers=reward_cfg.num_hidden_layers)
 
 
+@dataclass
+class RetrievalIndex:
+    """What the retrieval reward model indexes: training ``records`` (whose headwords the reward model's records do
+    not share), read with the policy's ``templates`` and embedded with ``embedder``."""
+
+    records: list
+    templates: Any = None
+    embedder: str = "bundled-minilm"
+    max_length: int = 128
+
+
 def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg, seed: int = 0,
                                log: Callable[[str], None] = print, *, seed_model: Optional[str] = None,
-                               attn_implementation: Optional[str] = None, policy_model: Optional[str] = None):
+                               attn_implementation: Optional[str] = None, policy_model: Optional[str] = None,
+                               index: Optional[RetrievalIndex] = None):
     """Preference pairs from ``train`` / ``valid`` samples, then the reward model; returns ``(model, report)``.
 
     ``report``: pair counts (and the ranked pairs' ties and near-ties dropped), training metrics, and
@@ -155,17 +177,21 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
         train_pairs, balance_dropped = balance_lengths(train_pairs, seed)
     if not train_pairs:
         raise ValueError("no preference pairs: every sample equals its gold definition")
-    model = new_reward_model(reward_cfg, seed_model, seed, attn_implementation, policy_model)
+    model = new_reward_model(reward_cfg, seed_model, seed, attn_implementation, policy_model, index)
+    valid_pools = sample_pools(valid)
 
     def accuracies() -> tuple[float, float, float]:
         nan = float("nan")
-        return tuple(pairwise_accuracy(model, pairs) if pairs else nan
+        return tuple(pairwise_accuracy(model, pairs, pools=valid_pools) if pairs else nan
                      for pairs in (valid_gold, valid_ranked, valid_matched))
 
     before_gold, before_ranked, before_matched = accuracies()
     t0 = time.perf_counter()
-    metrics = model.train(train_pairs, epochs=reward_cfg.epochs, lr=reward_cfg.lr, batch_size=reward_cfg.batch_size,
-                          seed=seed, precision=reward_cfg.precision)
+    if reward_cfg.backbone == "retrieval":
+        metrics = model.fit(train_pairs, sample_pools(train), seed=seed)
+    else:
+        metrics = model.train(train_pairs, epochs=reward_cfg.epochs, lr=reward_cfg.lr,
+                              batch_size=reward_cfg.batch_size, seed=seed, precision=reward_cfg.precision)
     after_gold, after_ranked, after_matched = accuracies()
     ranked_note = (f"; sample-vs-sample {after_ranked:.3f} (untrained {before_ranked:.3f}) on {len(valid_ranked)}, "
                    f"length-matched {after_matched:.3f} on {len(valid_matched)}" if valid_ranked else "")
@@ -189,11 +215,22 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
               "train_sample_pair_stats": getattr(train_ranked, "stats", None),
               "valid_sample_pair_stats": getattr(valid_ranked, "stats", None),
               "backbone": reward_cfg.backbone, "model": repr(model), "precision": metrics.get("precision"),
+              "weights": metrics.get("weights"),
               "sample_margin": reward_cfg.sample_margin, "train_records": len(train.records),
               "valid_records": len(valid.records), "loss_first": metrics["loss_first"],
               "loss_last": metrics["loss_last"], "train_accuracy": metrics["epoch_accuracy"][-1],
               "seconds": round(metrics["seconds"], 1)}
     return model, report
+
+
+def sample_pools(sampled: SampledSet) -> dict[str, list[str]]:
+    """Prompt (as the pairs carry it) -> the samples drawn for it: the candidates a definition is compared with."""
+    from lm_lexicon.evaluate.best_of_n.reward import _gold_and_prompt
+
+    pools: dict[str, list[str]] = {}
+    for record, samples in zip(sampled.records, sampled.samples):
+        pools.setdefault(_gold_and_prompt(record, sampled.templates)[0], []).extend(samples)
+    return pools
 
 
 FILTER_MODES = ("non-english", "all", "off")
