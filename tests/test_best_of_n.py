@@ -7,7 +7,7 @@ import random
 import pytest
 
 from lm_lexicon.evaluate.best_of_n.report import curve_table
-from lm_lexicon.evaluate.best_of_n.steps import SampledSet, rerank, train_outcome_reward_model
+from lm_lexicon.evaluate.best_of_n.steps import LENGTH_CONTROL, SampledSet, rerank, train_outcome_reward_model
 from lm_lexicon.config import RewardConfig
 from lm_lexicon.data.records import Record
 
@@ -161,7 +161,9 @@ def test_bon_analysis_matches_a_hand_computation():
     curves = out["metrics"]["m"]["curves"]
     # N=1: everyone takes sample 1 -> (10 + 40) / 2
     assert {rule: c[1] for rule, c in curves.items()} == {"reward model": 25.0, "no selection (sample 1)": 25.0,
-                                                          "oracle (upper bound)": 25.0}
+                                                          "oracle (upper bound)": 25.0, LENGTH_CONTROL: 25.0}
+    # every candidate of an input has its own length here: the same-length control is the reward model's pick
+    assert curves[LENGTH_CONTROL] == curves["reward model"]
     # N=2: reward model picks [1, 0] -> (30 + 40) / 2; oracle picks the best of the first two: (30 + 40) / 2
     assert curves["reward model"][2] == 35.0 and curves["oracle (upper bound)"][2] == 35.0
     assert curves["no selection (sample 1)"][2] == 25.0
@@ -177,6 +179,23 @@ def test_bon_analysis_matches_a_hand_computation():
     assert lengths["oracle (upper bound)"][3] == 2.0 and set(out["pick_length_p_value"]) == {1, 2, 3}
     table = analysis_tables(out)
     assert "**m**" in table and "| p, reward model vs sample 1 |" in table and "Mean length of the picks" in table
+    assert "| p, reward model vs a random pick as long |" in table
+
+
+def test_the_length_control_averages_the_candidates_as_long_as_the_pick():
+    from lm_lexicon.evaluate.best_of_n.steps import bon_analysis, same_length_expectation
+
+    candidates = [["a b", "c d", "e", "f g"], ["x", "y z w", "v"]]
+    metric = {"m": [[10.0, 30.0, 20.0, 50.0], [40.0, 0.0, 60.0]]}
+    lengths = [[2, 2, 1, 2], [1, 3, 1]]
+    assert same_length_expectation(metric["m"], lengths, [1, 2], 3) == [20.0, 50.0]  # (10+30)/2, (40+60)/2
+    assert same_length_expectation(metric["m"], lengths, [1, 2], 4) == [30.0, 50.0]  # (10+30+50)/3
+    selections = {"reward model": [[0.1, 0.9, 0.5, 0.0], [0.0, 0.1, 0.9]], "no selection (sample 1)":
+                  [[1, 0, 0, 0], [1, 0, 0]]}
+    out = bon_analysis(candidates, [["a b"], ["x"]], selections, metric, ns=[3], n_permutations=100)
+    assert out["metrics"]["m"]["curves"][LENGTH_CONTROL] == {3: 35.0}  # (20 + 50) / 2
+    assert out["metrics"]["m"]["curves"]["reward model"] == {3: 45.0}  # (30 + 60) / 2
+    assert 0.0 < out["metrics"]["m"]["p_value_length_control"][3] <= 1.0
 
 
 def test_rerank_reports_every_metric_and_bleu_a_agrees_with_the_headline_curve():

@@ -97,14 +97,15 @@ def _language_filter_lines(lf: dict) -> list[str]:
 
 def analysis_tables(analysis: Mapping) -> str:
     """Markdown: per metric, the curves (one row per selection rule, one column per N) and the reward model's
-    p-value against sample 1; then the mean length of the picks."""
+    p-values against sample 1 and against a random pick of its pick's length; then the mean length of the picks."""
     lines: list[str] = []
     for name, res in analysis.get("metrics", {}).items():
         lines += [f"**{name}**", "", curve_table(res["curves"])]
-        if res.get("p_value"):
-            ns = sorted({int(n) for c in res["curves"].values() for n in c})
-            lines.append("| p, reward model vs sample 1 | " + " | ".join(
-                f"{res['p_value'][n]:.3g}" if n in res["p_value"] else "" for n in ns) + " |")
+        ns = sorted({int(n) for c in res["curves"].values() for n in c})
+        for key, label in (("p_value", "sample 1"), ("p_value_length_control", "a random pick as long")):
+            if res.get(key):
+                lines.append(f"| p, reward model vs {label} | " + " | ".join(
+                    f"{res[key][n]:.3g}" if n in res[key] else "" for n in ns) + " |")
         lines.append("")
     if analysis.get("pick_length"):
         lines += ["**Mean length of the picks** (words; the oracle picks by Protocol A BLEU)", "",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from lm_lexicon.evaluate.best_of_n.reward import oracle_best_of_n, plot_bon_curve
-from lm_lexicon.evaluate.best_of_n.steps import (RetrievalIndex, candidate_metric_scores, language_filter_report,
+from lm_lexicon.evaluate.best_of_n.steps import (LENGTH_CONTROL, RetrievalIndex, candidate_metric_scores, language_filter_report,
                                                  language_keep_mask, rerank, sample_definitions, split_by_headword,
                                                  train_outcome_reward_model)
 from lm_lexicon.evaluate.rows import partition_rows, write_rows
@@ -124,5 +124,10 @@ def run_best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_
     log(f"[evaluate] BoN Protocol A BLEU at N={n}: reward model {curves['reward model'][n]:.2f}, sample 1 "
         f"{curves['no selection (sample 1)'][n]:.2f}, oracle (upper bound) {curves['oracle (upper bound)'][n]:.2f}; "
         f"mean words of the picks: reward model {result['analysis']['pick_length']['reward model'][n]:.2f}, sample 1 "
-        f"{result['analysis']['pick_length']['no selection (sample 1)'][n]:.2f}")
+        f"{result['analysis']['pick_length']['no selection (sample 1)'][n]:.2f}" + _length_control_note(result, n))
     return rows, report
+
+
+def _length_control_note(result: dict, n: int) -> str:
+    control = result["analysis"]["metrics"].get("bleu_a", {}).get("curves", {}).get(LENGTH_CONTROL, {})
+    return f"; a random pick as long as the reward model's: {control[n]:.2f} BLEU-A" if n in control else ""

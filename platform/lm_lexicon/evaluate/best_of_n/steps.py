@@ -326,6 +326,7 @@ BON_METRICS = ("bleu_a", "bleu_nltk", "sacrebleu", "rouge_l", "meteor", "bertsco
 ORACLE = "oracle (upper bound)"
 METHOD = "reward model"
 BASELINE = "no selection (sample 1)"
+LENGTH_CONTROL = "random pick as long as the reward model's (control)"
 
 
 def candidate_metric_scores(rows: Sequence[Mapping], candidates: Sequence[Sequence[str]], metrics: Sequence[str],
@@ -378,6 +379,10 @@ def bon_analysis(candidates: Sequence[Sequence[str]], references: Sequence[Seque
     mean score of the picks}}, "p_value": {n: paired permutation p of reward model vs sample 1}}}, "pick_length":
     {rule: {n: mean words}}, "pick_length_p_value": {n: p}}``; the oracle's picks for the lengths are Protocol A
     BLEU's (the headline oracle row). Means are on the scale of the metric's table value.
+
+    When the reward model is among the selections, each metric also gets the :data:`LENGTH_CONTROL` curve (what a
+    random pick of the same length as the reward model's would score: :func:`same_length_expectation`) and
+    ``"p_value_length_control"``: if the reward model only picked by length, it would be level with it.
     """
     from lm_lexicon.metrics.statistics import paired_permutation_test
     from lm_lexicon.evaluate.best_of_n.reward import _bleu_a_scores, word_count
@@ -387,19 +392,35 @@ def bon_analysis(candidates: Sequence[Sequence[str]], references: Sequence[Seque
     def p_value(a, b) -> float:
         return paired_permutation_test(a, b, n_permutations=n_permutations, seed=seed) if len(a) else 1.0
 
+    lengths = [[word_count(c) for c in cs] for cs in candidates]
     out: dict[str, Any] = {"metrics": {}}
     for name, ms in metric_scores.items():
         rules = {**selections, ORACLE: ms}
         picked = {rule: {n: [row[j] for row, j in zip(ms, pick_indices(sel, n))] for n in ns}
                   for rule, sel in rules.items()}
-        out["metrics"][name] = {
-            "curves": {rule: {n: float(np.mean(v)) for n, v in by_n.items()} for rule, by_n in picked.items()},
-            "p_value": {n: p_value(picked[METHOD][n], picked[BASELINE][n]) for n in ns} if METHOD in rules else {}}
+        if METHOD in rules:
+            picked[LENGTH_CONTROL] = {n: same_length_expectation(ms, lengths, pick_indices(rules[METHOD], n), n)
+                                      for n in ns}
+        entry = {"curves": {rule: {n: float(np.mean(v)) for n, v in by_n.items()} for rule, by_n in picked.items()},
+                 "p_value": {}}
+        if METHOD in rules:
+            entry["p_value"] = {n: p_value(picked[METHOD][n], picked[BASELINE][n]) for n in ns}
+            entry["p_value_length_control"] = {n: p_value(picked[METHOD][n], picked[LENGTH_CONTROL][n]) for n in ns}
+        out["metrics"][name] = entry
     bleu = metric_scores.get("bleu_a") or [_bleu_a_scores(cs, refs) for cs, refs in zip(candidates, references)]
-    lengths = [[word_count(c) for c in cs] for cs in candidates]
     by_rule = {rule: {n: [row[j] for row, j in zip(lengths, pick_indices(sel, n))] for n in ns}
                for rule, sel in {**selections, ORACLE: bleu}.items()}
     out["pick_length"] = {rule: {n: float(np.mean(v)) for n, v in by_n.items()} for rule, by_n in by_rule.items()}
     if METHOD in by_rule:
         out["pick_length_p_value"] = {n: p_value(by_rule[METHOD][n], by_rule[BASELINE][n]) for n in ns}
+    return out
+
+
+def same_length_expectation(scores: Sequence[Sequence[float]], lengths: Sequence[Sequence[int]],
+                            picks: Sequence[int], n: int) -> list[float]:
+    """Per input: the mean score of those of its first ``n`` candidates that are as long (in words) as candidate
+    ``picks[i]``, itself included: what a random pick of the pick's length would score on average."""
+    out = []
+    for row, lens, j in zip(scores, lengths, picks):
+        out.append(float(np.mean([s for s, words in zip(row[:n], lens[:n]) if words == lens[j]])))
     return out
