@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 from lm_lexicon.evaluate.best_of_n.reward import oracle_best_of_n, plot_bon_curve
-from lm_lexicon.evaluate.best_of_n.steps import (LENGTH_CONTROL, RetrievalIndex, candidate_metric_scores, language_filter_report,
-                                                 language_keep_mask, rerank, sample_definitions, split_by_headword,
-                                                 train_outcome_reward_model)
+from lm_lexicon.evaluate.best_of_n.steps import (LENGTH_CONTROL, RetrievalIndex, candidate_metric_scores,
+                                                 language_filter_report, language_keep_mask, rerank,
+                                                 sample_definitions, split_by_headword, train_outcome_reward_model)
 from lm_lexicon.evaluate.rows import partition_rows, write_rows
 
 
