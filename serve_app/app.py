@@ -226,12 +226,12 @@ class Scorer:
         """``{"scores": [float] | None, "reason": str | None, "ms": float}``. Definitions of one call that share a
         prompt are candidates of one another (a best-of-n request's samples; /v1/score items of one term and
         context): each pair carries them into the batch, for a reward model that compares candidates."""
-        from lm_lexicon.evaluate.best_of_n.retrieval import pools_by_prompt
+        from lm_lexicon.serving.engines import candidate_pools
 
         t0 = time.perf_counter()
         if not self.engine.available:
             return {"scores": None, "reason": self.engine.reason, "ms": 0.0}
-        pools = [tuple(definitions[j] for j in group) for group in pools_by_prompt(prompts)]
+        pools = candidate_pools(prompts, definitions)
         scores = await asyncio.gather(*(self._reward_batch((p, d, pool))
                                         for p, d, pool in zip(prompts, definitions, pools)))
         return {"scores": list(scores), "reason": None, "ms": (time.perf_counter() - t0) * 1000.0}

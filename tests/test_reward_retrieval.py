@@ -83,7 +83,7 @@ def test_fit_finds_the_feature_that_decides(index_model):
 
 
 def test_save_load_and_serve(index_model, tmp_path):
-    from lm_lexicon.serving.engines import ScorerEngine
+    from lm_lexicon.serving.engines import ScorerEngine, candidate_pools
 
     model = RetrievalReward(index_model.embeddings, index_model.definitions, index_model.config)
     pairs, pools = _agreement_pairs(20, 0)
@@ -101,8 +101,9 @@ def test_save_load_and_serve(index_model, tmp_path):
     scorer = ScorerEngine(saved, None)
     flat_p = [prompts[0]] * 3 + ['What is the definition of "hammer"?']
     flat_d = candidates[0] + candidates[1]
-    pools = [[flat_d[j] for j in group] for group in pools_by_prompt(flat_p)]
-    served = scorer.reward(flat_p, flat_d, pools)
+    pools = candidate_pools(flat_p, flat_d)  # what the Scorer deployment attaches to each pair of a call
+    assert pools == [("a tree", "a tree", "dust")] * 3 + [("a tool",)]
+    served = [scorer.reward([p], [d], [pool])[0] for p, d, pool in zip(flat_p, flat_d, pools)]  # batched apart
     assert served[:3] == pytest.approx(expected[0], abs=1e-6)
     assert served[3] == pytest.approx(float(model.score([flat_p[3]], ["a tool"])[0]), abs=1e-6)
 

@@ -165,6 +165,15 @@ class ScorerEngine:
         return metrics_settings(self.metrics)
 
 
+def candidate_pools(prompts: Sequence[str], definitions: Sequence[str]) -> list[tuple[str, ...]]:
+    """Per pair of one Scorer call: the call's definitions for the same prompt, itself included (a best-of-n
+    request's samples; /v1/score items of one term and context). Each pair carries them into the cross-request
+    batch, where the retrieval reward model compares the pair's definition with the others."""
+    from lm_lexicon.evaluate.best_of_n.retrieval import pools_by_prompt
+
+    return [tuple(definitions[j] for j in group) for group in pools_by_prompt(prompts)]
+
+
 def metrics_settings(metrics: Sequence[str]) -> dict:
     """How /v1/score computes its reference-based metrics (reported with every response)."""
     return {"metrics": list(metrics), "preprocessing": "periods not followed by a digit stripped",
