@@ -222,16 +222,17 @@ class Scorer:
                                          [pool for _, _, pool in pairs])
         return [None] * len(pairs) if scores is None else scores
 
-    async def reward(self, prompts: list[str], definitions: list[str]) -> dict:
-        """``{"scores": [float] | None, "reason": str | None, "ms": float}``. Definitions of one call that share a
-        prompt are candidates of one another (a best-of-n request's samples; /v1/score items of one term and
-        context): each pair carries them into the batch, for a reward model that compares candidates."""
+    async def reward(self, prompts: list[str], definitions: list[str], pools: Optional[list] = None) -> dict:
+        """``{"scores": [float] | None, "reason": str | None, "ms": float}``. ``pools[i]``: the candidates pair i is
+        ranked among (a best-of-n item's samples), which each pair carries into the batch for a reward model that
+        compares candidates; by default the call's definitions that share the pair's prompt (/v1/score items of one
+        term and context)."""
         from lm_lexicon.serving.engines import candidate_pools
 
         t0 = time.perf_counter()
         if not self.engine.available:
             return {"scores": None, "reason": self.engine.reason, "ms": 0.0}
-        pools = candidate_pools(prompts, definitions)
+        pools = [tuple(p) for p in pools] if pools is not None else candidate_pools(prompts, definitions)
         scores = await asyncio.gather(*(self._reward_batch((p, d, pool))
                                         for p, d, pool in zip(prompts, definitions, pools)))
         return {"scores": list(scores), "reason": None, "ms": (time.perf_counter() - t0) * 1000.0}
@@ -433,7 +434,8 @@ class Ingress:
         if req.n > 1 or req.return_scores:
             flat_p = [p for p, cs in zip(prompts, candidates) for _ in cs]
             flat_d = [c for cs in candidates for c in cs]
-            res = await self._call("Scorer", self.scorer.reward, flat_p, flat_d)
+            pools = [list(cs) for cs in candidates for _ in cs]  # an item's samples, even if another has its prompt
+            res = await self._call("Scorer", self.scorer.reward, flat_p, flat_d, pools)
             score_ms = res.get("ms", 0.0)
             if res["scores"] is not None:
                 scores, k = [], 0

@@ -108,3 +108,16 @@ def test_every_field_is_documented():
 
     undocumented = [(m, n) for m, n, d in walk(PipelineConfig) if not d]
     assert undocumented == []
+
+
+def test_fields_added_later_keep_their_defaults():
+    """A field marked ADDED_LATER is left out of fingerprints at its default, so a changed default would make runs
+    at the old and the new default look alike: the defaults are pinned here."""
+    import lm_lexicon.config as config
+
+    marked = {f"{cls.__name__}.{name}": field.get_default(call_default_factory=True)
+              for cls in vars(config).values() if isinstance(cls, type) and issubclass(cls, config._Strict)
+              for name, field in cls.model_fields.items() if field.json_schema_extra == config.ADDED_LATER}
+    assert marked == {"SourceSpec.dictionary": None, "SourceSpec.dictd_dir": None, "SourceSpec.genre": None,
+                      "SourceSpec.max_rows": None, "PartitionConfig.features": "prompt",
+                      "PartitionConfig.classifier_c": 0.3, "RewardConfig.neighbours": 32}

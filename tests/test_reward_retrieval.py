@@ -56,17 +56,17 @@ def test_pools_group_a_flat_request_by_prompt():
     assert pools_by_prompt(["a", "b", "a", "c", "b"]) == [[0, 2], [1, 4], [0, 2], [3], [1, 4]]
 
 
-def _agreement_pairs(n: int, seed: int) -> tuple[list[PreferencePair], dict]:
-    """The better sample is the one most samples repeat; the worse one an outlier of the same length."""
+def _agreement_pairs(n: int, seed: int) -> tuple[list[PreferencePair], list[list[str]]]:
+    """The better sample is the one most samples repeat; the worse one an outlier of the same length. Pools are per
+    record (``pair.index``)."""
     rng = random.Random(seed)
     words = ["tree", "tool", "river", "stone", "light", "metal", "cloth", "grain", "sound", "glass"]
-    pairs, pools = [], {}
+    pairs, pools = [], []
     for i in range(n):
         a, b, c, d = rng.sample(words, 4)
         good, bad = f"a kind of {a} {b}", f"a kind of {c} {d}"
-        prompt = f'What is the definition of "word{seed}-{i}"?'
-        pools[prompt] = [good, good, good, bad]
-        pairs.append(PreferencePair(prompt, good, bad, i))
+        pools.append([good, good, good, bad])
+        pairs.append(PreferencePair('What is the definition of "word"?', good, bad, i))  # one prompt for all
     return pairs, pools
 
 
@@ -78,8 +78,11 @@ def test_fit_finds_the_feature_that_decides(index_model):
     assert metrics["pairs"] == 40 and metrics["loss_last"] < metrics["loss_first"]
     assert metrics["weights"]["sample_agreement"] > 0
     assert abs(metrics["weights"]["sample_agreement"]) > abs(metrics["weights"]["words"])
+    # every record shares one prompt: pooled by prompt, all samples would be one pool and nothing would decide
     assert pairwise_accuracy(model, held, pools=held_pools) == 1.0
     assert pairwise_accuracy(model, held) < 1.0  # without the other samples the deciding feature is 0 for both
+    with pytest.raises(ValueError, match="no samples for it"):
+        pairwise_accuracy(model, held, pools=held_pools[:5])
 
 
 def test_save_load_and_serve(index_model, tmp_path):
@@ -108,28 +111,69 @@ def test_save_load_and_serve(index_model, tmp_path):
     assert served[3] == pytest.approx(float(model.score([flat_p[3]], ["a tool"])[0]), abs=1e-6)
 
 
-def _neighbour_set(n: int, seed: int) -> SampledSet:
-    """Records whose better sample repeats a training definition's words (the index holds tree definitions)."""
+def _misleading_set(n: int, seed: int) -> SampledSet:
+    """The worse sample copies an indexed definition (so the neighbour agreement alone prefers it); the better ones
+    paraphrase the gold and agree with one another: only a fitted weight on sample agreement ranks them right."""
     rng = random.Random(seed)
+    animals = ["fox", "hare", "mole", "vole", "badger", "otter", "stoat", "weasel"]
+    homes = ["burrows", "holes", "dens", "tunnels"]
     records, samples, refs = [], [], []
     for i in range(n):
-        gold = "a tree with broad leaves and hard wood"
-        bad = " ".join(rng.sample(["zq", "xv", "wk", "jj", "pf", "qq", "vv", "kz"], 8))
-        records.append(Record(term=f"tree{seed}-{i}", context=f"a tree {i}", definition=gold, source="toy"))
-        samples.append(["a tree with broad leaves", bad, "a tree with hard wood", bad[:11]])
+        animal, home = rng.choice(animals), rng.choice(homes)
+        gold = f"a small {animal} that lives in {home} under the ground"
+        records.append(Record(term=f"{animal}{seed}-{i}", context="", definition=gold, source="toy"))
+        samples.append([f"a small {animal} that lives in {home}", f"a small {animal} living in {home} under ground",
+                        f"a small {animal} that lives under the ground", INDEX[i % 3].definition])
         refs.append([gold])
     return SampledSet(records, None, samples, [[0.0] * 4 for _ in samples], refs)
 
 
-def test_the_pipeline_step_fits_the_retrieval_model():
-    cfg = RewardConfig(backbone="retrieval", neighbours=2, sample_pairs=3, gold_pairs=False)
-    model, report = train_outcome_reward_model(_neighbour_set(12, 0), _neighbour_set(8, 1), cfg, log=lambda m: None,
-                                               index=RetrievalIndex(INDEX))
+def test_the_pipeline_step_fits_what_the_neighbours_alone_get_wrong():
+    cfg = RewardConfig(backbone="retrieval", neighbours=3, sample_pairs=4, gold_pairs=False)
+    model, report = train_outcome_reward_model(_misleading_set(16, 0), _misleading_set(12, 1), cfg,
+                                               log=lambda m: None, index=RetrievalIndex(INDEX))
     assert isinstance(model, RetrievalReward) and report["backbone"] == "retrieval"
     assert set(report["weights"]) == set(FEATURES) and report["train_pairs"] > 0
-    assert report["valid_accuracy_samples"] > 0.9
+    assert report["valid_accuracy_samples_untrained"] < 0.7  # the copied definition wins on neighbour agreement
+    assert report["valid_accuracy_samples"] > 0.9 and report["weights"]["sample_agreement"] > 0
     with pytest.raises(ValueError, match="training records to index"):
-        train_outcome_reward_model(_neighbour_set(4, 0), _neighbour_set(4, 1), cfg, log=lambda m: None)
+        train_outcome_reward_model(_misleading_set(4, 0), _misleading_set(4, 1), cfg, log=lambda m: None)
+
+
+def test_best_of_n_at_n_compares_a_sample_with_the_first_n_only(index_model):
+    from lm_lexicon.evaluate.best_of_n.steps import rerank
+
+    model = RetrievalReward(index_model.embeddings, index_model.definitions,
+                            dict(index_model.config, weights=[0.0, 1.0, 0.0]))  # sample agreement alone
+    good, odd = "p q r s t", "x y z w v"
+    candidates = [[odd, good, good, good]]  # at N=2 the two disagree alike: a tie, the first is picked
+    by_n = model.score_prefixes(["prompt"], candidates, [2, 4])
+    assert by_n[2][0][0] == by_n[2][0][1] and len(by_n[2][0]) == 2
+    assert by_n[4][0] == pytest.approx(model.score_candidates(["prompt"], candidates)[0], abs=1e-12)
+    result = rerank(model, ["prompt"], candidates, [[good]], ns=[1, 2, 4])
+    # seeing samples 3 and 4 at N=2 would pick the good one (BLEU 100): the curve must not
+    assert result["curves"]["reward model"][2] < 50.0 and result["curves"]["reward model"][4] == pytest.approx(100.0)
+    assert result["picks"] == [good]
+
+
+def test_a_broken_retrieval_directory_is_refused_with_the_reason(index_model, tmp_path):
+    from lm_lexicon.serving.engines import ScorerEngine
+
+    saved = RetrievalReward(index_model.embeddings, index_model.definitions, index_model.config).save(tmp_path / "rm")
+    (saved / "index.safetensors").unlink()
+    with pytest.raises(ValueError, match="no index.safetensors"):
+        load_reward_model(saved)
+    scorer = ScorerEngine(saved, None)
+    assert not scorer.available and "no index.safetensors" in scorer.reason
+
+
+def test_the_length_control_draws_from_the_samples_the_filter_keeps():
+    from lm_lexicon.evaluate.best_of_n.steps import same_length_expectation
+
+    scores, lengths = [[10.0, 30.0, 50.0]], [[2, 2, 2]]
+    assert same_length_expectation(scores, lengths, [1], 3) == [30.0]
+    assert same_length_expectation(scores, lengths, [1], 3, keep=[[False, True, True]]) == [40.0]
+    assert same_length_expectation(scores, lengths, [1], 3, keep=[[False, False, False]]) == [30.0]  # fallback
 
 
 def test_retrieval_index_leaves_out_the_reward_records_headwords(tmp_path):

@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 
 #: ``json_schema_extra`` of a field added after recipes had been run with its section: while it holds its default it
 #: is left out of dumps, and so of fingerprints (PipelineConfig.stage_hash, experiments.config_hash), exactly as before
-#: it existed, so those runs' stages and arms stay reusable.
+#: it existed, so those runs' stages and arms stay reusable. Never change such a default: a run made at the old one
+#: would fingerprint like one at the new (tests/test_config.py pins them).
 ADDED_LATER = {"omit_at_default": True}
 
 

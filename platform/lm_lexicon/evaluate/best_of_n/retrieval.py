@@ -32,6 +32,7 @@ from lm_lexicon._util import as_str_list
 FEATURES = ("neighbour_agreement", "sample_agreement", "words")
 INDEX_FILE = "index.safetensors"
 DEFINITIONS_FILE = "index_definitions.jsonl"
+NEAREST_CACHE = 4096
 
 
 def pools_by_prompt(prompts: Sequence[str]) -> list[list[int]]:
@@ -61,7 +62,7 @@ class RetrievalReward:
         self.weights = np.asarray(self.config.get("weights") or [1.0, 0.0, 0.0], dtype=np.float64)  # [3]
         self.history: list[dict] = list(self.config.get("history") or [])
         self._embedder = embedder
-        self._reference_sets: dict[int, Any] = {}
+        self._nearest: dict[str, np.ndarray] = {}  # prompt -> neighbours; bounded (NEAREST_CACHE) for a long-lived Scorer
 
     def __repr__(self) -> str:
         return (f"RetrievalReward(embedder={self.config.get('embedder')!r}, index={len(self.definitions)} "
@@ -89,16 +90,36 @@ class RetrievalReward:
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> "RetrievalReward":
-        """Read a directory written by :meth:`save` (safetensors + JSON). ``device`` is unused: it runs on CPU."""
+        """Read a directory written by :meth:`save` (safetensors + JSON) and load its embedder, so that a Scorer that
+        cannot resolve it fails here, with the reason, not on every request. ``device`` is unused: CPU."""
         from safetensors.numpy import load_file
 
+        from lm_lexicon.evaluate.best_of_n.reward import CONFIG_FILE, REWARD_FORMAT
+        from lm_lexicon.partition.embed import Embedder
+
         directory = Path(directory)
-        config = json.loads((directory / "reward_config.json").read_text(encoding="utf-8"))
-        if list(config.get("features") or []) != list(FEATURES):
-            raise ValueError(f"{directory}: features {config.get('features')}, expected {list(FEATURES)}")
+        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        problems = []
+        if config.get("format") != REWARD_FORMAT:
+            problems.append(f"format {config.get('format')!r}, expected {REWARD_FORMAT!r}")
+        if list(config.get("features") or []) != list(FEATURES) or len(config.get("weights") or []) != len(FEATURES):
+            problems.append(f"features {config.get('features')} with weights {config.get('weights')}, expected "
+                            f"one weight for each of {list(FEATURES)}")
+        for name in (INDEX_FILE, DEFINITIONS_FILE):
+            if not (directory / name).is_file():
+                problems.append(f"no {name}")
+        if problems:
+            raise ValueError(f"{directory}: not a retrieval reward model: {'; '.join(problems)}")
+        tensors = load_file(str(directory / INDEX_FILE))
+        if "embeddings" not in tensors:
+            raise ValueError(f"{directory / INDEX_FILE}: no 'embeddings' tensor")
         with open(directory / DEFINITIONS_FILE, encoding="utf-8") as f:
             definitions = [json.loads(line)["definition"] for line in f if line.strip()]
-        return cls(load_file(str(directory / INDEX_FILE))["embeddings"], definitions, config)
+        embedder = Embedder(config["embedder"], max_length=int(config.get("embed_max_length", 128)))
+        if embedder.dim != tensors["embeddings"].shape[1]:
+            raise ValueError(f"{directory}: index vectors of width {tensors['embeddings'].shape[1]}, but the embedder "
+                             f"{config['embedder']!r} gives {embedder.dim}")
+        return cls(tensors["embeddings"], definitions, config, embedder)
 
     def save(self, directory: str | Path) -> Path:
         from safetensors.numpy import save_file
@@ -125,20 +146,16 @@ class RetrievalReward:
 
     def neighbours_of(self, prompts: Sequence[str]) -> list[np.ndarray]:
         """Per prompt, the index positions of its ``neighbours`` nearest training prompts (nearest first)."""
-        unique = list(dict.fromkeys(prompts))
-        sims = self._encoder().encode(unique) @ self.embeddings.T  # [u, n]
-        k = self.neighbours
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # [u, k], unordered
-        order = np.take_along_axis(sims, top, axis=1).argsort(axis=1)[:, ::-1]
-        nearest = dict(zip(unique, np.take_along_axis(top, order, axis=1)))
-        return [nearest[p] for p in prompts]
-
-    def _reference_set(self, i: int):
-        from lm_lexicon.metrics.bleu import ReferenceSet
-
-        if i not in self._reference_sets:
-            self._reference_sets[i] = ReferenceSet([self.definitions[i]])
-        return self._reference_sets[i]
+        unique = [p for p in dict.fromkeys(prompts) if p not in self._nearest]
+        if unique:
+            sims = self._encoder().encode(unique) @ self.embeddings.T  # [u, n]
+            k = self.neighbours
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # [u, k], unordered
+            order = np.take_along_axis(sims, top, axis=1).argsort(axis=1)[:, ::-1]
+            if len(self._nearest) + len(unique) > NEAREST_CACHE:
+                self._nearest.clear()
+            self._nearest.update(zip(unique, np.take_along_axis(top, order, axis=1)))
+        return [self._nearest[p] for p in prompts]
 
     def features(self, prompts: Sequence[str], definitions: Sequence[str],
                  pools: Optional[Sequence[Sequence[str]]] = None) -> np.ndarray:
@@ -151,10 +168,14 @@ class RetrievalReward:
         if len(prompts) != len(definitions) or (pools is not None and len(pools) != len(prompts)):
             raise ValueError(f"{len(prompts)} prompts, {len(definitions)} definitions"
                              + ("" if pools is None else f", {len(pools)} pools"))
+        reference_sets: dict[int, Any] = {}  # per call: a long-lived Scorer must not keep one per index row
         out = np.zeros((len(prompts), len(FEATURES)), dtype=np.float64)
         for i, (nearest, definition) in enumerate(zip(self.neighbours_of(prompts), definitions)):
             tokens = tokenize_a(definition)
-            out[i, 0] = np.mean([sentence_bleu_a(tokens, self._reference_set(j)) for j in nearest])
+            for j in nearest:
+                if j not in reference_sets:
+                    reference_sets[j] = ReferenceSet([self.definitions[j]])
+            out[i, 0] = np.mean([sentence_bleu_a(tokens, reference_sets[j]) for j in nearest])
             others = _without_one(pools[i], definition) if pools is not None else []
             if others:
                 out[i, 1] = np.mean([sentence_bleu_a(tokens, ReferenceSet([o])) for o in others])
@@ -167,8 +188,8 @@ class RetrievalReward:
         """``r(prompt_i, definition_i)``: float32 ``[n]``. Without ``pools`` every definition is scored alone."""
         del batch_size  # one embedding pass per call; the BLEU features are per candidate
         if not len(prompts):
-            return np.empty(0, dtype=np.float32)
-        return (self.features(prompts, definitions, pools) @ self.weights).astype(np.float32)
+            return np.empty(0, dtype=np.float64)
+        return self.features(prompts, definitions, pools) @ self.weights  # float64: no ties made by rounding
 
     def score_candidates(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
                          batch_size: int = 64) -> list[list[float]]:
@@ -184,21 +205,46 @@ class RetrievalReward:
             k += len(cs)
         return out
 
+    def score_prefixes(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
+                       ns: Sequence[int]) -> dict[int, list[list[float]]]:
+        """For each n: the scores of the first n candidates of every prompt as Best-of-n would see them, each
+        compared with the other candidates of that prefix only (never with samples Best-of-n did not draw)."""
+        from lm_lexicon.metrics.bleu import ReferenceSet, sentence_bleu_a, tokenize_a
+
+        flat_p = [p for p, cs in zip(prompts, candidates) for _ in cs]
+        base = self.features(flat_p, [c for cs in candidates for c in cs])  # sample_agreement left at 0
+        out: dict[int, list[list[float]]] = {int(n): [] for n in ns}
+        start = 0
+        for cs in candidates:
+            tokens = [tokenize_a(c) for c in cs]
+            references = [ReferenceSet([c]) for c in cs]
+            bleu = np.array([[sentence_bleu_a(t, r) for r in references] for t in tokens])  # [m, m]
+            np.fill_diagonal(bleu, np.nan)
+            for n in out:
+                rows = base[start:start + min(n, len(cs))].copy()  # [n, 3]
+                if len(rows) > 1:
+                    rows[:, 1] = np.nanmean(bleu[:len(rows), :len(rows)], axis=1)
+                out[n].append((rows @ self.weights).tolist())
+            start += len(cs)
+        return out
+
     # ---- fitting ----
-    def fit(self, pairs: Sequence, pools: Mapping[str, Sequence[str]], seed: int = 0) -> dict:
-        """Fit the weights on preference ``pairs`` (``prompt``, ``chosen``, ``rejected``); ``pools``: prompt -> that
-        prompt's samples (the ``sample_agreement`` candidates). Returns metrics in the shape of
+    def fit(self, pairs: Sequence, pools: Sequence[Sequence[str]], seed: int = 0) -> dict:
+        """Fit the weights on preference ``pairs`` (``prompt``, ``chosen``, ``rejected``, ``index``); ``pools[i]``:
+        record i's samples (the ``sample_agreement`` candidates of its pairs). Returns metrics in the shape of
         :meth:`RewardModel.train`'s."""
         from sklearn.linear_model import LogisticRegression
+
+        from lm_lexicon.evaluate.best_of_n.reward import pair_pools
 
         pairs = list(pairs)
         if not pairs:
             raise ValueError("no preference pairs to fit on")
         t0 = time.perf_counter()
         prompts = [p.prompt for p in pairs]
-        pair_pools = [list(pools.get(p, ())) for p in prompts]
-        chosen = self.features(prompts, [p.chosen for p in pairs], pair_pools)
-        rejected = self.features(prompts, [p.rejected for p in pairs], pair_pools)
+        candidate_sets = pair_pools(pairs, pools)
+        chosen = self.features(prompts, [p.chosen for p in pairs], candidate_sets)
+        rejected = self.features(prompts, [p.rejected for p in pairs], candidate_sets)
         diff = chosen - rejected  # [pairs, 3]: the logit of "chosen wins" is w . diff
         scale = diff.std(axis=0) + 1e-9
         z = diff / scale

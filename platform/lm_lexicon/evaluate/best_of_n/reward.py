@@ -715,15 +715,26 @@ class RewardModel:
         return metrics
 
 
+def pair_pools(pairs: Sequence[PreferencePair], pools: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Per pair, the samples of its record (``pools[pair.index]``): the candidates its two definitions are compared
+    with. By record, not by prompt: the senses of a term without context share a prompt, not their samples."""
+    out = []
+    for p in pairs:
+        if not 0 <= p.index < len(pools):
+            raise ValueError(f"pair of record {p.index}: no samples for it among {len(pools)} records")
+        out.append(list(pools[p.index]))
+    return out
+
+
 def pairwise_accuracy(model: RewardModel, pairs: Sequence[PreferencePair], batch_size: int = 64,
-                      pools: Optional[Mapping[str, Sequence[str]]] = None) -> float:
-    """Fraction of pairs with ``r(x, y_w) > r(x, y_l)`` (strictly; a tie counts as wrong). ``pools``: prompt -> its
+                      pools: Optional[Sequence[Sequence[str]]] = None) -> float:
+    """Fraction of pairs with ``r(x, y_w) > r(x, y_l)`` (strictly; a tie counts as wrong). ``pools[i]``: record i's
     samples, the candidates a definition is compared with (the retrieval model's ``sample_agreement``)."""
     pairs = list(pairs)
     if not pairs:
         return float("nan")
     prompts = [p.prompt for p in pairs]
-    extra = {} if pools is None else {"pools": [list(pools.get(p, ())) for p in prompts]}
+    extra = {} if pools is None else {"pools": pair_pools(pairs, pools)}
     chosen = model.score(prompts, [p.chosen for p in pairs], batch_size, **extra)
     rejected = model.score(prompts, [p.rejected for p in pairs], batch_size, **extra)
     return float(np.mean(chosen > rejected))
@@ -788,7 +799,8 @@ def bon_curve(candidates: Sequence[Sequence[str]], references: Sequence[Sequence
 
     ``scorer``: ``"oracle"`` (best metric against the references: an upper bound), ``"first"`` (no selection: the
     N=1 baseline at every N), per-candidate scores ``[[float]]`` aligned with ``candidates`` (e.g.
-    :meth:`RewardModel.score_candidates`), or a callable ``candidates -> [[float]]`` called once on all of them.
+    :meth:`RewardModel.score_candidates`), ``{n: scores of the first n candidates}`` (a model that compares the
+    candidates with one another scores each prefix anew), or a callable ``candidates -> [[float]]`` called once.
     N larger than the smallest candidate list is left out. Every scorer agrees at N=1 (the first sample).
     """
     if len(candidates) != len(references):
@@ -807,14 +819,16 @@ def bon_curve(candidates: Sequence[Sequence[str]], references: Sequence[Sequence
         sel = scorer(candidates)
     else:
         sel = scorer
-    if len(sel) != len(candidates) or any(len(s) != len(c) for s, c in zip(sel, candidates)):
+    by_n = sel if isinstance(sel, Mapping) else None  # {n: scores of the first n}: a model that compares candidates
+    if by_n is None and (len(sel) != len(candidates) or any(len(s) != len(c) for s, c in zip(sel, candidates))):
         raise ValueError("scores must have one value per candidate")
     available = min(len(cs) for cs in candidates)
     curve: dict[int, float] = {}
     for n in sorted(set(int(n) for n in ns)):
         if n < 1 or n > available:
             continue
-        picked = [ms[int(np.argmax(np.asarray(ss[:n], dtype=np.float64)))] for ms, ss in zip(metric_scores, sel)]
+        rows = sel if by_n is None else by_n[n]
+        picked = [ms[int(np.argmax(np.asarray(ss[:n], dtype=np.float64)))] for ms, ss in zip(metric_scores, rows)]
         curve[n] = 100.0 * float(np.mean(picked))
     return curve
 

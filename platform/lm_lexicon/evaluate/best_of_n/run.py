@@ -38,12 +38,13 @@ def reward_records(partition_dir: Path, rc, seed: int):
 
 
 def retrieval_index(partition_dir: Path, cfg, templates, reward_rows) -> RetrievalIndex:
-    """The training split without the headwords of the reward model's own records (none, when they come from the
-    validation split, whose terms the split keeps apart): no record is scored against its own definitions."""
-    taken = {r.term for r in reward_rows}
+    """The training split without the reward model's own records' terms (case-folded; nothing, when the records
+    come from the validation split, which the split keeps apart by term), so no record is scored against its own
+    row. Synonyms that share a record's gloss under another headword stay: a test record has them too."""
+    terms = {r.term.casefold() for r in reward_rows}
     records, _, _ = partition_rows(partition_dir, "train", None, cfg.data.seed)
-    return RetrievalIndex([r for r in records if r.term not in taken], templates, cfg.embed.model,
-                          cfg.embed.max_length)
+    kept = [r for r in records if r.term.casefold() not in terms]
+    return RetrievalIndex(kept, templates, cfg.embed.model, cfg.embed.max_length)
 
 
 def run_best_of_n(cfg, work: Path, partition_dir: Path, model_path: Path, model_domains, records, domains,

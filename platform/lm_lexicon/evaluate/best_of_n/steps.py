@@ -178,7 +178,7 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
     if not train_pairs:
         raise ValueError("no preference pairs: every sample equals its gold definition")
     model = new_reward_model(reward_cfg, seed_model, seed, attn_implementation, policy_model, index)
-    valid_pools = sample_pools(valid)
+    valid_pools = valid.samples
 
     def accuracies() -> tuple[float, float, float]:
         nan = float("nan")
@@ -188,7 +188,7 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
     before_gold, before_ranked, before_matched = accuracies()
     t0 = time.perf_counter()
     if reward_cfg.backbone == "retrieval":
-        metrics = model.fit(train_pairs, sample_pools(train), seed=seed)
+        metrics = model.fit(train_pairs, train.samples, seed=seed)
     else:
         metrics = model.train(train_pairs, epochs=reward_cfg.epochs, lr=reward_cfg.lr,
                               batch_size=reward_cfg.batch_size, seed=seed, precision=reward_cfg.precision)
@@ -221,16 +221,6 @@ def train_outcome_reward_model(train: SampledSet, valid: SampledSet, reward_cfg,
               "loss_last": metrics["loss_last"], "train_accuracy": metrics["epoch_accuracy"][-1],
               "seconds": round(metrics["seconds"], 1)}
     return model, report
-
-
-def sample_pools(sampled: SampledSet) -> dict[str, list[str]]:
-    """Prompt (as the pairs carry it) -> the samples drawn for it: the candidates a definition is compared with."""
-    from lm_lexicon.evaluate.best_of_n.reward import _gold_and_prompt
-
-    pools: dict[str, list[str]] = {}
-    for record, samples in zip(sampled.records, sampled.samples):
-        pools.setdefault(_gold_and_prompt(record, sampled.templates)[0], []).extend(samples)
-    return pools
 
 
 FILTER_MODES = ("non-english", "all", "off")
@@ -304,20 +294,33 @@ def rerank(model, prompts: Sequence[str], candidates: Sequence[Sequence[str]], r
     scores = raw if keep is None else filter_scores(raw, keep)
     available = min(len(c) for c in candidates)
     ns = [n for n in ns if n <= available] or [available]
-    selections = {"reward model": scores, "no selection (sample 1)": _first(candidates)}
+    method = _prefix_scores(model, prompts, candidates, ns, keep) or scores
+    selections = {"reward model": method, "no selection (sample 1)": _first(candidates)}
     if keep is not None:  # no reward model: the first kept sample (sample 1 when none is kept)
         selections["language filter (first compliant)"] = filter_scores(
             [[-float(j) for j in range(len(cs))] for cs in candidates], keep)
-    curves = {"reward model": bon_curve(candidates, references, scorer=scores, ns=ns),
+    curves = {"reward model": bon_curve(candidates, references, scorer=method, ns=ns),
               "no selection (sample 1)": bon_curve(candidates, references, scorer="first", ns=ns),
               "oracle (upper bound)": bon_curve(candidates, references, scorer="oracle", ns=ns)}
     if keep is not None:
         curves["language filter (first compliant)"] = bon_curve(
             candidates, references, scorer=selections["language filter (first compliant)"], ns=ns)
-    analysis = bon_analysis(candidates, references, selections, dict(metric_scores or {}), ns)
+    analysis = bon_analysis(candidates, references, selections, dict(metric_scores or {}), ns, keep=keep)
     picks = best_of_n(candidates, scores)
     return {"picks": picks, "scores": scores, "raw_scores": raw, "curves": curves, "n": available,
             "analysis": analysis}
+
+
+def _prefix_scores(model, prompts, candidates, ns, keep) -> Optional[dict[int, list[list[float]]]]:
+    """``{n: scores of the first n candidates}`` for a reward model that compares a candidate with the others (the
+    retrieval one): the curve at N must not see the samples after the N-th. None for a model that scores each
+    candidate on its own, whose full-list scores serve every N."""
+    if not hasattr(model, "score_prefixes"):
+        return None
+    by_n = model.score_prefixes(list(prompts), [list(c) for c in candidates], ns)
+    if keep is None:
+        return by_n
+    return {n: filter_scores(rows, [k[:n] for k in keep]) for n, rows in by_n.items()}
 
 
 #: The evaluation metrics Best-of-N is drawn on: those with a per-sentence score. Length is reported as the picks'
@@ -363,15 +366,17 @@ def _first(candidates: Sequence[Sequence[str]]) -> list[list[float]]:
     return [[1.0] + [0.0] * (len(cs) - 1) for cs in candidates]
 
 
-def pick_indices(selection: Sequence[Sequence[float]], n: int) -> list[int]:
-    """Per input: the position of the highest selection score among its first ``n`` candidates (the first on a tie)."""
-    return [int(np.argmax(np.asarray(ss[:n], dtype=np.float64))) for ss in selection]
+def pick_indices(selection, n: int) -> list[int]:
+    """Per input: the position of the highest selection score among its first ``n`` candidates (the first on a tie).
+    ``selection``: per-candidate scores, or ``{n: scores of the first n}`` (:func:`_prefix_scores`)."""
+    rows = selection[n] if isinstance(selection, Mapping) else selection
+    return [int(np.argmax(np.asarray(ss[:n], dtype=np.float64))) for ss in rows]
 
 
 def bon_analysis(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
-                 selections: Mapping[str, Sequence[Sequence[float]]],
-                 metric_scores: Mapping[str, Sequence[Sequence[float]]], ns: Sequence[int],
-                 n_permutations: int = 10000, seed: int = 0) -> dict:
+                 selections: Mapping[str, Any], metric_scores: Mapping[str, Sequence[Sequence[float]]],
+                 ns: Sequence[int], n_permutations: int = 10000, seed: int = 0,
+                 keep: Optional[Sequence[Sequence[bool]]] = None) -> dict:
     """What Best-of-N does on every metric, and to the length of what it picks.
 
     ``selections``: selection rule -> per-candidate scores (the argmax among the first N is picked); the oracle is
@@ -382,7 +387,8 @@ def bon_analysis(candidates: Sequence[Sequence[str]], references: Sequence[Seque
 
     When the reward model is among the selections, each metric also gets the :data:`LENGTH_CONTROL` curve (what a
     random pick of the same length as the reward model's would score: :func:`same_length_expectation`) and
-    ``"p_value_length_control"``: if the reward model only picked by length, it would be level with it.
+    ``"p_value_length_control"``: if the reward model only picked by length, it would be level with it. With the
+    language filter's ``keep``, the control draws from the samples the reward model could pick.
     """
     from lm_lexicon.metrics.statistics import paired_permutation_test
     from lm_lexicon.evaluate.best_of_n.reward import _bleu_a_scores, word_count
@@ -399,8 +405,8 @@ def bon_analysis(candidates: Sequence[Sequence[str]], references: Sequence[Seque
         picked = {rule: {n: [row[j] for row, j in zip(ms, pick_indices(sel, n))] for n in ns}
                   for rule, sel in rules.items()}
         if METHOD in rules:
-            picked[LENGTH_CONTROL] = {n: same_length_expectation(ms, lengths, pick_indices(rules[METHOD], n), n)
-                                      for n in ns}
+            picked[LENGTH_CONTROL] = {n: same_length_expectation(ms, lengths, pick_indices(rules[METHOD], n), n,
+                                                                 keep) for n in ns}
         entry = {"curves": {rule: {n: float(np.mean(v)) for n, v in by_n.items()} for rule, by_n in picked.items()},
                  "p_value": {}}
         if METHOD in rules:
@@ -417,10 +423,14 @@ def bon_analysis(candidates: Sequence[Sequence[str]], references: Sequence[Seque
 
 
 def same_length_expectation(scores: Sequence[Sequence[float]], lengths: Sequence[Sequence[int]],
-                            picks: Sequence[int], n: int) -> list[float]:
+                            picks: Sequence[int], n: int,
+                            keep: Optional[Sequence[Sequence[bool]]] = None) -> list[float]:
     """Per input: the mean score of those of its first ``n`` candidates that are as long (in words) as candidate
-    ``picks[i]``, itself included: what a random pick of the pick's length would score on average."""
+    ``picks[i]``, itself included: what a random pick of the pick's length would score on average. With ``keep``,
+    among the kept ones (all of them when none of the first n is kept, as the filter's fallback)."""
     out = []
-    for row, lens, j in zip(scores, lengths, picks):
-        out.append(float(np.mean([s for s, words in zip(row[:n], lens[:n]) if words == lens[j]])))
+    for i, (row, lens, j) in enumerate(zip(scores, lengths, picks)):
+        allowed = [True] * n if keep is None or not any(keep[i][:n]) else list(keep[i][:n])
+        out.append(float(np.mean([s for s, words, ok in zip(row[:n], lens[:n], allowed)
+                                  if ok and words == lens[j]] or [row[j]])))
     return out
