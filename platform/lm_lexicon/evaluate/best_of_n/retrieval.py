@@ -95,7 +95,6 @@ class RetrievalReward:
         from safetensors.numpy import load_file
 
         from lm_lexicon.evaluate.best_of_n.reward import CONFIG_FILE, REWARD_FORMAT
-        from lm_lexicon.partition.embed import Embedder
 
         directory = Path(directory)
         config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -115,11 +114,11 @@ class RetrievalReward:
             raise ValueError(f"{directory / INDEX_FILE}: no 'embeddings' tensor")
         with open(directory / DEFINITIONS_FILE, encoding="utf-8") as f:
             definitions = [json.loads(line)["definition"] for line in f if line.strip()]
-        embedder = Embedder(config["embedder"], max_length=int(config.get("embed_max_length", 128)))
-        if embedder.dim != tensors["embeddings"].shape[1]:
-            raise ValueError(f"{directory}: index vectors of width {tensors['embeddings'].shape[1]}, but the embedder "
-                             f"{config['embedder']!r} gives {embedder.dim}")
-        return cls(tensors["embeddings"], definitions, config, embedder)
+        model = cls(tensors["embeddings"], definitions, config)
+        if model._encoder().dim != model.embeddings.shape[1]:
+            raise ValueError(f"{directory}: index vectors of width {model.embeddings.shape[1]}, but the embedder "
+                             f"{config['embedder']!r} gives {model._encoder().dim}")
+        return model
 
     def save(self, directory: str | Path) -> Path:
         from safetensors.numpy import save_file
@@ -185,7 +184,7 @@ class RetrievalReward:
     # ---- scoring ----
     def score(self, prompts: Sequence[str], definitions: Sequence[str], batch_size: int = 64,
               pools: Optional[Sequence[Sequence[str]]] = None) -> np.ndarray:
-        """``r(prompt_i, definition_i)``: float32 ``[n]``. Without ``pools`` every definition is scored alone."""
+        """``r(prompt_i, definition_i)``: float64 ``[n]``. Without ``pools`` every definition is scored alone."""
         del batch_size  # one embedding pass per call; the BLEU features are per candidate
         if not len(prompts):
             return np.empty(0, dtype=np.float64)
@@ -194,16 +193,9 @@ class RetrievalReward:
     def score_candidates(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
                          batch_size: int = 64) -> list[list[float]]:
         """Scores of every candidate of every prompt, each compared with its own prompt's other candidates."""
-        if len(prompts) != len(candidates):
-            raise ValueError(f"{len(prompts)} prompts for {len(candidates)} candidate lists")
-        flat_p = [p for p, cs in zip(prompts, candidates) for _ in cs]
-        flat_c = [c for cs in candidates for c in cs]
-        flat = self.score(flat_p, flat_c, pools=[list(cs) for cs in candidates for _ in cs]).tolist()
-        out, k = [], 0
-        for cs in candidates:
-            out.append(flat[k:k + len(cs)])
-            k += len(cs)
-        return out
+        from lm_lexicon.evaluate.best_of_n.reward import score_candidate_lists
+
+        return score_candidate_lists(self, prompts, candidates, batch_size)
 
     def score_prefixes(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
                        ns: Sequence[int]) -> dict[int, list[list[float]]]:

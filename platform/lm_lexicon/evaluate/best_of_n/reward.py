@@ -615,16 +615,7 @@ class RewardModel:
     def score_candidates(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
                          batch_size: int = 64) -> list[list[float]]:
         """Scores of every candidate of every prompt: ``[[r(x_i, y_ij)]_j]_i`` (for :func:`best_of_n`)."""
-        if len(prompts) != len(candidates):
-            raise ValueError(f"{len(prompts)} prompts for {len(candidates)} candidate lists")
-        flat_p = [p for p, cs in zip(prompts, candidates) for _ in cs]
-        flat_c = [c for cs in candidates for c in cs]
-        flat = self.score(flat_p, flat_c, batch_size).tolist()
-        out, k = [], 0
-        for cs in candidates:
-            out.append(flat[k:k + len(cs)])
-            k += len(cs)
-        return out
+        return score_candidate_lists(self, prompts, candidates, batch_size)
 
     # ---- training ----
     def train(self, pairs: Sequence[PreferencePair], epochs: int = 1, lr: float = 2e-5, batch_size: int = 16,
@@ -713,6 +704,23 @@ class RewardModel:
         metrics["pairs_per_s"] = len(pairs) * epochs / metrics["seconds"] if metrics["seconds"] else 0.0
         self.history.append({k: v for k, v in metrics.items()})
         return metrics
+
+
+def score_candidate_lists(model, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
+                          batch_size: int = 64) -> list[list[float]]:
+    """``model.score`` on every candidate of every prompt in one flat call, regrouped per prompt; each candidate's
+    pool is its own list (which a model that compares candidates, the retrieval one, reads)."""
+    if len(prompts) != len(candidates):
+        raise ValueError(f"{len(prompts)} prompts for {len(candidates)} candidate lists")
+    flat_p = [p for p, cs in zip(prompts, candidates) for _ in cs]
+    flat_c = [c for cs in candidates for c in cs]
+    pools = [list(cs) for cs in candidates for _ in cs]
+    flat = np.asarray(model.score(flat_p, flat_c, batch_size, pools=pools)).tolist()
+    out, k = [], 0
+    for cs in candidates:
+        out.append(flat[k:k + len(cs)])
+        k += len(cs)
+    return out
 
 
 def pair_pools(pairs: Sequence[PreferencePair], pools: Sequence[Sequence[str]]) -> list[list[str]]:
