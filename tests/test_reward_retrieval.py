@@ -154,6 +154,12 @@ def test_best_of_n_at_n_compares_a_sample_with_the_first_n_only(index_model):
     # seeing samples 3 and 4 at N=2 would pick the good one (BLEU 100): the curve must not
     assert result["curves"]["reward model"][2] < 50.0 and result["curves"]["reward model"][4] == pytest.approx(100.0)
     assert result["picks"] == [good]
+    ragged = [[odd, good, good, good], [good, odd, odd]]  # the picks use every sample, the curves stop at N=2
+    result = rerank(model, ["prompt", "prompt"], ragged, [[good], [odd]], ns=[1, 2])
+    assert sorted(result["curves"]["reward model"]) == [1, 2]
+    for got, want in zip(result["raw_scores"], model.score_candidates(["prompt", "prompt"], ragged)):
+        assert got == pytest.approx(want, abs=1e-12)
+    assert result["picks"] == [good, odd]
 
 
 def test_a_broken_retrieval_directory_is_refused_with_the_reason(index_model, tmp_path):

@@ -290,11 +290,15 @@ def rerank(model, prompts: Sequence[str], candidates: Sequence[Sequence[str]], r
     """
     from lm_lexicon.evaluate.best_of_n.reward import best_of_n, bon_curve
 
-    raw = model.score_candidates(list(prompts), [list(c) for c in candidates])
-    scores = raw if keep is None else filter_scores(raw, keep)
     available = min(len(c) for c in candidates)
     ns = [n for n in ns if n <= available] or [available]
-    method = _prefix_scores(model, prompts, candidates, ns, keep) or scores
+    longest = max(len(c) for c in candidates)
+    by_n = _prefix_scores(model, prompts, candidates, sorted({*ns, longest}))
+    raw = by_n[longest] if by_n else model.score_candidates(list(prompts), [list(c) for c in candidates])
+    scores = raw if keep is None else filter_scores(raw, keep)
+    method = scores
+    if by_n:
+        method = {n: by_n[n] if keep is None else filter_scores(by_n[n], [k[:n] for k in keep]) for n in ns}
     selections = {"reward model": method, "no selection (sample 1)": _first(candidates)}
     if keep is not None:  # no reward model: the first kept sample (sample 1 when none is kept)
         selections["language filter (first compliant)"] = filter_scores(
@@ -311,16 +315,13 @@ def rerank(model, prompts: Sequence[str], candidates: Sequence[Sequence[str]], r
             "analysis": analysis}
 
 
-def _prefix_scores(model, prompts, candidates, ns, keep) -> Optional[dict[int, list[list[float]]]]:
+def _prefix_scores(model, prompts, candidates, ns) -> Optional[dict[int, list[list[float]]]]:
     """``{n: scores of the first n candidates}`` for a reward model that compares a candidate with the others (the
     retrieval one): the curve at N must not see the samples after the N-th. None for a model that scores each
     candidate on its own, whose full-list scores serve every N."""
     if not hasattr(model, "score_prefixes"):
         return None
-    by_n = model.score_prefixes(list(prompts), [list(c) for c in candidates], ns)
-    if keep is None:
-        return by_n
-    return {n: filter_scores(rows, [k[:n] for k in keep]) for n, rows in by_n.items()}
+    return model.score_prefixes(list(prompts), [list(c) for c in candidates], ns)
 
 
 #: The evaluation metrics Best-of-N is drawn on: those with a per-sentence score. Length is reported as the picks'
