@@ -37,6 +37,7 @@ def test_merge_then_finetune_trains_only_experts_and_loads_through_auto(tmp_path
     assert summary["routing"] == "domain" and summary["n_experts"] == 2
     ft = summary["finetune"]
     assert ft["steps"] == 3 and ft["trainable_parameters"] > 0
+    assert ft["torch_threads"] == 2  # alone on the 2-CPU local Ray, the fine-tune takes both (an expert job takes 1)
     merged, tuned = _tensors(res.path / "merged"), _tensors(res.path / "model")
     assert merged.keys() == tuned.keys()
     expert_keys = [k for k in merged if ".experts." in k]
@@ -60,3 +61,16 @@ def test_merge_then_finetune_trains_only_experts_and_loads_through_auto(tmp_path
 
     loaded = load(res.path / "model")
     assert loaded.router is not None and loaded.router.n_clusters == 2
+
+
+def test_the_finetune_takes_the_free_cpus_of_one_cpu_node_only():
+    from lm_lexicon.moe.stage import finetune_cpus_per_worker
+
+    laptop = load_config("configs/tiny.yaml").resources  # cpus_per_worker 1, one worker
+    assert finetune_cpus_per_worker(laptop, free_cpus=2.0, nodes=1) == 2.0
+    assert finetune_cpus_per_worker(laptop, free_cpus=0.5, nodes=1) == 1.0  # never under the recipe's reservation
+    assert finetune_cpus_per_worker(laptop, free_cpus=64.0, nodes=3) == 1.0  # a cluster: the recipe decides
+    two_workers = laptop.model_copy(update={"workers_per_expert": 2})
+    assert finetune_cpus_per_worker(two_workers, free_cpus=8.0, nodes=1) == 4.0
+    gpu = load_config("configs/llama3-8b-3dex.yaml").resources
+    assert finetune_cpus_per_worker(gpu, free_cpus=256.0, nodes=1) == gpu.cpus_per_worker

@@ -44,6 +44,8 @@ def finetune_worker(loop_cfg: dict) -> None:
 
 
 def _finetune_job(ctx: WorkerContext) -> TrainJob:
+    import torch
+
     from lm_lexicon.data.prompts import PromptTemplates
     from lm_lexicon.moe import load
 
@@ -65,7 +67,8 @@ def _finetune_job(ctx: WorkerContext) -> TrainJob:
                     templates=PromptTemplates.load(ctx.loop_cfg["merged_dir"]),
                     train_kwargs={"train_domains": train_domains, "valid_domains": valid_domains},
                     ddp_kwargs={"find_unused_parameters": True},  # experts with no sequence in a batch get no grad
-                    final_extras=lambda metrics: {"trainable_parameters": trainable})
+                    final_extras=lambda metrics: {"trainable_parameters": trainable,
+                                                  "torch_threads": torch.get_num_threads()})
 
 
 def run_finetune(cfg, merged_dir: Path, partition_dir: Path, out_dir: Path, run_tag: str) -> dict:
@@ -77,7 +80,8 @@ def run_finetune(cfg, merged_dir: Path, partition_dir: Path, out_dir: Path, run_
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     init_ray(cfg.resources)
-    res = cfg.resources
+    res = cfg.resources.model_copy(update={"cpus_per_worker": finetune_cpus_per_worker(cfg.resources)})
+    cfg = cfg.model_copy(update={"resources": res})  # the workers size their torch threads from it
     storage = res.storage_path if "://" in res.storage_path else str(Path(res.storage_path).resolve())
     bars = RemoteBars(["fine-tune"], unit="steps")  # a per-step bar fed by the rank-0 worker
     loop_cfg = {"cfg": cfg.model_dump(mode="json"), "merged_dir": str(merged_dir.resolve()),
@@ -91,6 +95,23 @@ def run_finetune(cfg, merged_dir: Path, partition_dir: Path, out_dir: Path, run_
     if result.error:
         raise result.error
     return collect_final_model(result.checkpoint, out_dir)
+
+
+def finetune_cpus_per_worker(resources_cfg, free_cpus: float | None = None, nodes: int | None = None) -> float:
+    """CPUs per fine-tune worker. The fine-tune runs alone, unlike the expert jobs that share the machine: on one
+    CPU-only node its workers split the CPUs free there (with ``cpus_per_worker: 1`` a 2-core laptop would leave a
+    core idle). On a multi-node cluster or with GPUs the recipe's ``cpus_per_worker`` stands."""
+    if resources_cfg.use_gpu:
+        return resources_cfg.cpus_per_worker
+    if nodes is None or free_cpus is None:
+        import ray
+
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        free_cpus = ray.available_resources().get("CPU", 0.0)
+    if nodes != 1:
+        return resources_cfg.cpus_per_worker
+    share = int(free_cpus // resources_cfg.workers_per_expert)
+    return float(max(resources_cfg.cpus_per_worker, share))
 
 
 def merge_stage_fn(cfg, partition_dir: Path, experts_dir: Path, run_tag: str, log=print):
