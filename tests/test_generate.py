@@ -243,6 +243,20 @@ def test_moe_mixed_domains_equal_per_domain_groups(moe, definition_traces):
     assert lp_mixed[0] == pytest.approx(lp_zero[0], rel=1e-5) and lp_mixed[1] != pytest.approx(lp_zero[1], rel=1e-5)
 
 
+def test_moe_batches_rows_by_domain(moe, monkeypatch):
+    seen = []
+    generate = moe.model.generate
+
+    def recording(*args, **kwargs):
+        seen.append(sorted(set(kwargs["domain_labels"].tolist())))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(moe.model, "generate", recording)
+    out = moe.generate(PROMPTS, [1, 0, 1, 0, 1], settings=GREEDY.replace(batch_size=2))
+    assert len(out) == len(PROMPTS) and all(out)
+    assert seen == [[0], [1], [1]]  # domain by domain (length order alone gave [[1], [0], [1]] here)
+
+
 def test_moe_without_domains_or_router_is_an_error(moe):
     with pytest.raises(ValueError, match="no router"):
         moe.generate(PROMPTS[:1])
