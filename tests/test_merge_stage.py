@@ -63,14 +63,14 @@ def test_merge_then_finetune_trains_only_experts_and_loads_through_auto(tmp_path
     assert loaded.router is not None and loaded.router.n_clusters == 2
 
 
-def test_the_finetune_takes_the_free_cpus_of_one_cpu_node_only():
-    from lm_lexicon.moe.stage import finetune_cpus_per_worker
+def test_the_finetune_takes_every_cpu_of_one_cpu_node_only():
+    from lm_lexicon.moe.stage import finetune_torch_threads
 
     laptop = load_config("configs/tiny.yaml").resources  # cpus_per_worker 1, one worker
-    assert finetune_cpus_per_worker(laptop, free_cpus=2.0, nodes=1) == 2.0
-    assert finetune_cpus_per_worker(laptop, free_cpus=0.5, nodes=1) == 1.0  # never under the recipe's reservation
-    assert finetune_cpus_per_worker(laptop, free_cpus=64.0, nodes=3) == 1.0  # a cluster: the recipe decides
+    assert finetune_torch_threads(laptop, node_cpus=2.0, nodes=1) == 2
+    assert finetune_torch_threads(laptop, node_cpus=0.5, nodes=1) == 1  # never under the recipe's reservation
+    assert finetune_torch_threads(laptop, node_cpus=64.0, nodes=3) == 1  # a cluster: the recipe decides
     two_workers = laptop.model_copy(update={"workers_per_expert": 2})
-    assert finetune_cpus_per_worker(two_workers, free_cpus=8.0, nodes=1) == 4.0
+    assert finetune_torch_threads(two_workers, node_cpus=8.0, nodes=1) == 4
     gpu = load_config("configs/llama3-8b-3dex.yaml").resources
-    assert finetune_cpus_per_worker(gpu, free_cpus=256.0, nodes=1) == gpu.cpus_per_worker
+    assert finetune_torch_threads(gpu, node_cpus=256.0, nodes=1) == int(gpu.cpus_per_worker)

@@ -80,12 +80,12 @@ def run_finetune(cfg, merged_dir: Path, partition_dir: Path, out_dir: Path, run_
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     init_ray(cfg.resources)
-    res = cfg.resources.model_copy(update={"cpus_per_worker": finetune_cpus_per_worker(cfg.resources)})
-    cfg = cfg.model_copy(update={"resources": res})  # the workers size their torch threads from it
+    res = cfg.resources
     storage = res.storage_path if "://" in res.storage_path else str(Path(res.storage_path).resolve())
     bars = RemoteBars(["fine-tune"], unit="steps")  # a per-step bar fed by the rank-0 worker
     loop_cfg = {"cfg": cfg.model_dump(mode="json"), "merged_dir": str(merged_dir.resolve()),
-                "partition_dir": str(partition_dir.resolve()), "progress": bars.address}
+                "partition_dir": str(partition_dir.resolve()), "progress": bars.address,
+                "torch_threads": finetune_torch_threads(res)}
     trainer = torch_trainer(finetune_worker, loop_cfg, res.model_dump(mode="json"),
                             f"{cfg.name}-moe-finetune-{run_tag}", storage)
     try:
@@ -97,21 +97,22 @@ def run_finetune(cfg, merged_dir: Path, partition_dir: Path, out_dir: Path, run_
     return collect_final_model(result.checkpoint, out_dir)
 
 
-def finetune_cpus_per_worker(resources_cfg, free_cpus: float | None = None, nodes: int | None = None) -> float:
-    """CPUs per fine-tune worker. The fine-tune runs alone, unlike the expert jobs that share the machine: on one
-    CPU-only node its workers split the CPUs free there (with ``cpus_per_worker: 1`` a 2-core laptop would leave a
-    core idle). On a multi-node cluster or with GPUs the recipe's ``cpus_per_worker`` stands."""
+def finetune_torch_threads(resources_cfg, node_cpus: float | None = None, nodes: int | None = None) -> int:
+    """Torch threads of each fine-tune worker. The fine-tune runs alone, unlike the expert jobs that share the
+    machine: on one CPU-only node its workers split all of the node's CPUs (with ``cpus_per_worker: 1`` a 2-core
+    laptop would leave a core idle). The count comes from the node's size, not from what is free at the moment, so
+    a resumed run computes exactly what an uninterrupted one does; the Ray reservation stays ``cpus_per_worker``.
+    On a multi-node cluster or with GPUs the recipe's ``cpus_per_worker`` stands."""
     if resources_cfg.use_gpu:
-        return resources_cfg.cpus_per_worker
-    if nodes is None or free_cpus is None:
+        return max(1, int(resources_cfg.cpus_per_worker))
+    if nodes is None or node_cpus is None:
         import ray
 
-        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-        free_cpus = ray.available_resources().get("CPU", 0.0)
+        alive = [node for node in ray.nodes() if node.get("Alive")]
+        nodes, node_cpus = len(alive), (alive[0].get("Resources", {}).get("CPU", 0.0) if alive else 0.0)
     if nodes != 1:
-        return resources_cfg.cpus_per_worker
-    share = int(free_cpus // resources_cfg.workers_per_expert)
-    return float(max(resources_cfg.cpus_per_worker, share))
+        return max(1, int(resources_cfg.cpus_per_worker))
+    return max(1, int(resources_cfg.cpus_per_worker), int(node_cpus // resources_cfg.workers_per_expert))
 
 
 def merge_stage_fn(cfg, partition_dir: Path, experts_dir: Path, run_tag: str, log=print):

@@ -61,7 +61,7 @@ def run_worker(loop_cfg: dict, build_job: Callable[[WorkerContext], TrainJob]) -
     from lm_lexicon.train import read_trainer_state, train
 
     cfg = PipelineConfig.model_validate(loop_cfg["cfg"])
-    _configure_worker(cfg)
+    _configure_worker(cfg, loop_cfg.get("torch_threads"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     with tempfile.TemporaryDirectory() as scratch:
@@ -85,11 +85,12 @@ def run_worker(loop_cfg: dict, build_job: Callable[[WorkerContext], TrainJob]) -
         _report_final(job, {**metrics, "worker_launched_at": launched_at}, rank)
 
 
-def _configure_worker(cfg) -> None:
+def _configure_worker(cfg, torch_threads: Optional[int] = None) -> None:
     import torch
 
-    # Ray pins OMP threads to the worker's CPU reservation; torch must agree or workers sharing cores thrash
-    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    # Ray pins OMP threads to the worker's CPU reservation; torch must agree or workers sharing cores thrash (a
+    # stage that runs alone may ask for more: ``torch_threads``)
+    torch.set_num_threads(max(1, int(torch_threads or cfg.resources.cpus_per_worker)))
 
 
 def _restore(checkpoint, directory: Path) -> Optional[Path]:
