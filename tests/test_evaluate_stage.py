@@ -24,12 +24,12 @@ def test_micro_pipeline_through_evaluate_and_export(tmp_path, ray_local):
         "evaluate.baselines=[constant, seed, dense, icl-random, icl-retrieval]", "evaluate.icl_shots=2",
         "evaluate.best_of_n=2", "evaluate.bon_ns=[1, 2, 4]", "evaluate.no_repeat_ngram_size=2",
         "evaluate.reward.train_rows=8", "evaluate.reward.valid_rows=6", "evaluate.reward.samples=2",
-        "evaluate.reward.backbone=seed", "evaluate.reward.max_length=48"])
+        "evaluate.reward.backbone=seed", "evaluate.reward.max_length=48", "evaluate.misrouted=true"])
     results = run_pipeline(cfg, log=lambda m: None)
     ev = results["evaluate"].path
     metrics = json.loads((ev / "metrics.json").read_text())["results"]
-    assert list(metrics) == ["constant", "seed", "dense", "icl-random", "icl-retrieval", "moe", "moe:sample",
-                             "moe:bon-orm-n2", "moe:oracle-n2"]
+    assert list(metrics) == ["constant", "seed", "dense", "icl-random", "icl-retrieval", "moe", "moe:misrouted",
+                             "moe:sample", "moe:bon-orm-n2", "moe:oracle-n2"]
     for model, res in metrics.items():
         assert set(res) == {"bleu_a", "sacrebleu", "rouge_l", "exact_match", "length"}
         assert res["bleu_a"]["n"] == 8 and res["bleu_a"]["value"] is not None
@@ -72,7 +72,14 @@ def test_micro_pipeline_through_evaluate_and_export(tmp_path, ray_local):
             assert c["delta"] == pytest.approx(metrics[model][m]["value"] - metrics["constant"][m]["value"], abs=1e-6)
             assert 0.0 < c["p_value"] <= 1.0 and c["n"] == 8
 
+    # the routed MoE against itself with every input sent to the other expert
+    misrouted = json.loads((ev / "metrics.json").read_text())["misrouted_vs_moe"]
+    assert set(misrouted) == {"bleu_a", "sacrebleu", "rouge_l", "exact_match"}
+    for m, c in misrouted.items():
+        assert c["delta"] == pytest.approx(metrics["moe:misrouted"][m]["value"] - metrics["moe"][m]["value"], abs=1e-6)
+
     report = (ev / "report.md").read_text()
+    assert "## Each input's own expert against another's" in report
     assert "## Against the constant floor" in report
     assert "## Best-of-N (moe)" in report and "held-out pairwise accuracy" in report
     assert "### Best-of-N on every metric" in report and "Mean length of the picks" in report
@@ -118,3 +125,17 @@ def test_example_rows_spread_over_the_sample_with_every_models_prediction(tmp_pa
     assert example_rows(tmp_path, models=("moe",), k=20)[-1] == {"term": "t9", "context": "c9", "gold": "gold 9",
                                                                    "moe": "moe 9"}
     assert example_rows(tmp_path / "nowhere") == []
+
+
+def test_misrouting_sends_every_input_to_another_expert_and_needs_domain_routing():
+    from lm_lexicon.evaluate.stage import misrouted_domains, render_misrouted_section
+
+    assert misrouted_domains([0, 1, 2, 3, 3], 4) == [1, 2, 3, 0, 0]
+    assert render_misrouted_section(None) == ""
+    text = render_misrouted_section({"bleu_a": {"delta": -1.5, "p_value": 0.01, "n": 4}})
+    assert "| -1.50 (0.010) |" in text
+    with pytest.raises(ValueError, match="misrouted needs merge.routing=domain"):
+        load_config("configs/tiny.yaml", ["evaluate.misrouted=true", "merge.routing=token"])
+    with pytest.raises(ValueError, match="at least 2 experts"):
+        load_config("configs/tiny.yaml", ["evaluate.misrouted=true", "partition.n_experts=1"])
+    assert "misrouted" not in load_config("configs/tiny.yaml").model_dump(mode="json")["evaluate"]  # added later

@@ -411,6 +411,10 @@ class EvalConfig(_Strict):
                               description="N values of the BoN curve (those <= best_of_n are drawn).")
     reward: RewardConfig = Field(default_factory=lambda: RewardConfig(),
                                    description="The outcome reward model of Best-of-N.")
+    misrouted: bool = Field(False, description="Also generate with the MoE sending each input to another domain's "
+                                               "expert (domain d -> (d + 1) mod N) and test it against the routed "
+                                               "MoE: does an input's own expert matter? Domain routing only.",
+                            json_schema_extra=ADDED_LATER)
     temperature: float = Field(0.6, gt=0, description="Sampling temperature (Best-of-N).")
     top_k: int = Field(50, ge=0, description="Top-k sampling (0: off).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling.")
@@ -464,6 +468,9 @@ class PipelineConfig(_Strict):
             raise ValueError(f"merge.top_k={self.merge.top_k} exceeds partition.n_experts={self.partition.n_experts}")
         if self.train.deepspeed and not self.resources.use_gpu:
             raise ValueError("train.deepspeed is set but resources.use_gpu is false: DeepSpeed is used only on GPUs")
+        if self.evaluate.misrouted and (self.merge.routing != "domain" or self.partition.n_experts < 2):
+            raise ValueError("evaluate.misrouted needs merge.routing=domain and at least 2 experts (got routing "
+                             f"{self.merge.routing!r}, {self.partition.n_experts} expert(s))")
         if self.train.precision == "bf16" and self.seed_model.dtype == "float16":
             raise ValueError("train.precision=bf16 contradicts seed_model.dtype=float16")
         return self

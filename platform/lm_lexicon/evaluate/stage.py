@@ -4,8 +4,9 @@ Models compared (each one a row of the report): ``constant`` (most frequent defi
 ``retrieval`` (nearest training prompt by MiniLM + faiss, copy its definition), ``seed`` (the untrained seed model),
 ``dense`` (the dense baseline of the experts stage), ``moe`` (the merged, fine-tuned MoE under its routing; domains
 from the partition's router), and on request ``icl-random`` / ``icl-retrieval`` (``icl_shots`` exemplars from the
-training split, random or nearest by MiniLM + faiss, prompting ``icl_model``). Generation runs on Ray Data (one actor
-per model, batched, greedy).
+training split, random or nearest by MiniLM + faiss, prompting ``icl_model``), and ``moe:misrouted`` (``misrouted``:
+the MoE with each input sent to the next domain's expert, tested against ``moe``). Generation runs on Ray Data (one
+actor per model, batched, greedy).
 
 With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.evaluate.best_of_n`): an outcome reward model trained on
 the ``bon_model``'s own samples (gold preferred), its held-out pairwise accuracy, ``best_of_n`` samples per test input
@@ -190,6 +191,28 @@ def render_floor_section(comparison: dict, floor: str = FLOOR) -> str:
     return "\n".join(lines) + "\n"
 
 
+MISROUTED = "moe:misrouted"
+
+
+def misrouted_domains(domains, n_experts: int) -> list[int]:
+    """Each input's domain moved to the next one, ``(d + 1) mod N``: every input meets an expert not its own."""
+    return [(int(d) + 1) % n_experts for d in domains]
+
+
+def render_misrouted_section(comparison: dict | None) -> str:
+    """The report's answer to "does an input's own expert matter?": the misrouted MoE minus the routed one."""
+    if not comparison:
+        return ""
+    metrics = list(comparison)
+    cells = [f"{c['delta']:+.2f} ({c['p_value']:.3f})" for c in comparison.values()]
+    return "\n".join(["", "## Each input's own expert against another's", "",
+                      "The MoE with every input sent to the next domain's expert, `(d + 1) mod N`, minus the routed "
+                      "MoE on the same lines (points ×100; two-sided paired sign-flip permutation p in brackets). "
+                      "Below zero: the experts specialise.", "",
+                      "| " + " | ".join(metrics) + " |", "|" + "---:|" * len(metrics),
+                      "| " + " | ".join(cells) + " |"]) + "\n"
+
+
 def plot_metrics(results: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -310,6 +333,8 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             models.append((f"icl-{method}", paths[ev.icl_model], None, prompts))
         if "moe" in paths:
             models.append(("moe", paths["moe"], domains, None))
+            if ev.misrouted:
+                models.append((MISROUTED, paths["moe"], misrouted_domains(domains, cfg.partition.n_experts), None))
         threads = max(1, os.cpu_count() or 1)
         for name, path, model_domains, prompts in models:
             t = time.perf_counter()
@@ -365,6 +390,8 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         for n in notes:
             log(f"[evaluate] note: {n}")
         floor = compare_with_floor(results)
+        routed_vs_misrouted = compare_with_floor({m: results[m] for m in ("moe", MISROUTED) if m in results},
+                                                 floor="moe").get(MISROUTED)
         compact = {m: {k: {kk: vv for kk, vv in v.items() if kk != "per_item"} for k, v in res.items()}
                    for m, res in results.items()}
         compliance = compliance_summary(compact)
@@ -379,10 +406,12 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
         (work / "metrics.json").write_text(json.dumps({"meta": meta, "results": compact, "best_of_n": bon_report,
                                                        "by_language": _strip(by_language),
                                                        "vs_floor": floor,
+                                                       "misrouted_vs_moe": routed_vs_misrouted,
                                                        "language_compliance": compliance},
                                                       indent=2, default=str))
         report = render_report(compact, _strip(by_domain), _strip(by_source), meta, _strip(by_language), compliance,
                                vs_floor=floor)
+        report += render_misrouted_section(routed_vs_misrouted)
         if bon_report:
             from lm_lexicon.evaluate.best_of_n.report import render_bon_section
 
