@@ -103,16 +103,15 @@ def finetune_torch_threads(resources_cfg, node_cpus: float | None = None, nodes:
     laptop would leave a core idle). The count comes from the node's size, not from what is free at the moment, so
     a resumed run computes exactly what an uninterrupted one does; the Ray reservation stays ``cpus_per_worker``.
     On a multi-node cluster or with GPUs the recipe's ``cpus_per_worker`` stands."""
+    recipe = max(1, int(resources_cfg.cpus_per_worker))
     if resources_cfg.use_gpu:
-        return max(1, int(resources_cfg.cpus_per_worker))
+        return recipe
     if nodes is None or node_cpus is None:
         import ray
 
         alive = [node for node in ray.nodes() if node.get("Alive")]
         nodes, node_cpus = len(alive), (alive[0].get("Resources", {}).get("CPU", 0.0) if alive else 0.0)
-    if nodes != 1:
-        return max(1, int(resources_cfg.cpus_per_worker))
-    return max(1, int(resources_cfg.cpus_per_worker), int(node_cpus // resources_cfg.workers_per_expert))
+    return recipe if nodes != 1 else max(recipe, int(node_cpus // resources_cfg.workers_per_expert))
 
 
 def merge_stage_fn(cfg, partition_dir: Path, experts_dir: Path, run_tag: str, log=print):

@@ -296,9 +296,8 @@ def rerank(model, prompts: Sequence[str], candidates: Sequence[Sequence[str]], r
     by_n = _prefix_scores(model, prompts, candidates, sorted({*ns, longest}))
     raw = by_n[longest] if by_n else model.score_candidates(list(prompts), [list(c) for c in candidates])
     scores = raw if keep is None else filter_scores(raw, keep)
-    method = scores
-    if by_n:
-        method = {n: by_n[n] if keep is None else filter_scores(by_n[n], [k[:n] for k in keep]) for n in ns}
+    method = {n: by_n[n] if keep is None else filter_scores(by_n[n], [k[:n] for k in keep]) for n in ns} \
+        if by_n else scores
     selections = {"reward model": method, "no selection (sample 1)": _first(candidates)}
     if keep is not None:  # no reward model: the first kept sample (sample 1 when none is kept)
         selections["language filter (first compliant)"] = filter_scores(
