@@ -117,6 +117,8 @@ def test_expert_count_scan_on_ray_tune(tmp_path, ray_local):
         partition = json.loads((tmp_path / "scan" / f"n{n}" / "partition" / "partition.json").read_text())
         assert partition["n_experts"] == n
     assert (tmp_path / "scan" / "scan.png").stat().st_size > 1000
+    trial_dirs = (tmp_path / "scan" / "tune" / "scan-expert-count").iterdir()
+    assert sorted(p.name.split("-")[0] for p in trial_dirs if p.is_dir()) == ["n1", "n2"]
 
     import mlflow  # one scan run, each trial's pipeline run its child
 

@@ -66,6 +66,9 @@ def test_two_experts_and_dense_produce_distinct_checkpoints_and_a_manifest(tmp_p
     runs_dirs = sorted(p.name for p in (tmp_path / "ray").glob(f"{cfg.name}-*-{res.fingerprint[:8]}"))
     assert {f"{cfg.name}-{j}-{res.fingerprint[:8]}" for j in ("expert_0", "expert_1", "dense")} <= set(runs_dirs)
     assert not [p for p in (tmp_path / "ray").rglob("checkpoint_*") if p.is_dir()]
+    # the Tune trials' directories are named after their jobs
+    trial_dirs = (tmp_path / "ray" / f"{cfg.name}-experts-{res.fingerprint[:8]}").iterdir()
+    assert sorted(p.name.split("-")[0] for p in trial_dirs if p.is_dir()) == ["dense", "expert_0", "expert_1"]
 
     import mlflow
 

@@ -105,6 +105,13 @@ def _stop_with_parent():
 
 
 # =================================================================================================== Tune scan
+def scan_trial_dirname(trial) -> str:
+    """``n4-seed21-<trial id>``: Tune's default directory name spells out the param space, with the MLflow run id
+    and the Ray address in it."""
+    seed = f"-seed{trial.config['seed']}" if "seed" in trial.config else ""
+    return f"n{trial.config['n']}{seed}-{trial.trial_id}"
+
+
 def _scan_trial(trial: dict) -> None:
     """One Tune trial: the whole pipeline at ``trial['n']`` experts (and seed ``trial['seed']``, if any), evaluated on
     the validation split. A trial whose marker says it finished with this configuration is read, not rerun; an
@@ -181,7 +188,7 @@ def expert_count_scan(config: str | Path, overrides: Sequence[str], ns: Sequence
                          "config": str(Path(config).resolve()), "overrides": list(overrides), "mlflow_uri": uri,
                          "env": env, "name": name, "keep_weights": keep_weights},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials, metric="moe_bleu_a",
-                                        mode="max"),
+                                        mode="max", trial_dirname_creator=scan_trial_dirname),
             run_config=tune.RunConfig(name=f"{name}-expert-count", storage_path=str(scan_dir / "tune"),
                                       verbose=0,
                                       # a trial whose node dies is run again: its pipeline resumes after the

@@ -117,6 +117,11 @@ def expert_trial(config: dict) -> dict:
     return {k: v for k, v in final.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
+def expert_trial_dirname(trial) -> str:
+    """``expert_2-<trial id>`` (Tune's default spells out the whole job dict)."""
+    return f"{trial.config['job']['name']}-{trial.trial_id}"
+
+
 def plan_jobs(n_experts: int, with_dense: bool = True) -> list[dict]:
     """The stage's jobs, the dense baseline first: it trains on all N domains, as long as the N experts together,
     so with two jobs at a time it runs beside the experts in turn instead of after them (1.5x shorter at N=4)."""
@@ -215,7 +220,8 @@ def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_ta
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(expert_trial, {"cpu": TRIAL_CPUS}),  # the trainer's workers hold the rest
         param_space=param_space,
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency,
+                                        trial_dirname_creator=expert_trial_dirname),
         run_config=ray.tune.RunConfig(name=f"{cfg.name}-experts-{run_tag}", storage_path=storage, verbose=0,
                                       callbacks=[ExpertProgress(log, len(jobs))],
                                       # the trial's own node may die too (its trainer's workers are retried by
