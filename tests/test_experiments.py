@@ -39,6 +39,24 @@ def test_scan_table_and_plot(tmp_path):
     assert (tmp_path / "scan.png").stat().st_size > 1000
 
 
+def test_scan_rows_test_each_n_against_the_smallest_on_paired_items(tmp_path):
+    from lm_lexicon.experiments import add_paired_tests
+
+    rows = [{"n": 1, "moe_bleu_a": 10.0, "seeds": [21, 42]}, {"n": 2, "moe_bleu_a": 12.0, "seeds": [21, 42]},
+            {"n": 4, "moe_bleu_a": 10.1, "seeds": [21, 42]}]
+    base = np.linspace(0.0, 30.0, 40)
+    items = {1: {"bleu_a": base}, 2: {"bleu_a": base + 2.0}, 4: {"bleu_a": base + np.where(np.arange(40) % 2, 1, -1)}}
+    rows = add_paired_tests(rows, items)
+    assert "moe_bleu_a_p" not in rows[0]
+    assert rows[1]["moe_bleu_a_delta"] == pytest.approx(2.0) and rows[1]["moe_bleu_a_p"] < 0.001
+    assert rows[2]["moe_bleu_a_delta"] == pytest.approx(0.0) and rows[2]["moe_bleu_a_p"] > 0.5
+    table = scan_table(rows)
+    assert "dense" not in table  # no trial trained a dense model: no empty columns
+    assert "| N | MoE bleu_a | Δ MoE bleu_a vs N=1 (p) | minutes |" in table
+    assert "| 2 | 12.00 | +2.00 (0.000) | 0.0 |" in table and "| 1 | 10.00 |  | 0.0 |" in table
+    assert "paired sign-flip permutation" in table
+
+
 def test_scan_rows_are_means_over_seeds_with_their_std(tmp_path):
     from lm_lexicon.experiments import aggregate_scan
 

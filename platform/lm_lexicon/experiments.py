@@ -105,6 +105,11 @@ def _stop_with_parent():
 
 
 # =================================================================================================== Tune scan
+def scan_run_dir(scan_dir: str | Path, n: int, seed: Optional[int] = None) -> Path:
+    """Where the scan's pipeline at N experts (and seed) runs: ``n4`` or ``n4-s21``."""
+    return Path(scan_dir) / (f"n{n}" if seed is None else f"n{n}-s{seed}")
+
+
 def scan_trial_dirname(trial) -> str:
     """``n4-seed21-<trial id>``: Tune's default directory name spells out the param space, with the MLflow run id
     and the Ray address in it."""
@@ -121,7 +126,7 @@ def _scan_trial(trial: dict) -> None:
     from lm_lexicon.config import load_config
 
     n, seed = int(trial["n"]), trial.get("seed")
-    out = Path(trial["scan_dir"]) / (f"n{n}" if seed is None else f"n{n}-s{seed}")
+    out = scan_run_dir(trial["scan_dir"], n, seed)
     overrides = [*trial["overrides"], *([] if seed is None else _seed_overrides(int(seed))),
                  f"partition.n_experts={n}", f"output_dir={out}", f"resources.storage_path={out / 'ray'}",
                  "evaluate.split=valid", f"tracking.mlflow_uri={trial['mlflow_uri']}",
@@ -202,7 +207,7 @@ def expert_count_scan(config: str | Path, overrides: Sequence[str], ns: Sequence
         trials = sorted((dict(r.metrics) for r in grid), key=lambda m: (m["n"], m.get("seed", 0)))
         trials = [{k: v for k, v in r.items() if k in ("n", "seed", "seconds") or k.startswith(("moe_", "dense_"))}
                   for r in trials]
-        rows = aggregate_scan(trials)
+        rows = add_paired_tests(aggregate_scan(trials), scan_paired_items(scan_dir, trials))
         for r in rows:
             parent.log_metrics({k: v for k, v in r.items() if k not in ("n", "seeds") and v is not None},
                                step=int(r["n"]))
@@ -235,24 +240,58 @@ def aggregate_scan(trials: Sequence[dict]) -> list[dict]:
     return rows
 
 
+def scan_paired_items(scan_dir: str | Path, trials: Sequence[dict]) -> dict[int, dict[str, np.ndarray]]:
+    """Each N's MoE per-item validation scores, averaged over its seeds (the rows are the same for every trial)."""
+    items: dict[int, dict[str, np.ndarray]] = {}
+    for n in sorted({int(t["n"]) for t in trials}):
+        runs = [per_item_scores(scan_run_dir(scan_dir, n, t.get("seed")), "moe")
+                for t in trials if int(t["n"]) == n]
+        items[n] = {m: np.mean([r[m] for r in runs], axis=0) for m in runs[0]}
+    return items
+
+
+def add_paired_tests(rows: list[dict], items: dict[int, dict[str, np.ndarray]]) -> list[dict]:
+    """``moe_{m}_delta`` and ``moe_{m}_p`` on every row after the first: the mean per-item difference from the
+    smallest N and its two-sided paired sign-flip permutation p."""
+    base = items[rows[0]["n"]]
+    for r in rows[1:]:
+        for m, scores in items[r["n"]].items():
+            r[f"moe_{m}_delta"] = float(np.mean(scores - base[m]))
+            r[f"moe_{m}_p"] = paired_permutation_test(scores, base[m])
+    return rows
+
+
 def _scan_cell(row: dict, key: str) -> str:
     if key not in row:
         return ""
     return f"{row[key]:.2f}" + (f" ± {row[key + '_std']:.2f}" if f"{key}_std" in row else "")
 
 
+def _delta_cell(row: dict, key: str) -> str:
+    return f"{row[key + '_delta']:+.2f} ({row[key + '_p']:.3f})" if f"{key}_p" in row else ""
+
+
 def scan_table(rows: Sequence[dict]) -> str:
+    """MoE columns, the dense model's where the trials trained one, and each MoE metric's difference from the
+    smallest N with its paired p where the scan computed them."""
     metrics = [m for m in SCAN_METRICS if any(f"moe_{m}" in r for r in rows)]
-    head = "| N | " + " | ".join(f"MoE {m}" for m in metrics) + " | " + " | ".join(f"dense {m}" for m in metrics) + \
-        " | minutes |"
-    lines = [head, "|---:|" + "---:|" * (2 * len(metrics) + 1)]
+    dense = [m for m in metrics if any(f"dense_{m}" in r for r in rows)]
+    deltas = [m for m in metrics if any(f"moe_{m}_p" in r for r in rows)]
+    head = ([f"MoE {m}" for m in metrics] + [f"dense {m}" for m in dense] +
+            [f"Δ MoE {m} vs N={rows[0]['n']} (p)" for m in deltas] + ["minutes"])
+    lines = ["| N | " + " | ".join(head) + " |", "|---:|" + "---:|" * len(head)]
     for r in rows:
-        cells = [_scan_cell(r, f"moe_{m}") for m in metrics] + [_scan_cell(r, f"dense_{m}") for m in metrics]
-        lines.append(f"| {r['n']} | " + " | ".join(cells) + f" | {r.get('seconds', 0) / 60:.1f} |")
+        cells = ([_scan_cell(r, f"moe_{m}") for m in metrics] + [_scan_cell(r, f"dense_{m}") for m in dense] +
+                 [_delta_cell(r, f"moe_{m}") for m in deltas] + [f"{r.get('seconds', 0) / 60:.1f}"])
+        lines.append(f"| {r['n']} | " + " | ".join(cells) + " |")
     seeds = sorted({s for r in rows for s in r.get("seeds", [])})
+    notes = []
     if len(seeds) > 1:
-        lines.append(f"\nMean ± sample std over seeds {', '.join(map(str, seeds))}; minutes: mean per trial.")
-    return "\n".join(lines)
+        notes.append(f"Mean ± sample std over seeds {', '.join(map(str, seeds))}")
+    if deltas:
+        notes.append("p: two-sided paired sign-flip permutation test on per-item validation scores (averaged over "
+                     "seeds)")
+    return "\n".join(lines + ([f"\n{'; '.join(notes)}; minutes: mean per trial."] if notes else []))
 
 
 def plot_scan(rows: Sequence[dict], path: Path, title: str) -> None:
@@ -267,6 +306,8 @@ def plot_scan(rows: Sequence[dict], path: Path, title: str) -> None:
         ax = fig.add_subplot(1, len(metrics), i + 1)
         for model, style in (("moe", {"marker": "o", "label": "LM-Lexicon MoE"}),
                              ("dense", {"linestyle": "--", "marker": ".", "label": "dense"})):
+            if not any(f"{model}_{m}" in r for r in rows):
+                continue  # a scan without a dense model gets no empty legend entry
             ax.errorbar(ns, [r.get(f"{model}_{m}", math.nan) for r in rows],
                         yerr=[r.get(f"{model}_{m}_std", 0.0) for r in rows], capsize=3, **style)
         ax.set_xscale("log", base=2)
