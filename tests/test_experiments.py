@@ -57,6 +57,17 @@ def test_scan_rows_test_each_n_against_the_smallest_on_paired_items(tmp_path):
     assert "paired sign-flip permutation" in table
 
 
+def test_a_scan_trials_tune_directory_is_named_as_its_run_directory(tmp_path):
+    from types import SimpleNamespace
+
+    from lm_lexicon.experiments import scan_run_dir, scan_trial_dirname
+
+    trial = SimpleNamespace(config={"n": 4, "seed": 21, "env": {"RAY_ADDRESS": "10.0.0.1:6379"}},
+                            trial_id="c8409_00002")
+    assert scan_trial_dirname(trial) == "n4-s21-c8409_00002" == f"{scan_run_dir(tmp_path, 4, 21).name}-c8409_00002"
+    assert scan_trial_dirname(SimpleNamespace(config={"n": 2}, trial_id="c8409_00000")) == "n2-c8409_00000"
+
+
 def test_scan_rows_are_means_over_seeds_with_their_std(tmp_path):
     from lm_lexicon.experiments import aggregate_scan
 

@@ -111,10 +111,9 @@ def scan_run_dir(scan_dir: str | Path, n: int, seed: Optional[int] = None) -> Pa
 
 
 def scan_trial_dirname(trial) -> str:
-    """``n4-seed21-<trial id>``: Tune's default directory name spells out the param space, with the MLflow run id
-    and the Ray address in it."""
-    seed = f"-seed{trial.config['seed']}" if "seed" in trial.config else ""
-    return f"n{trial.config['n']}{seed}-{trial.trial_id}"
+    """``n4-s21-<trial id>``, named as the trial's run directory: Tune's default directory name spells out the param
+    space, with the MLflow run id and the Ray address in it."""
+    return f"{scan_run_dir('', trial.config['n'], trial.config.get('seed')).name}-{trial.trial_id}"
 
 
 def _scan_trial(trial: dict) -> None:
