@@ -6,6 +6,7 @@ On a laptop Ray is started locally with capped CPUs and a small object store (Ra
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -34,9 +35,32 @@ def init_ray(resources=None, *, log_to_driver: bool = False):
             kwargs["num_cpus"] = resources.num_cpus
         if resources is not None and resources.object_store_memory_mb:
             kwargs["object_store_memory"] = resources.object_store_memory_mb * 1024 * 1024
-        ray.init(**kwargs)
+        _start_local_ray(ray, kwargs)
     reclaim_stop_signals()
     return ray.cluster_resources()
+
+
+# Ray gives a new local node a fixed 30 s (not configurable) to register its raylet; on a loaded laptop or CI machine
+# that can pass, and Ray raises with the node's processes still running.
+LOCAL_START_ATTEMPTS = 3
+_STARTUP_TIMEOUT = "timed out during startup"
+
+
+def _start_local_ray(ray, kwargs: dict) -> None:
+    """``ray.init(**kwargs)``; a start that timed out is cleaned up (the processes it left) and tried again."""
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        before = {p.pid for p in _descendants()}
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as err:
+            if _STARTUP_TIMEOUT not in str(err) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            left = [p for p in _descendants() if p.pid not in before and _alive(p)]
+            _terminate(left, time.monotonic() + STOP_TIMEOUT_S)
+            logging.getLogger(__name__).warning(
+                "the local Ray node %s (attempt %d of %d; the machine may be busy): stopped the %d process(es) "
+                "it left and starting it again", _STARTUP_TIMEOUT, attempt, LOCAL_START_ATTEMPTS, len(left))
 
 
 def quiet_ray_data() -> None:
