@@ -188,6 +188,20 @@ def test_bf16_autocast_step_runs(llama_dir, tmp_path):
     assert metrics["precision"] == "bf16" and math.isfinite(metrics["train_loss_last"])
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_the_experts_stage_says_which_precision_auto_chose_and_why(monkeypatch, native):
+    import lm_lexicon.train.precision
+    from lm_lexicon.train.stage import cpu_precision_note
+
+    monkeypatch.setattr(lm_lexicon.train.precision, "cpu_supports_bf16", lambda: native)
+    note = cpu_precision_note("auto")
+    if native:
+        assert note == "precision bf16 autocast (native bf16 on this CPU)"
+    else:
+        assert note.startswith("precision fp32: this CPU has no native bf16") and "3x" in note
+    assert cpu_precision_note("fp32") == "precision fp32"  # asked for: no explanation needed
+
+
 def test_resume_continues_the_step_count_and_equals_an_uninterrupted_run(llama_dir, tmp_path):
     rows = _records()
     cfg = _cfg(max_steps=4, lr=3e-3, dropout=0.1, batch_size=4, warmup_ratio=0.25)  # dropout: RNG state must resume

@@ -216,6 +216,8 @@ def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_ta
     concurrency = max_concurrent(cfg.resources, cluster)
     log(f"[experts] {len(jobs)} jobs ({', '.join(j['name'] for j in jobs)}); {concurrency} at a time; "
         f"checkpoints under {storage}")
+    if not cfg.resources.use_gpu and len(ray.nodes()) == 1:  # the workers share this machine's CPU
+        log(f"[experts] {cpu_precision_note(cfg.train.precision)}")
     param_space = {"job": ray.tune.grid_search(jobs), "loop_cfg": loop_cfg, "recipe": cfg.name, "run_tag": run_tag}
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(expert_trial, {"cpu": TRIAL_CPUS}),  # the trainer's workers hold the rest
@@ -234,6 +236,22 @@ def run_jobs(cfg, jobs: list[dict], partition_dir: Path, stage_dir: Path, run_ta
     finally:
         bars.close()
     return finished_jobs(grid, jobs, stage_dir)
+
+
+def cpu_precision_note(precision: str) -> str:
+    """What the training precision resolves to on this CPU, and why when bf16 is not used."""
+    import torch
+
+    from lm_lexicon.train import resolve_precision
+    from lm_lexicon.train.precision import cpu_supports_bf16
+
+    chosen = resolve_precision(precision, torch.device("cpu"))
+    if chosen == "bf16":
+        return "precision bf16 autocast" + (" (native bf16 on this CPU)" if cpu_supports_bf16() else "")
+    if precision == "auto":
+        return ("precision fp32: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 autocast would be "
+                "slower, not faster; expect about 3x the training time of a CPU that has it (docs/BENCHMARKS.md)")
+    return "precision fp32"
 
 
 def finished_jobs(grid, jobs: list[dict], stage_dir: Path) -> dict:
