@@ -154,7 +154,7 @@ def test_fine_tuned_seed_learns_to_end_its_definition(smollm2_dir, tmp_path, no_
     model, tok = load_causal_lm(smollm2_dir)
     records = [Record(term=t, context=c, definition=d, source="test", split="train") for t, c, d in ROWS]
     cfg = TrainConfig(max_steps=24, batch_size=6, lr=3e-4, warmup_ratio=0.0, dropout=0.0, eval_every=100,
-                      precision="bf16", max_length=48, seeds=[0], trainable="ffn")
+                      precision="auto", max_length=48, seeds=[0], trainable="ffn")
     train(model, tok, records, None, cfg, tmp_path / "run", progress=False)
     model.eval()
     prompts = [record_prompt(r) for r in records]
