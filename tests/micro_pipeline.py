@@ -43,3 +43,13 @@ def run_micro_pipeline(out: Path, seed: Path, *extra: str, timeout: float = 1200
                               capture_output=True, text=True, timeout=timeout)
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+def link_finished_stages(run_dir: Path, out: Path, stages: tuple[str, ...]) -> None:
+    """Symlink ``stages`` of a finished micro run into ``out``: a run there on the same upstream recipe reuses them
+    (same fingerprints), as ablation arms do, and computes only the stages after them. The linked stages must stay
+    untouched, so no test may re-run a stage inside the shared run's own directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        assert (run_dir / stage / "_SUCCESS.json").is_file(), f"{run_dir / stage} is not a finished stage"
+        (out / stage).symlink_to(run_dir / stage, target_is_directory=True)

@@ -1,31 +1,29 @@
-"""Evaluate + export stages end to end on a micro run (tiny Llama seed): every model gets a row, the MoE is scored
-with the partition's domains, the report and predictions are written, and the collapsed export loads with plain
-transformers."""
+"""Evaluate + export stages end to end on a micro run (tiny Llama seed; the upstream stages are the session's
+``micro_run``'s): every model gets a row, the MoE is scored with the partition's domains, the report and predictions
+are written, and the collapsed export loads with plain transformers."""
 import json
 
 import pytest
 
 from lm_lexicon.config import load_config
-from lm_lexicon.pipeline import run_pipeline
+from lm_lexicon.pipeline import STAGES, run_pipeline
+from micro_pipeline import link_finished_stages, micro_overrides
 
 pytestmark = pytest.mark.ray
 
 
-def test_micro_pipeline_through_evaluate_and_export(tmp_path, ray_local):
-    from lm_lexicon.seed_models import tiny_llama
-
-    seed = tiny_llama(tmp_path / "seed")
-    cfg = load_config("configs/tiny.yaml", [
-        f"output_dir={tmp_path / 'run'}", f"resources.storage_path={tmp_path}/ray", f"seed_model.name={seed}",
-        "data.max_train_rows=48", "data.max_valid_rows=16", "data.max_test_rows=12", "partition.n_experts=2",
-        "partition.plot_sample=40", "train.max_steps=2", "train.eval_every=2", "train.batch_size=4",
-        "train.precision=fp32", "finetune.max_steps=2", "finetune.batch_size=4", "evaluate.max_rows=8",
-        "evaluate.max_new_tokens=6", "evaluate.metrics=[bleu_a, sacrebleu, rouge_l, exact_match, length]",
+def test_micro_pipeline_through_evaluate_and_export(tmp_path, micro_run, micro_seed, ray_local):
+    out = tmp_path / "run"
+    link_finished_stages(micro_run["out"], out, ("data", "partition", "experts", "merge"))  # the session's run
+    cfg = load_config("configs/tiny.yaml", micro_overrides(
+        out, micro_seed, "evaluate.max_rows=8", "evaluate.max_new_tokens=6",
+        "evaluate.metrics=[bleu_a, sacrebleu, rouge_l, exact_match, length]",
         "evaluate.baselines=[constant, seed, dense, icl-random, icl-retrieval]", "evaluate.icl_shots=2",
         "evaluate.best_of_n=2", "evaluate.bon_ns=[1, 2, 4]", "evaluate.no_repeat_ngram_size=2",
         "evaluate.reward.train_rows=8", "evaluate.reward.valid_rows=6", "evaluate.reward.samples=2",
-        "evaluate.reward.backbone=seed", "evaluate.reward.max_length=48", "evaluate.misrouted=true"])
+        "evaluate.reward.backbone=seed", "evaluate.reward.max_length=48", "evaluate.misrouted=true"))
     results = run_pipeline(cfg, log=lambda m: None)
+    assert [s for s in STAGES if results[s].reused] == ["data", "partition", "experts", "merge"]
     ev = results["evaluate"].path
     metrics = json.loads((ev / "metrics.json").read_text())["results"]
     assert list(metrics) == ["constant", "seed", "dense", "icl-random", "icl-retrieval", "moe", "moe:misrouted",

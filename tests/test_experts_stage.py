@@ -37,22 +37,23 @@ def test_plan_and_concurrency():
     assert max_concurrent(gpu, {"CPU": 256, "GPU": 8}) == 1
 
 
-def test_two_experts_and_dense_produce_distinct_checkpoints_and_a_manifest(tmp_path, tiny_seed, ray_local):
-    cfg = _cfg(tmp_path, tiny_seed)
-    res = run_pipeline(cfg, stages=("experts",), log=lambda m: None)["experts"]
-    d = res.path
+def test_two_experts_and_dense_produce_distinct_checkpoints_and_a_manifest(micro_run):
+    """The experts stage of the session's micro run (2 domains, 2 steps a job, 0.5 CPU a worker)."""
+    out = micro_run["out"]
+    d = out / "experts"
+    fp = json.loads((d / "_SUCCESS.json").read_text())["fingerprint"]
     manifest = json.loads((d / "manifest.json").read_text())
     assert [j["name"] for j in manifest["jobs"]] == ["dense", "expert_0", "expert_1"]
-    # two single-CPU jobs fit the 2-CPU Ray at once (the Tune trial's own reservation does not crowd one out): the
-    # dense model's and the first expert's workers are launched side by side (measured from the launch, not from the
-    # start of training, which a loaded machine can delay past the other job's few steps)
+    # the jobs fit the 2-CPU Ray at once (the Tune trial's own reservation does not crowd one out): the dense model's
+    # and the first expert's workers are launched side by side (measured from the launch, not from the start of
+    # training, which a loaded machine can delay past the other job's few steps)
     spans = {job: (final["worker_launched_at"], final["finished_at"]) for job, final in manifest["final"].items()}
     assert spans["expert_0"][0] < spans["dense"][1] and spans["dense"][0] < spans["expert_0"][1], spans
     weights = {}
     for job in ("expert_0", "expert_1", "dense"):
         metrics = json.loads((d / job / "metrics.json").read_text())
-        assert metrics["steps"] == 4 and metrics["train_loss_last"] < metrics["train_loss_first"]
-        assert [h["step"] for h in metrics["history"]] == [2, 4]
+        assert metrics["steps"] == 2 and metrics["train_loss_last"] < metrics["train_loss_first"]
+        assert [h["step"] for h in metrics["history"]] == [2]
         files = sorted(p.name for p in (d / job / "model").iterdir())
         assert "model.safetensors" in files and "config.json" in files
         assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
@@ -63,20 +64,20 @@ def test_two_experts_and_dense_produce_distinct_checkpoints_and_a_manifest(tmp_p
     table = manifest["own_domain_validation"]
     assert [r["domain"] for r in table] == [0, 1] and all("dense_loss" in r for r in table)
     # the finished stage released its Ray Train checkpoints; the runs' directories (logs) stay
-    runs_dirs = sorted(p.name for p in (tmp_path / "ray").glob(f"{cfg.name}-*-{res.fingerprint[:8]}"))
-    assert {f"{cfg.name}-{j}-{res.fingerprint[:8]}" for j in ("expert_0", "expert_1", "dense")} <= set(runs_dirs)
-    assert not [p for p in (tmp_path / "ray").rglob("checkpoint_*") if p.is_dir()]
+    runs_dirs = sorted(p.name for p in (out / "ray").glob(f"tiny-*-{fp[:8]}"))
+    assert {f"tiny-{j}-{fp[:8]}" for j in ("expert_0", "expert_1", "dense")} <= set(runs_dirs)
+    assert not [p for p in (out / "ray").rglob("checkpoint_*") if p.is_dir()]
     # the Tune trials' directories are named after their jobs
-    trial_dirs = (tmp_path / "ray" / f"{cfg.name}-experts-{res.fingerprint[:8]}").iterdir()
+    trial_dirs = (out / "ray" / f"tiny-experts-{fp[:8]}").iterdir()
     assert sorted(p.name.split("-")[0] for p in trial_dirs if p.is_dir()) == ["dense", "expert_0", "expert_1"]
 
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["lm-lexicon"])
     assert sorted(runs["tags.job"].dropna()) == ["dense", "expert_0", "expert_1"]
     stage_runs = runs[runs["tags.kind"] == "stage"]  # children of the one pipeline run
-    assert set(stage_runs["tags.stage"]) == {"data", "partition", "experts"}
+    assert set(stage_runs["tags.stage"]) == {"data", "partition", "experts", "merge", "evaluate", "export"}
     pipeline_id = runs[runs["tags.kind"] == "pipeline"]["run_id"].tolist()
     assert len(pipeline_id) == 1 and set(stage_runs["tags.mlflow.parentRunId"]) == set(pipeline_id)
 

@@ -1,4 +1,5 @@
-"""Merge stage: tiny Llama experts -> MoE -> router/expert fine-tune on Ray Train; the result loads through Auto."""
+"""Merge stage: tiny Llama experts (the session's ``micro_run``'s) -> MoE -> router/expert fine-tune on Ray Train;
+the result loads through Auto."""
 import json
 
 import pytest
@@ -7,15 +8,9 @@ from safetensors.torch import load_file
 
 from lm_lexicon.config import load_config
 from lm_lexicon.pipeline import run_pipeline
+from micro_pipeline import link_finished_stages, micro_overrides
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def tiny_seed(tmp_path_factory):
-    from lm_lexicon.seed_models import tiny_llama
-
-    return tiny_llama(tmp_path_factory.mktemp("seed") / "tiny-llama")
 
 
 def _tensors(directory):
@@ -25,14 +20,12 @@ def _tensors(directory):
     return out
 
 
-def test_merge_then_finetune_trains_only_experts_and_loads_through_auto(tmp_path, tiny_seed, ray_local):
-    cfg = load_config("configs/tiny.yaml", [
-        f"output_dir={tmp_path}", f"resources.storage_path={tmp_path}/ray", f"seed_model.name={tiny_seed}",
-        "data.max_train_rows=48", "data.max_valid_rows=16", "data.max_test_rows=8", "partition.n_experts=2",
-        "partition.plot_sample=40", "train.max_steps=2", "train.eval_every=2", "train.batch_size=4",
-        "train.precision=fp32", "train.lr=1e-3", "finetune.max_steps=3", "finetune.lr=1e-3",
-        "finetune.batch_size=4"])
+def test_merge_then_finetune_trains_only_experts_and_loads_through_auto(tmp_path, micro_run, micro_seed, ray_local):
+    link_finished_stages(micro_run["out"], tmp_path, ("data", "partition", "experts"))  # the session's run
+    cfg = load_config("configs/tiny.yaml", micro_overrides(tmp_path, micro_seed, "finetune.max_steps=3",
+                                                           "finetune.lr=1e-3"))
     res = run_pipeline(cfg, stages=("merge",), log=lambda m: None)["merge"]
+    assert not res.reused
     summary = json.loads((res.path / "merge.json").read_text())
     assert summary["routing"] == "domain" and summary["n_experts"] == 2
     ft = summary["finetune"]
