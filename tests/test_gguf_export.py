@@ -188,10 +188,17 @@ def test_refuses_another_vocabulary_and_non_llama(tmp_path, source_gguf):
 
 
 # =================================================================================================== bundle
-def test_bundle(collapsed, source_gguf, tmp_path):
-    manifest = export_gguf(collapsed, tmp_path / "gguf", metadata_source=source_gguf,
-                           generation={"max_new_tokens": 24}, log=lambda m: None)
-    out = tmp_path / "gguf"
+@pytest.fixture(scope="module")
+def bundle(collapsed, source_gguf, tmp_path_factory) -> tuple[Path, dict]:
+    """The GGUF bundle of the collapsed export (written once: each file carries SmolLM2's 49,152-token vocabulary)."""
+    out = tmp_path_factory.mktemp("bundle") / "gguf"
+    manifest = export_gguf(collapsed, out, metadata_source=source_gguf, generation={"max_new_tokens": 24},
+                           log=lambda m: None)
+    return out, manifest
+
+
+def test_bundle(bundle, collapsed, source_gguf):
+    out, manifest = bundle
     assert load_manifest(out) == manifest == json.loads((out / GGUF_MANIFEST).read_text())
     assert [d["file"] for d in manifest["domains"]] == ["domain-0.gguf", "domain-1.gguf"]
     assert all((out / d["file"]).stat().st_size == d["bytes"] > 0 for d in manifest["domains"])
@@ -256,7 +263,7 @@ def test_decoding_rules_match_transformers():
 
 
 # =================================================================================================== CLI
-def test_define_gguf_backend_errors(tmp_path, monkeypatch, collapsed, source_gguf):
+def test_define_gguf_backend_errors(tmp_path, monkeypatch, bundle):
     from lm_lexicon.cli import app
 
     runner = CliRunner()
@@ -266,8 +273,7 @@ def test_define_gguf_backend_errors(tmp_path, monkeypatch, collapsed, source_ggu
     assert res.exit_code == 2 and "gguf.json" in res.output and "lm-lexicon export --format gguf" in res.output
     res = runner.invoke(app, ["define", "bank", "--backend", "nope"])
     assert res.exit_code == 2 and "unknown --backend" in res.output
-    bundle = tmp_path / "bundle"
-    export_gguf(collapsed, bundle, metadata_source=source_gguf, log=lambda m: None)
+    bundle, _ = bundle
     res = runner.invoke(app, ["define", "bank", "--backend", "gguf", "--export-dir", str(bundle), "--n", "4"])
     assert res.exit_code == 2 and "greedily" in res.output
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
