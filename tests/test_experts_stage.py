@@ -44,9 +44,9 @@ def test_two_experts_and_dense_produce_distinct_checkpoints_and_a_manifest(micro
     fp = json.loads((d / "_SUCCESS.json").read_text())["fingerprint"]
     manifest = json.loads((d / "manifest.json").read_text())
     assert [j["name"] for j in manifest["jobs"]] == ["dense", "expert_0", "expert_1"]
-    # the three half-CPU jobs fit the 2-CPU Ray at once (the Tune trial's own reservation does not crowd one out): the
-    # dense model's and the first expert's workers are launched side by side (measured from the launch, not from the start of
-    # training, which a loaded machine can delay past the other job's few steps)
+    # the three half-CPU jobs fit the 2-CPU Ray at once (the Tune trial's own reservation does not crowd one out):
+    # the dense model's and the first expert's workers are launched side by side (measured from the launch, not from
+    # the start of training, which a loaded machine can delay past the other job's few steps)
     spans = {job: (final["worker_launched_at"], final["finished_at"]) for job, final in manifest["final"].items()}
     assert spans["expert_0"][0] < spans["dense"][1] and spans["dense"][0] < spans["expert_0"][1], spans
     weights = {}
