@@ -273,9 +273,9 @@ def test_define_gguf_backend_errors(tmp_path, monkeypatch, bundle):
     assert res.exit_code == 2 and "gguf.json" in res.output and "lm-lexicon export --format gguf" in res.output
     res = runner.invoke(app, ["define", "bank", "--backend", "nope"])
     assert res.exit_code == 2 and "unknown --backend" in res.output
-    bundle, _ = bundle
-    res = runner.invoke(app, ["define", "bank", "--backend", "gguf", "--export-dir", str(bundle), "--n", "4"])
+    bundle_dir, _ = bundle
+    res = runner.invoke(app, ["define", "bank", "--backend", "gguf", "--export-dir", str(bundle_dir), "--n", "4"])
     assert res.exit_code == 2 and "greedily" in res.output
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
-    res = runner.invoke(app, ["define", "bank", "--backend", "gguf", "--export-dir", str(bundle)])
+    res = runner.invoke(app, ["define", "bank", "--backend", "gguf", "--export-dir", str(bundle_dir)])
     assert res.exit_code == 2 and "llama-cpp-python" in res.output and "pip install" in res.output
