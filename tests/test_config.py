@@ -120,4 +120,5 @@ def test_fields_added_later_keep_their_defaults():
               for name, field in cls.model_fields.items() if field.json_schema_extra == config.ADDED_LATER}
     assert marked == {"SourceSpec.dictionary": None, "SourceSpec.dictd_dir": None, "SourceSpec.genre": None,
                       "SourceSpec.max_rows": None, "PartitionConfig.features": "prompt",
-                      "PartitionConfig.classifier_c": 0.3, "RewardConfig.neighbours": 32, "EvalConfig.misrouted": False}
+                      "PartitionConfig.classifier_c": 0.3, "RewardConfig.neighbours": 32, "EvalConfig.misrouted": False,
+                      "EvalConfig.num_beams": 1}

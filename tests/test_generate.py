@@ -324,3 +324,18 @@ def test_beam_search_returns_one_definition_per_prompt(llama, moe, definition_tr
         assert assert_same_decoding(alone, mixed, rows=rows, beams=True).compared >= 3
     with pytest.raises(ValueError, match="beam search"):
         GenerationSettings(do_sample=True, num_beams=2)
+
+
+def test_eval_config_beams_apply_to_the_table_not_to_best_of_n_samples():
+    from pydantic import ValidationError
+
+    from lm_lexicon.config import EvalConfig
+
+    ev = EvalConfig(num_beams=4, best_of_n=8)
+    assert GenerationSettings.from_eval_config(ev, sample=False).num_beams == 4
+    sampling = GenerationSettings.from_eval_config(ev, sample=True)
+    assert (sampling.num_beams, sampling.do_sample, sampling.num_return_sequences) == (1, True, 8)
+    assert GenerationSettings.from_eval_config(EvalConfig(), sample=False).num_beams == 1
+    assert "num_beams" not in EvalConfig().model_dump()  # added later: old runs' fingerprints stay valid
+    with pytest.raises(ValidationError, match="num_beams"):
+        EvalConfig(num_beams=0)

@@ -150,6 +150,8 @@ def test_resolve_args_takes_unset_fields_from_the_pipeline_config():
     g = generation_settings(a)
     assert g["max_new_tokens"] == 12 and g["temperature"] == 0.7 and g["do_sample"] is False
     assert g["batch_size"] >= a.expert.max_batch_size
+    beams = resolve_args({"output_dir": "x"}, {"evaluate": {**cfg["evaluate"], "num_beams": 4}})
+    assert generation_settings(beams)["num_beams"] == 4  # served n = 1 decodes as the evaluation table did
     b = resolve_args({"output_dir": "x", "auth_token_env": None, "generation": {"max_new_tokens": 5}}, cfg)
     assert b.auth_token_env is None and generation_settings(b)["max_new_tokens"] == 5
     with pytest.raises(ValueError, match="unknown generation settings"):
@@ -364,6 +366,19 @@ def test_pinned_moe_expert_equals_the_collapsed_checkpoint(tmp_path, perturb_wei
     assert outputs[0] != outputs[1]  # the domains' experts differ
     with pytest.raises(ValueError, match="pinned"):
         ExpertEngine(0, moe, "moe", pinned=False, settings=settings)
+
+
+def test_expert_engine_beam_searches_single_definitions_and_samples_best_of_n(tmp_path):
+    from lm_lexicon.seed_models import tiny_llama
+    from lm_lexicon.serving.engines import ExpertEngine
+
+    engine = ExpertEngine(0, tiny_llama(tmp_path / "m"), "dense",
+                          settings={"max_new_tokens": 6, "batch_size": 8, "num_beams": 3})
+    assert engine.settings_for(1, seed=0, rows=2).num_beams == 3
+    sampled = engine.settings_for(4, seed=7, rows=2)  # beam search cannot sample: n > 1 draws with one beam
+    assert (sampled.num_beams, sampled.do_sample, sampled.num_return_sequences) == (1, True, 4)
+    prompt = 'What is the definition of "tree"?'
+    assert [len(o) for o in engine.generate([(prompt, 1, 0), (prompt, 3, 5)])] == [1, 3]
 
 
 # =================================================================================================== client

@@ -401,6 +401,9 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=512, description="Generation length cap.")
     batch_size: int = Field(32, ge=1, description="Generation batch size.")
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating any n-gram of generated tokens (0: off).")
+    num_beams: int = Field(1, ge=1, le=16, description="Beam width of the table's deterministic decoding, for every "
+                                                       "generating model alike (1: greedy). Best-of-N still samples.",
+                           json_schema_extra=ADDED_LATER)
     best_of_n: int = Field(1, ge=1, le=64, description="Samples per input for Best-of-N with the reward model "
                                                       "(1: off; the table is always greedy).")
     bon_model: Literal["moe", "dense"] = Field("moe", description="The model whose samples Best-of-N reranks.")

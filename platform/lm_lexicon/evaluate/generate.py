@@ -134,13 +134,14 @@ class GenerationSettings:
     @classmethod
     def from_eval_config(cls, eval_cfg, *, sample: Optional[bool] = None, seed: int = 0) -> "GenerationSettings":
         """Settings from :class:`lm_lexicon.config.EvalConfig`: sampling with ``best_of_n`` returns when
-        ``best_of_n > 1`` (or ``sample=True``), else greedy."""
+        ``best_of_n > 1`` (or ``sample=True``), else greedy, or beam search when ``num_beams > 1``."""
         n = int(getattr(eval_cfg, "best_of_n", 1))
         sample = n > 1 if sample is None else sample
         return cls(do_sample=sample, temperature=eval_cfg.temperature, top_k=eval_cfg.top_k, top_p=eval_cfg.top_p,
                    repetition_penalty=eval_cfg.repetition_penalty, max_new_tokens=eval_cfg.max_new_tokens,
                    num_return_sequences=n if sample else 1, batch_size=eval_cfg.batch_size, seed=seed,
-                   no_repeat_ngram_size=getattr(eval_cfg, "no_repeat_ngram_size", 0))
+                   no_repeat_ngram_size=getattr(eval_cfg, "no_repeat_ngram_size", 0),
+                   num_beams=1 if sample else getattr(eval_cfg, "num_beams", 1))
 
 
 def row_seed(seed: int, prompt: str, index: int) -> int:

@@ -6,7 +6,7 @@ Models compared (each one a row of the report): ``constant`` (most frequent defi
 from the partition's router), and on request ``icl-random`` / ``icl-retrieval`` (``icl_shots`` exemplars from the
 training split, random or nearest by MiniLM + faiss, prompting ``icl_model``), and ``moe:misrouted`` (``misrouted``:
 the MoE with each input sent to the next domain's expert, tested against ``moe``). Generation runs on Ray Data (one
-actor per model, batched, greedy).
+actor per model, batched, greedy or ``num_beams`` beam search).
 
 With ``best_of_n > 1``, Best-of-N (:mod:`lm_lexicon.evaluate.best_of_n`): an outcome reward model trained on
 the ``bon_model``'s own samples (gold preferred), its held-out pairwise accuracy, ``best_of_n`` samples per test input
@@ -306,7 +306,7 @@ def evaluate_stage_fn(cfg, data_dir: Path, partition_dir: Path, experts_dir: Pat
             retrieval = fit_retrieval()
             predictions["retrieval"] = _baseline_predictions("retrieval", retrieval.predict(records), records,
                                                              domains)
-        settings = GenerationSettings.from_eval_config(ev, sample=False)  # the table is greedy; BoN samples below
+        settings = GenerationSettings.from_eval_config(ev, sample=False)  # the table is deterministic; BoN samples below
         init_ray(cfg.resources)
         paths = {"seed": resolve_seed_model(cfg.seed_model.name)}
         if experts_dir is not None and (experts_dir / "dense" / "model").exists():

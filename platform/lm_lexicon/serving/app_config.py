@@ -14,7 +14,7 @@
 * reward model: ``evaluate/reward_model/`` (:meth:`lm_lexicon.evaluate.best_of_n.reward.RewardModel.save` format) when
   present (and trained on the experts' templates);
 * metrics: ``evaluate/metrics.json``; defaults: the pipeline's resolved ``config.yaml`` (its ``serve`` section gives
-  the limits and batching, its ``evaluate`` section the decoding settings, so served greedy output equals the
+  the limits and batching, its ``evaluate`` section the decoding settings, so served n = 1 output equals the
   evaluation's).
 
 **Arguments**: :class:`ServeArgs` are the recipe's ``serve`` section (:class:`ServeOptions`, the same model) plus the
@@ -41,7 +41,7 @@ COLLAPSED_MANIFEST = "collapsed.json"
 REWARD_CONFIG = "reward_config.json"
 STAGE_CONFIG_ORDER = ("export", "evaluate", "merge", "experts", "partition", "data")
 GENERATION_FROM_EVAL = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-                        "no_repeat_ngram_size")
+                        "no_repeat_ngram_size", "num_beams")
 
 
 # =================================================================================================== arguments
@@ -143,7 +143,7 @@ class ServeOptions(BaseModel):
                                                                     batch_wait_timeout_s=0.005,
                                                                     max_ongoing_requests=256))
     generation: dict = Field(default_factory=dict, description="GenerationSettings fields (default: the "
-                                                               "pipeline's evaluate section, greedy).")
+                                                               "pipeline's evaluate section).")
     limits: Limits = Field(default_factory=Limits)
     metrics: list[str] = Field(default_factory=lambda: ["bleu_a", "sacrebleu", "rouge_l", "exact_match"],
                                description="Reference-based metrics of /v1/score (lm_lexicon.metrics names).")
@@ -242,7 +242,7 @@ def _generation_fields() -> set[str]:
 
 
 def generation_settings(args: ServeArgs) -> dict:
-    """The experts' default GenerationSettings (greedy); one generation pass holds at least a full serve batch."""
+    """The experts' default GenerationSettings (deterministic; n > 1 samples per request); one generation pass holds at least a full serve batch."""
     from lm_lexicon.evaluate.generate import GenerationSettings
 
     settings = GenerationSettings.from_any({k: v for k, v in args.generation.items()})

@@ -70,11 +70,12 @@ class ExpertEngine:
         self.batches = 0
 
     def settings_for(self, n: int, seed: int, rows: int):
-        """Greedy for n = 1; sampling n sequences (the configured temperature / top-k / top-p) for n > 1. One
-        forward pass holds the whole serve batch (``rows`` prompts x n sequences) unless the configured
-        ``batch_size`` is larger."""
+        """Deterministic for n = 1 (greedy, or the configured beam search); sampling n sequences (the configured
+        temperature / top-k / top-p) for n > 1. One forward pass holds the whole serve batch (``rows`` prompts x n
+        sequences) unless the configured ``batch_size`` is larger."""
         n = int(n)
-        s = self.settings.replace(do_sample=n > 1, num_return_sequences=n, seed=int(seed))
+        beams = self.settings.num_beams if n == 1 else 1
+        s = self.settings.replace(do_sample=n > 1, num_return_sequences=n, seed=int(seed), num_beams=beams)
         return s.replace(batch_size=max(s.batch_size, rows * n))
 
     def generate(self, requests: Sequence[tuple]) -> list[list[str]]:
