@@ -193,7 +193,7 @@ def bundle(collapsed, source_gguf, tmp_path_factory) -> tuple[Path, dict]:
     """The GGUF bundle of the collapsed export (written once: each file carries SmolLM2's 49,152-token vocabulary)."""
     out = tmp_path_factory.mktemp("bundle") / "gguf"
     manifest = export_gguf(collapsed, out, metadata_source=source_gguf, generation={"max_new_tokens": 24},
-                           log=lambda m: None)
+                           evaluated_num_beams=4, log=lambda m: None)
     return out, manifest
 
 
@@ -214,6 +214,7 @@ def test_bundle(bundle, collapsed, source_gguf):
         assert line in modelfile.splitlines(), line
     readme = (out / "README.md").read_text()
     assert 'Context: {context}. Define "{term}".' in readme and "ollama create" in readme and "untested" in readme
+    assert manifest["evaluated_num_beams"] == 4 and "beam-searched (4 beams)" in readme  # the bundle stays greedy
     router = DomainRouter.load(out / "router")
     assert router.n_clusters == N
     # the two domains hold different experts: their FFN tensors differ, their shared tensors do not

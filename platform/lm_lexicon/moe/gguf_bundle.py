@@ -78,10 +78,12 @@ def modelfile(gguf_name: str, eos: str, generation: Mapping) -> str:
 
 
 def export_gguf(collapsed_dir: str | Path, out_dir: str | Path, *, metadata_source: str | Path,
-                dtype: str = "bf16", generation: Optional[Mapping] = None, overwrite: bool = False,
-                log: Callable[[str], None] = print) -> dict:
+                dtype: str = "bf16", generation: Optional[Mapping] = None, evaluated_num_beams: int = 1,
+                overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Write the GGUF bundle of a collapsed export (layout in the module docstring); return the manifest. The prompt
-    templates are the collapsed checkpoints' (``prompt_templates.json``, which the bundle carries too)."""
+    templates are the collapsed checkpoints' (``prompt_templates.json``, which the bundle carries too).
+    ``evaluated_num_beams`` is the run's ``evaluate.num_beams``: the bundle decodes greedily whatever it is (llama.cpp
+    and Ollama have no beam search), and its README says so when the report's definitions were beam-searched."""
     collapsed_dir, out_dir = Path(collapsed_dir), Path(out_dir)
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
@@ -110,7 +112,8 @@ def export_gguf(collapsed_dir: str | Path, out_dir: str | Path, *, metadata_sour
                             "lm_lexicon.partition.routing.DomainRouter.route_prompts); run domains[domain].file",
             "prompt": prompt_section(templates), "stop": [eos],
             "add_bos": _adds_bos(collapsed_dir / collapsed["domains"][0]["path"]),
-            "generation": generation, "metadata_source": Path(metadata_source).name,
+            "generation": generation, "evaluated_num_beams": int(evaluated_num_beams),
+            "metadata_source": Path(metadata_source).name,
             "source": str(collapsed_dir.resolve()),
         }
         (tmp / GGUF_MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -191,7 +194,9 @@ def readme(manifest: dict) -> str:
         "over the whole sequence."
         + (f" The pipeline also forbids repeated {g['no_repeat_ngram_size']}-grams in the output "
            "(`no_repeat_ngram_size`), which llama.cpp and Ollama cannot express; `lm-lexicon define --backend gguf` "
-           "applies it." if g.get("no_repeat_ngram_size") else ""),
+           "applies it." if g.get("no_repeat_ngram_size") else "")
+        + (f" The run's report beam-searched ({manifest['evaluated_num_beams']} beams), so these greedy definitions "
+           "can differ from it." if manifest.get("evaluated_num_beams", 1) > 1 else ""),
         "",
     ]
     return "\n".join(lines)

@@ -220,4 +220,4 @@ def export_gguf_files(cfg, export_dir: Path, *, dtype: str = "bf16", metadata_fr
                   "no_repeat_ngram_size": ev.no_repeat_ngram_size}
     return export_gguf(Path(export_dir) / "collapsed", Path(export_dir) / "gguf",
                        metadata_source=gguf_metadata_source(cfg, metadata_from), dtype=dtype,
-                       generation=generation, overwrite=overwrite, log=log)
+                       generation=generation, evaluated_num_beams=ev.num_beams, overwrite=overwrite, log=log)
