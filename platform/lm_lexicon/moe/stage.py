@@ -209,7 +209,8 @@ def gguf_metadata_source(cfg, metadata_from: Path | None = None) -> Path:
 def export_gguf_files(cfg, export_dir: Path, *, dtype: str = "bf16", metadata_from: Path | None = None,
                       overwrite: bool = True, log=print) -> dict:
     """Write ``<export_dir>/gguf`` from the finished export stage's ``collapsed/`` (domain routing only), with the
-    experts' prompt templates (saved with them) and greedy decoding settings (the evaluate section's, as served)."""
+    experts' prompt templates (saved with them) and the evaluate section's decoding settings, greedy (GGUF runtimes
+    have no beam search; the bundle records ``evaluate.num_beams``)."""
     from lm_lexicon.moe.gguf_bundle import export_gguf
 
     if cfg.merge.routing != "domain":
