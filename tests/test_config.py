@@ -121,4 +121,4 @@ def test_fields_added_later_keep_their_defaults():
     assert marked == {"SourceSpec.dictionary": None, "SourceSpec.dictd_dir": None, "SourceSpec.genre": None,
                       "SourceSpec.max_rows": None, "PartitionConfig.features": "prompt",
                       "PartitionConfig.classifier_c": 0.3, "RewardConfig.neighbours": 32, "EvalConfig.misrouted": False,
-                      "EvalConfig.num_beams": 1}
+                      "EvalConfig.num_beams": 1, "EvalConfig.length_penalty": 1.0}

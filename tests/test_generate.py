@@ -339,3 +339,21 @@ def test_eval_config_beams_apply_to_the_table_not_to_best_of_n_samples():
     assert "num_beams" not in EvalConfig().model_dump()  # added later: old runs' fingerprints stay valid
     with pytest.raises(ValidationError, match="num_beams"):
         EvalConfig(num_beams=0)
+
+
+def test_length_penalty_reaches_beam_search_from_the_eval_config(llama):
+    from pydantic import ValidationError
+
+    from lm_lexicon.config import EvalConfig
+
+    ev = EvalConfig(num_beams=4, length_penalty=0.0)
+    settings = GenerationSettings.from_eval_config(ev, sample=False)
+    assert (settings.num_beams, settings.length_penalty) == (4, 0.0)
+    assert llama._generation_config(settings).length_penalty == 0.0  # what model.generate receives
+    assert llama._generation_config(settings.replace(length_penalty=-1.5)).length_penalty == -1.5
+    assert llama._generation_config(GREEDY).length_penalty == 1.0
+    assert "length_penalty" not in EvalConfig().model_dump()  # added later: old runs' fingerprints stay valid
+    with pytest.raises(ValidationError, match="length_penalty"):
+        EvalConfig(length_penalty=5.0)
+    with pytest.raises(ValueError, match="length_penalty"):
+        GenerationSettings(length_penalty=-4.5)

@@ -150,8 +150,9 @@ def test_resolve_args_takes_unset_fields_from_the_pipeline_config():
     g = generation_settings(a)
     assert g["max_new_tokens"] == 12 and g["temperature"] == 0.7 and g["do_sample"] is False
     assert g["batch_size"] >= a.expert.max_batch_size
-    beams = resolve_args({"output_dir": "x"}, {"evaluate": {**cfg["evaluate"], "num_beams": 4}})
+    beams = resolve_args({"output_dir": "x"}, {"evaluate": {**cfg["evaluate"], "num_beams": 4, "length_penalty": 0.5}})
     assert generation_settings(beams)["num_beams"] == 4  # served n = 1 decodes as the evaluation table did
+    assert generation_settings(beams)["length_penalty"] == 0.5
     b = resolve_args({"output_dir": "x", "auth_token_env": None, "generation": {"max_new_tokens": 5}}, cfg)
     assert b.auth_token_env is None and generation_settings(b)["max_new_tokens"] == 5
     with pytest.raises(ValueError, match="unknown generation settings"):

@@ -404,6 +404,11 @@ class EvalConfig(_Strict):
     num_beams: int = Field(1, ge=1, le=16, description="Beam width of the table's deterministic decoding, for every "
                                                        "generating model alike (1: greedy). Best-of-N still samples.",
                            json_schema_extra=ADDED_LATER)
+    length_penalty: float = Field(1.0, ge=-4.0, le=4.0,
+                                  description="Beam search's length normalisation: a beam scores sum log p / length ** "
+                                              "length_penalty (1: per-token mean; 0: sequence log-probability, "
+                                              "shorter definitions; < 0: shorter still). Ignored when num_beams is 1.",
+                                  json_schema_extra=ADDED_LATER)
     best_of_n: int = Field(1, ge=1, le=64, description="Samples per input for Best-of-N with the reward model "
                                                       "(1: off; the table is always greedy).")
     bon_model: Literal["moe", "dense"] = Field("moe", description="The model whose samples Best-of-N reranks.")

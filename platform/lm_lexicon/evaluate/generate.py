@@ -72,8 +72,11 @@ class GenerationSettings:
     * ``no_repeat_ngram_size``: n > 0 forbids any n-gram from occurring twice in a row's GENERATED tokens (the
       prompt is not counted, so a definition may reuse the context's words). 0: off (the paper's setting). Small
       under-trained models loop ("a process of a process of ..."); 3 stops that without touching fluent output.
-    * ``num_beams > 1`` (greedy mode only): beam search, the highest-scoring beam returned (length penalty 1.0);
-      the processors above apply to every beam.
+    * ``num_beams > 1`` (greedy mode only): beam search, the highest-scoring beam returned; the processors above
+      apply to every beam.
+    * ``length_penalty`` (beam search only): a finished beam scores ``sum log p / length ** length_penalty``
+      (length in generated tokens). 1.0: mean log-probability per token; 0.0: the sequence's log-probability, which
+      prefers shorter definitions; negative values prefer them more.
     """
 
     do_sample: bool = False
@@ -88,6 +91,7 @@ class GenerationSettings:
     max_prompt_tokens: Optional[int] = None
     no_repeat_ngram_size: int = 0
     num_beams: int = 1
+    length_penalty: float = 1.0
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -100,6 +104,8 @@ class GenerationSettings:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("num_beams > 1 is beam search: it needs do_sample=False")
+        if not -4.0 <= self.length_penalty <= 4.0:
+            raise ValueError(f"length_penalty must lie in [-4, 4], got {self.length_penalty}")
         for name in ("max_new_tokens", "num_return_sequences", "batch_size", "num_beams"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -141,7 +147,8 @@ class GenerationSettings:
                    repetition_penalty=eval_cfg.repetition_penalty, max_new_tokens=eval_cfg.max_new_tokens,
                    num_return_sequences=n if sample else 1, batch_size=eval_cfg.batch_size, seed=seed,
                    no_repeat_ngram_size=getattr(eval_cfg, "no_repeat_ngram_size", 0),
-                   num_beams=1 if sample else getattr(eval_cfg, "num_beams", 1))
+                   num_beams=1 if sample else getattr(eval_cfg, "num_beams", 1),
+                   length_penalty=getattr(eval_cfg, "length_penalty", 1.0))
 
 
 def row_seed(seed: int, prompt: str, index: int) -> int:
@@ -378,7 +385,8 @@ class DefinitionGenerator:
         # generation_config (which fills fields left at None) cannot switch sampling or a penalty on. The sampling
         # warpers of transformers run only with do_sample=True, so temperature/top-k/top-p are left alone here.
         return GenerationConfig(
-            do_sample=False, num_beams=int(settings.num_beams), num_return_sequences=1,
+            do_sample=False, num_beams=int(settings.num_beams), length_penalty=float(settings.length_penalty),
+            num_return_sequences=1,
             max_new_tokens=int(settings.max_new_tokens),
             min_new_tokens=None, min_length=0, repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True,
             eos_token_id=self.eos_ids,

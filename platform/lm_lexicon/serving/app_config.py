@@ -41,7 +41,7 @@ COLLAPSED_MANIFEST = "collapsed.json"
 REWARD_CONFIG = "reward_config.json"
 STAGE_CONFIG_ORDER = ("export", "evaluate", "merge", "experts", "partition", "data")
 GENERATION_FROM_EVAL = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-                        "no_repeat_ngram_size", "num_beams")
+                        "no_repeat_ngram_size", "num_beams", "length_penalty")
 
 
 # =================================================================================================== arguments
