@@ -124,8 +124,17 @@ def _prepare_model(base, train_cfg) -> tuple[int, int]:
         train_only_ffn(base)
     if train_cfg.gradient_checkpointing:
         # non-reentrant: with frozen embeddings no checkpointed input requires grad, which reentrant would drop
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(base, {"use_reentrant": False})
     return n_dropout, sum(p.numel() for p in base.parameters() if p.requires_grad)
+
+
+def enable_activation_checkpointing(base, checkpoint_kwargs: dict) -> None:
+    """transformers renamed gradient checkpointing to activation checkpointing (the old name warns, and goes in v6);
+    versions before the rename have only the old name."""
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
 
 
 @dataclass
