@@ -124,11 +124,11 @@ def _prepare_model(base, train_cfg) -> tuple[int, int]:
         train_only_ffn(base)
     if train_cfg.gradient_checkpointing:
         # non-reentrant: with frozen embeddings no checkpointed input requires grad, which reentrant would drop
-        enable_activation_checkpointing(base, {"use_reentrant": False})
+        _enable_activation_checkpointing(base, {"use_reentrant": False})
     return n_dropout, sum(p.numel() for p in base.parameters() if p.requires_grad)
 
 
-def enable_activation_checkpointing(base, checkpoint_kwargs: dict) -> None:
+def _enable_activation_checkpointing(base, checkpoint_kwargs: dict) -> None:
     """transformers renamed gradient checkpointing to activation checkpointing (the old name warns, and goes in v6);
     versions before the rename have only the old name."""
     if hasattr(base, "activation_checkpointing_enable"):
